@@ -1,0 +1,344 @@
+// The bounded-buffer streaming pipeline (see safegene/stream.h).
+//
+// Three threads and a ring of slots: the reader preads every input range of a chunk into a
+// free slot, the computer turns the slot's inputs into the output chunk (splitting it over
+// the kernel threads), the writer pwrites the output and frees the slot. The calling thread
+// only waits and reports progress. Any failure in any stage aborts all three and is
+// re-thrown on the calling thread with the file named.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "safegene/errors.h"
+#include "safegene/stream.h"
+
+namespace safegene {
+namespace {
+
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+int64_t mtime_ns(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
+}
+
+void pread_full(int fd, const std::string& path, char* buf, uint64_t len, uint64_t off) {
+  while (len > 0) {
+    const ssize_t r = ::pread(fd, buf, std::min<uint64_t>(len, 1ull << 30), static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw Error(path + ": read failed at byte " + std::to_string(off) + ": " + std::strerror(errno));
+    }
+    if (r == 0)
+      throw Error(path + ": unexpected end of file at byte " + std::to_string(off) +
+                  " (the file was truncated or replaced while being read; check the input and run again)");
+    buf += r;
+    len -= static_cast<uint64_t>(r);
+    off += static_cast<uint64_t>(r);
+  }
+}
+
+void pwrite_full(int fd, const std::string& path, const char* buf, uint64_t len, uint64_t off) {
+  while (len > 0) {
+    const ssize_t r = ::pwrite(fd, buf, std::min<uint64_t>(len, 1ull << 30), static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw Error(path + ": write failed at byte " + std::to_string(off) + ": " + std::strerror(errno) +
+                  " (free disk space or raise the file-size limit, then run again)");
+    }
+    buf += r;
+    len -= static_cast<uint64_t>(r);
+    off += static_cast<uint64_t>(r);
+  }
+}
+
+// A blocking queue whose pop returns false once the pipeline is aborted or closed and empty.
+template <class T>
+class Queue {
+ public:
+  explicit Queue(std::atomic<bool>& abort) : abort_(abort) {}
+  void push(T v) {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      q_.push_back(std::move(v));
+    }
+    cv_.notify_one();
+  }
+  void close() {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      closed_ = true;
+    }
+    cv_.notify_all();
+  }
+  void wake() { cv_.notify_all(); }
+  bool pop(T& out) {
+    std::unique_lock<std::mutex> g(m_);
+    cv_.wait(g, [&] { return abort_.load() || closed_ || !q_.empty(); });
+    if (abort_.load() || q_.empty()) return false;
+    out = std::move(q_.front());
+    q_.pop_front();
+    return true;
+  }
+
+ private:
+  std::atomic<bool>& abort_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::deque<T> q_;
+  bool closed_ = false;
+};
+
+struct Task {
+  int32_t job;
+  int64_t start;
+  int64_t n;
+};
+
+struct Msg {
+  int64_t task;
+  int slot;
+};
+
+void validate(const StreamPlan& p) {
+  if (p.in_sizes.size() && p.in_sizes.size() != p.in_paths.size())
+    throw Error("stream plan: in_sizes does not match in_paths");
+  if (p.in_mtimes_ns.size() && p.in_mtimes_ns.size() != p.in_paths.size())
+    throw Error("stream plan: in_mtimes_ns does not match in_paths");
+  if (p.slots < 2 || p.slots > 64) throw Error("stream plan: slots must be in [2, 64]");
+  for (size_t j = 0; j < p.jobs.size(); ++j) {
+    const StreamJob& job = p.jobs[j];
+    if (job.out_file < 0 || static_cast<size_t>(job.out_file) >= p.out_paths.size())
+      throw Error("stream plan: job " + std::to_string(j) + " names an output file that does not exist");
+    if (job.numel < 0) throw Error("stream plan: job " + std::to_string(j) + " has a negative element count");
+    if (job.inputs.empty()) throw Error("stream plan: job " + std::to_string(j) + " has no inputs");
+    for (const auto& in : job.inputs) {
+      if (in.file < 0 || static_cast<size_t>(in.file) >= p.in_paths.size())
+        throw Error("stream plan: job " + std::to_string(j) + " names an input file that does not exist");
+      if (!p.in_sizes.empty() && p.in_sizes[in.file] &&
+          in.offset + static_cast<uint64_t>(job.numel) * dtype_size(in.dtype) > p.in_sizes[in.file])
+        throw Error(p.in_paths[in.file] + ": tensor range of job " + std::to_string(j) + " lies past the end of the file");
+    }
+  }
+}
+
+void open_inputs(const StreamPlan& p, std::vector<Fd>& fds) {
+  for (size_t i = 0; i < p.in_paths.size(); ++i) {
+    fds[i].fd = ::open(p.in_paths[i].c_str(), O_RDONLY | O_CLOEXEC);
+    if (fds[i].fd < 0) throw Error(p.in_paths[i] + ": cannot open for reading: " + std::strerror(errno));
+  }
+}
+
+void check_unchanged(const StreamPlan& p, const std::vector<Fd>& fds, const char* when) {
+  for (size_t i = 0; i < fds.size(); ++i) {
+    struct stat st;
+    if (::fstat(fds[i].fd, &st) != 0) throw Error(p.in_paths[i] + ": cannot stat: " + std::strerror(errno));
+    const bool size_bad = !p.in_sizes.empty() && p.in_sizes[i] && static_cast<uint64_t>(st.st_size) != p.in_sizes[i];
+    const bool mtime_bad = !p.in_mtimes_ns.empty() && p.in_mtimes_ns[i] && mtime_ns(st) != p.in_mtimes_ns[i];
+    if (size_bad || mtime_bad)
+      throw Error(p.in_paths[i] + ": the file changed " + when + " (size or modification time differs from when " +
+                  "its header was read); nothing was written, run again on a stable input");
+  }
+}
+
+StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& progress, bool compute) {
+  validate(plan);
+  std::vector<Fd> in_fds(plan.in_paths.size()), out_fds(plan.out_paths.size());
+  open_inputs(plan, in_fds);
+  check_unchanged(plan, in_fds, "before reading");
+  for (size_t i = 0; i < plan.out_paths.size(); ++i) {
+    out_fds[i].fd = ::open(plan.out_paths[i].c_str(), O_WRONLY | O_CLOEXEC);
+    if (out_fds[i].fd < 0) throw Error(plan.out_paths[i] + ": cannot open for writing: " + std::strerror(errno));
+  }
+
+  uint64_t per_elem = 4;
+  for (const auto& job : plan.jobs) {
+    uint64_t b = dtype_size(job.out_dtype);
+    for (const auto& in : job.inputs) b += dtype_size(in.dtype);
+    per_elem = std::max(per_elem, b);
+  }
+  const uint64_t slots = static_cast<uint64_t>(plan.slots);
+  uint64_t chunk = plan.budget_bytes / (slots * per_elem);
+  chunk = std::max<uint64_t>(chunk / 4096 * 4096, 4096);
+
+  StreamResult res;
+  res.stats.resize(plan.jobs.size());
+  res.chunk_elems = chunk;
+  std::vector<Task> tasks;
+  for (size_t j = 0; j < plan.jobs.size(); ++j)
+    for (int64_t s = 0; s < plan.jobs[j].numel; s += static_cast<int64_t>(chunk))
+      tasks.push_back({static_cast<int32_t>(j), s, std::min<int64_t>(chunk, plan.jobs[j].numel - s)});
+
+  const uint64_t slot_bytes = chunk * per_elem;
+  std::vector<std::unique_ptr<char[]>> ring(std::min<uint64_t>(slots, std::max<size_t>(tasks.size(), 1)));
+  for (auto& r : ring) r.reset(new char[slot_bytes]);
+  res.buffer_bytes = slot_bytes * ring.size();
+
+  std::atomic<bool> abort{false};
+  std::mutex err_m;
+  std::exception_ptr err;
+  auto fail = [&](std::exception_ptr e) {
+    {
+      std::lock_guard<std::mutex> g(err_m);
+      if (!err) err = e;
+    }
+    abort.store(true);
+  };
+  Queue<int> free_q(abort);
+  Queue<Msg> read_q(abort), done_q(abort);
+  for (int s = 0; s < static_cast<int>(ring.size()); ++s) free_q.push(s);
+  std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
+  std::atomic<int64_t> tasks_written{0};
+
+  // Where each input and the output of a task live inside its slot.
+  auto layout = [&](const StreamJob& job, std::vector<char*>& ins, char*& out, int slot) {
+    char* p = ring[slot].get();
+    ins.resize(job.inputs.size());
+    for (size_t k = 0; k < job.inputs.size(); ++k) {
+      ins[k] = p;
+      p += chunk * dtype_size(job.inputs[k].dtype);
+    }
+    out = p;
+  };
+
+  std::thread reader([&] {
+    try {
+      std::vector<char*> ins;
+      char* out;
+      for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()) && !abort.load(); ++t) {
+        int slot;
+        if (!free_q.pop(slot)) break;
+        const Task& tk = tasks[t];
+        const StreamJob& job = plan.jobs[tk.job];
+        layout(job, ins, out, slot);
+        for (size_t k = 0; k < job.inputs.size(); ++k) {
+          const auto& in = job.inputs[k];
+          const uint64_t es = dtype_size(in.dtype);
+          pread_full(in_fds[in.file].fd, plan.in_paths[in.file], ins[k], tk.n * es, in.offset + tk.start * es);
+          bytes_read += tk.n * es;
+        }
+        read_q.push({t, slot});
+      }
+    } catch (...) {
+      fail(std::current_exception());
+    }
+    read_q.close();
+  });
+
+  std::thread computer([&] {
+    try {
+      std::vector<char*> ins;
+      char* out;
+      Msg m;
+      std::vector<const void*> in_ptrs;
+      std::vector<DType> in_types;
+      std::vector<float> coeffs;
+      while (read_q.pop(m)) {
+        const Task& tk = tasks[m.task];
+        const StreamJob& job = plan.jobs[tk.job];
+        layout(job, ins, out, m.slot);
+        if (compute) {
+          in_types.clear();
+          coeffs.clear();
+          for (const auto& in : job.inputs) in_types.push_back(in.dtype), coeffs.push_back(in.coeff);
+          // Split the chunk over the kernel threads on 4096-element boundaries so that the
+          // float32 block sums (and so the statistics) do not depend on the thread count.
+          const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(num_threads(), tk.n / 65536));
+          const int64_t part = ((tk.n + nt - 1) / nt + 4095) / 4096 * 4096;
+          std::vector<LinStats> st(nt);
+          auto do_part = [&](int64_t q) {
+            const int64_t s = q * part;
+            if (s >= tk.n) return;
+            const int64_t n = std::min(part, tk.n - s);
+            std::vector<const void*> ptrs;
+            for (size_t k = 0; k < job.inputs.size(); ++k) ptrs.push_back(ins[k] + s * dtype_size(job.inputs[k].dtype));
+            lincomb_range(out + s * dtype_size(job.out_dtype), job.out_dtype, ptrs, in_types, coeffs, n, &st[q]);
+          };
+          std::vector<std::thread> pool;
+          for (int64_t q = 1; q < nt; ++q) pool.emplace_back(do_part, q);
+          do_part(0);
+          for (auto& th : pool) th.join();
+          for (auto& s : st) res.stats[tk.job].merge(s);
+        }
+        done_q.push(m);
+      }
+    } catch (...) {
+      fail(std::current_exception());
+    }
+    done_q.close();
+  });
+
+  std::thread writer([&] {
+    try {
+      std::vector<char*> ins;
+      char* out;
+      Msg m;
+      while (done_q.pop(m)) {
+        const Task& tk = tasks[m.task];
+        const StreamJob& job = plan.jobs[tk.job];
+        layout(job, ins, out, m.slot);
+        const uint64_t es = dtype_size(job.out_dtype);
+        pwrite_full(out_fds[job.out_file].fd, plan.out_paths[job.out_file], out, tk.n * es,
+                    job.out_offset + tk.start * es);
+        bytes_written += tk.n * es;
+        tasks_written += 1;
+        free_q.push(m.slot);
+      }
+    } catch (...) {
+      fail(std::current_exception());
+    }
+    free_q.close();
+  });
+
+  // The caller's thread reports progress; a throwing callback (Ctrl-C) aborts the pipeline.
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  while (!abort.load() && tasks_written.load() < n_tasks) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (progress) {
+      try {
+        progress(bytes_written.load());
+      } catch (...) {
+        fail(std::current_exception());
+      }
+    }
+  }
+  free_q.wake();
+  read_q.wake();
+  done_q.wake();
+  reader.join();
+  computer.join();
+  writer.join();
+  if (err) std::rethrow_exception(err);
+  check_unchanged(plan, in_fds, "while being read");
+  if (progress) progress(bytes_written.load());
+  res.bytes_read = bytes_read.load();
+  res.bytes_written = bytes_written.load();
+  return res;
+}
+
+}  // namespace
+
+StreamResult run_stream(const StreamPlan& plan, const std::function<void(uint64_t)>& progress) {
+  return run(plan, progress, true);
+}
+
+StreamResult run_copy_roofline(const StreamPlan& plan) { return run(plan, nullptr, false); }
+
+}  // namespace safegene

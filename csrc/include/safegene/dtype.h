@@ -1,0 +1,125 @@
+// Element types the core understands and their conversions to/from float32.
+//
+// Conversions are written by hand (not via compiler _Float16 / __bf16) so the same
+// bit-exact rounding is used on every compiler and on both host and device: float32 ->
+// 16-bit uses round-to-nearest-even, and a NaN input always produces a quiet NaN (a naive
+// RNE on the raw bits could carry a NaN payload into the exponent and yield Inf).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SG_HD __host__ __device__ __forceinline__
+#else
+#define SG_HD inline
+#endif
+
+namespace safegene {
+
+// Codes are shared with python/safegene/_native.py and checkpoint.py; never renumber.
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline bool dtype_valid(int32_t code) { return code >= 0 && code <= 2; }
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+  }
+  return "?";
+}
+
+SG_HD uint32_t f32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+SG_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+SG_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+SG_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN, sign kept
+  u += 0x7fffu + ((u >> 16) & 1u);  // RNE; overflow correctly rounds up to Inf
+  return static_cast<uint16_t>(u >> 16);
+}
+
+SG_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u);
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal half -> normal float
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((exp + (127 - 15)) << 23) | (man << 13);
+  }
+  return bits_f32(u);
+}
+
+SG_HD uint16_t f32_to_f16(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // quiet NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to Inf (>= 65520)
+  if (a < 0x38800000u) {                                                // |f| < 2^-14: subnormal or zero half
+    if (a < 0x33000000u) return sign;                                   // < 2^-25 rounds to zero
+    const uint32_t e = a >> 23;
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - e;  // 14..24 (value = m * 2^(e-150); half ulp 2^-24)
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // RNE at bit 13
+  r -= 0x38000000u;                            // rebias 127 -> 15
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+SG_HD float load_as_f32(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+SG_HD void store_from_f32(void* p, int64_t i, DType t, float v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+  }
+}
+
+}  // namespace safegene

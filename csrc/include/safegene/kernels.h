@@ -1,0 +1,77 @@
+// Batched, torch-free kernels over raw memory. Every entry point takes lists of
+// (pointer, element count, dtype) and validates them all before touching memory, in the
+// style of apex's multi_tensor_apply: one call covers many tensors with per-tensor scalars.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "safegene/dtype.h"
+
+namespace safegene {
+
+struct ConstSpan {
+  const void* ptr;
+  int64_t numel;
+  DType dtype;
+};
+
+struct MutSpan {
+  void* ptr;
+  int64_t numel;
+  DType dtype;
+};
+
+// Per-output statistics of one linear combination, accumulated in double across chunks.
+struct LinStats {
+  double out_sq = 0;      // sum of squares of the exact float32 result
+  double in0_sq = 0;      // sum of squares of input 0
+  double in1_sq = 0;      // sum of squares of input 1
+  double in01_dot = 0;    // <input 0, input 1>
+  double round_sq = 0;    // sum of squares of (stored value - float32 result): storage rounding error
+  int64_t nonfinite_out = 0;
+  int64_t nonfinite_in = 0;
+  void merge(const LinStats& o) {
+    out_sq += o.out_sq;
+    in0_sq += o.in0_sq;
+    in1_sq += o.in1_sq;
+    in01_dot += o.in01_dot;
+    round_sq += o.round_sq;
+    nonfinite_out += o.nonfinite_out;
+    nonfinite_in += o.nonfinite_in;
+  }
+};
+
+// ---- CPU (csrc/cpu/kernels.cpp) -------------------------------------------------------
+
+// Threads used by the CPU kernels (default: hardware concurrency, at most 16).
+void set_num_threads(int n);
+int num_threads();
+
+// out[i] = sum_k coeffs[k] * in_k[i] for i in [0, n), float32 math (fused multiply-adds in
+// input order), one rounding into out's dtype. If stats != nullptr, fills it for this range.
+// Single-threaded: the caller parallelises (the streaming pipeline runs it per chunk).
+void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& ins,
+                   const std::vector<DType>& in_dtypes, const std::vector<float>& coeffs, int64_t n,
+                   LinStats* stats);
+
+// dst_i += coeffs[i] * src_i for every pair; threads split the total work.
+void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,
+                   const std::vector<float>& coeffs);
+
+// <a_i, b_i> for every pair: float32 partial sums over blocks of 1024, double total.
+std::vector<double> dot_cpu(const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b);
+
+// Validation shared by CPU and CUDA entry points; throws safegene::Error.
+void check_pairs(const char* what, size_t n_dst, size_t n_src, size_t n_coeff, const int64_t* dst_numel,
+                 const int64_t* src_numel, const void* const* dst_ptr, const void* const* src_ptr);
+
+// ---- CUDA (csrc/cuda/kernels.cu, or no_cuda.cpp when built without CUDA) ---------------
+
+bool cuda_built();
+bool cuda_device_available();
+void scale_add_cuda(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,
+                    const std::vector<float>& coeffs, void* stream);
+std::vector<double> dot_cuda(const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b, void* stream);
+
+}  // namespace safegene

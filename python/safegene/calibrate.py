@@ -1,0 +1,626 @@
+"""Few-shot, layer-wise recalibration of the gene's coefficients for one task model.
+
+For a task model θ_T and the gene τ (selected layers l), learn one scalar per layer::
+
+    θ(λ) = θ_T + Σ_l λ_l τ_l,    λ_l ∈ [0, λ_max]
+
+minimising, on a handful of examples,
+
+    L(λ) = CE(refusal | harmful prompt)  +  β · U(λ)  +  l2 · ‖λ‖²
+
+where U is the cross-entropy of the task answers (records with a completion) and/or the KL
+from θ_T's own next-token distribution (records without one, e.g. benign prompts: at the
+first response token, which is where a small model decides to refuse). Only λ is trained.
+
+How the gradient reaches λ without a second model
+-------------------------------------------------
+:class:`GeneMerge` is a ``torch.autograd.Function``. Its forward writes
+``W_t = RNE(W_t⁰ + λ_{l(t)} τ_t)`` into the target's own parameter storage with one batched
+:func:`safegene._native.scale_add_` call and returns aliases of those tensors, which
+``torch.func.functional_call`` substitutes for the parameters; its backward turns the weight
+gradients into ``∂L/∂λ_l = Σ_{t∈l} ⟨∂L/∂W_t, τ_t⟩`` with one batched :func:`safegene._native.dot`
+call. Memory beyond the model itself: τ and an untouched copy W⁰ of the *selected* tensors
+only (and their gradients during backward). Each step re-applies λ from W⁰ rather than adding
+Δλ·τ incrementally: in bf16 an increment smaller than half an ulp of W is lost, and drift
+would make the trained weights differ from what ``safegene apply`` writes; from W⁰ they are
+bit-identical to ``apply`` (same float32 math, same single rounding). When the loop ends (also
+on error or Ctrl-C), W⁰ is copied back, so the model is restored bit-exactly.
+
+Initialisation matters (plain CE from λ=0 can stall on a weak safety signal), so the default
+``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
+the best point; the grid's choice is kept in the result's metadata for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from . import _fewshot
+from .errors import GeneError, SafeGeneError, UsageError
+
+COEFFS_FORMAT = "safegene-coeffs"
+COEFFS_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# The coefficients artifact
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Coeffs:
+    """Per-layer coefficients λ (a missing key means λ = 0) plus free-form metadata.
+
+    >>> c = Coeffs({"layer.2": 0.9, "layer.3": 1.1}, {"method": "safegene"})
+    >>> c.save("COEFFS.json")  # doctest: +SKIP
+    >>> Coeffs.load("COEFFS.json").coeffs["layer.2"]  # doctest: +SKIP
+    0.9
+    """
+
+    coeffs: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"format": COEFFS_FORMAT, "format_version": COEFFS_VERSION,
+               "coeffs": {k: float(v) for k, v in self.coeffs.items()}}
+        for k, v in self.meta.items():
+            if k not in out:
+                out[k] = v
+        return out
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write COEFFS.json atomically (temporary sibling, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Coeffs":
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{path}: coefficients file not found") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not JSON ({exc.msg}); expected a safegene COEFFS.json") from None
+        if not isinstance(doc, dict) or doc.get("format") != COEFFS_FORMAT or not isinstance(doc.get("coeffs"), dict):
+            raise UsageError(f"{path}: not a safegene coefficients file (need format={COEFFS_FORMAT!r} and a 'coeffs' object)")
+        meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "coeffs")}
+        return cls({k: float(v) for k, v in doc["coeffs"].items()}, meta)
+
+    def summary(self) -> str:
+        """Short human summary, e.g. ``'2 layers, λ 0.85–1.10'``."""
+        vals = [v for v in self.coeffs.values()]
+        nz = [v for v in vals if v != 0.0]
+        if not nz:
+            return "λ = 0"
+        if len(set(round(v, 4) for v in vals)) == 1:
+            return f"{len(vals)} keys, λ = {vals[0]:.2f}"
+        return f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f}"
+
+
+# --------------------------------------------------------------------------------------------
+# The merge plan and the autograd Function
+# --------------------------------------------------------------------------------------------
+def module_group(name: str) -> str:
+    """Module type of a tensor inside a decoder block, for ``per_module`` coefficients."""
+    n = name.lower()
+    if "attn" in n or "attention" in n:
+        return "attn"
+    if "mlp" in n or "ffn" in n or "feed_forward" in n:
+        return "mlp"
+    if "norm" in n or "ln" in n.split(".")[-2:-1]:
+        return "norm"
+    return "other"
+
+
+def coeff_key(gene, name: str, per_module: bool) -> str:
+    key = gene.layer_key(name)
+    return f"{key}.{module_group(name)}" if per_module else key
+
+
+class MergePlan:
+    """The selected tensors of a loaded model, their τ, an untouched copy W⁰, and λ's layout.
+
+    ``set(lam)`` writes ``W = RNE(W⁰ + λ τ)`` in place; ``restore()`` copies W⁰ back exactly.
+
+    >>> plan = MergePlan(model, gene, ["layer.2", "layer.3"])  # doctest: +SKIP
+    >>> plan.set(torch.tensor([1.0, 0.5])); plan.restore()      # doctest: +SKIP
+    """
+
+    def __init__(self, model, gene, layers: Sequence[str], per_module: bool = False, device=None):
+        import torch
+
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        want = set(layers)
+        names = [n for n in gene.tensor_names if gene.layer_key(n) in want]
+        if not names:
+            raise GeneError(f"gene {gene.path}: no tensors in layers {sorted(want)}; known layers: {gene.layer_keys()}")
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise GeneError(
+                f"gene {gene.path}: tensor {missing[0]!r} (and {len(missing) - 1} more) is not a parameter of the "
+                "target model; the gene and the target must be the same architecture"
+            )
+        self.names = names
+        self.weights = [params[n].data for n in names]
+        dev = device or self.weights[0].device
+        vecs = gene.load_vectors(names=names, device=str(dev))
+        self.taus = []
+        for n, w in zip(names, self.weights):
+            t = vecs[n].contiguous()
+            if t.numel() != w.numel():
+                raise GeneError(f"gene {gene.path}: tensor {n!r} has shape {tuple(t.shape)}, target has {tuple(w.shape)}")
+            if not w.is_contiguous():
+                raise SafeGeneError(f"target tensor {n!r} is not contiguous; cannot patch it in place")
+            self.taus.append(t)
+        self.keys = []
+        key_of = []
+        for n in names:
+            k = coeff_key(gene, n, per_module)
+            if k not in self.keys:
+                self.keys.append(k)
+            key_of.append(self.keys.index(k))
+        self.key_of = key_of
+        self.base = [w.detach().clone() for w in self.weights]
+        self.current: list[float] | None = None
+        self._torch = torch
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.keys)
+
+    def set(self, lam) -> None:
+        """Write ``W = RNE(W⁰ + λ τ)`` into the model's tensors (no autograd)."""
+        from . import _native
+
+        vals = [float(v) for v in (lam.detach().cpu().tolist() if hasattr(lam, "detach") else lam)]
+        if len(vals) != self.num_keys:
+            raise UsageError(f"{len(vals)} coefficients for {self.num_keys} keys {self.keys}")
+        with self._torch.no_grad():
+            for w, b in zip(self.weights, self.base):
+                w.copy_(b)
+            _native.scale_add_(self.weights, self.taus, [vals[i] for i in self.key_of])
+        self.current = vals
+
+    def restore(self) -> None:
+        """Copy the untouched weights back: the model is bit-identical to before."""
+        with self._torch.no_grad():
+            for w, b in zip(self.weights, self.base):
+                w.copy_(b)
+        self.current = None
+
+    def grad_lambda(self, grads) -> list[float]:
+        """``∂L/∂λ_k = Σ_{t: key(t)=k} ⟨∂L/∂W_t, τ_t⟩`` in one batched dot call."""
+        from . import _native
+
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        out = [0.0] * self.num_keys
+        if not idx:
+            return out
+        dots = _native.dot([grads[i].contiguous() for i in idx], [self.taus[i] for i in idx])
+        for i, d in zip(idx, dots):
+            out[self.key_of[i]] += float(d)
+        return out
+
+
+def _merge_function():
+    import torch
+
+    class GeneMerge(torch.autograd.Function):
+        """forward: W = W⁰ + λ τ via the batched C++ scale-and-add, returns the merged weights;
+        backward: ∂L/∂λ_l = Σ_t ⟨∂L/∂W_t, τ_t⟩ via the batched C++ dot."""
+
+        @staticmethod
+        def forward(ctx, lam, plan):  # type: ignore[override]
+            plan.set(lam)
+            ctx.plan = plan
+            ctx.lam_meta = (lam.dtype, lam.device)
+            return tuple(w.detach() for w in plan.weights)
+
+        @staticmethod
+        def backward(ctx, *grads):  # type: ignore[override]
+            dtype, device = ctx.lam_meta
+            g = ctx.plan.grad_lambda(grads)
+            return torch.tensor(g, dtype=dtype, device=device), None
+
+    return GeneMerge
+
+
+_GENE_MERGE = None
+
+
+def gene_merge(lam, plan: MergePlan):
+    """Differentiable ``λ ↦ (W_t(λ))_t`` for the plan's tensors (aliases of the model's storage).
+
+    >>> ws = gene_merge(lam, plan)  # doctest: +SKIP
+    >>> logits = torch.func.functional_call(model, dict(zip(plan.names, ws)), (ids,))  # doctest: +SKIP
+    """
+    global _GENE_MERGE
+    if _GENE_MERGE is None:
+        _GENE_MERGE = _merge_function()
+    return _GENE_MERGE.apply(lam, plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+def _forward(model, params: dict, batch) -> Any:
+    import torch
+
+    if params:
+        out = torch.func.functional_call(model, params, (), {"input_ids": batch.input_ids,
+                                                              "attention_mask": batch.attention_mask})
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.logits
+
+
+def _pred_positions(batch, first_k: int | None = None):
+    """(row, position, target) of every position that predicts a completion token; rows without
+    a completion contribute their last prompt position (target -100)."""
+    import torch
+
+    rows, pos, tgt = [], [], []
+    lab = batch.labels
+    for i in range(lab.shape[0]):
+        comp = (lab[i] != -100).nonzero().flatten()
+        if comp.numel() == 0:
+            rows.append(i); pos.append(int(batch.last_prompt[i])); tgt.append(-100)
+            continue
+        if first_k:
+            comp = comp[:first_k]
+        for p in comp.tolist():
+            rows.append(i); pos.append(p - 1); tgt.append(int(lab[i, p]))
+    d = lab.device
+    return (torch.tensor(rows, device=d), torch.tensor(pos, device=d), torch.tensor(tgt, device=d))
+
+
+def _per_row_mean(values, rows, n_rows: int):
+    import torch
+
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    cnt = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
+    keep = cnt > 0
+    return (sums[keep] / cnt[keep]).mean()
+
+
+class _Objective:
+    """The few-shot loss; built once per target (reference distributions cached at λ = 0)."""
+
+    def __init__(self, model, tokenizer, safety_pairs, utility_pairs, beta, l2, utility_loss,
+                 safety_first_k, device):
+        import torch
+
+        pad = _fewshot.pad_id_of(tokenizer)
+        self.model = model
+        self.beta, self.l2 = float(beta), float(l2)
+        self.safety = _fewshot.collate(safety_pairs, pad, device)
+        self.s_idx = _pred_positions(self.safety, safety_first_k)
+        self.utility = _fewshot.collate(utility_pairs, pad, device) if utility_pairs else None
+        self.utility_loss = utility_loss
+        self.ref_logp = None
+        if self.utility is not None:
+            self.u_idx = _pred_positions(self.utility)
+            has_target = self.u_idx[2] >= 0
+            self.u_ce_mask = has_target if utility_loss in ("auto", "ce") else torch.zeros_like(has_target)
+            self.u_kl_mask = ~self.u_ce_mask
+            if utility_loss == "ce" and not bool(has_target.all()):
+                raise UsageError("utility_loss='ce' needs a completion on every utility record; use 'auto' or 'kl'")
+            if bool(self.u_kl_mask.any()):
+                with torch.no_grad():
+                    logits = _forward(model, {}, self.utility)
+                    r, p, _ = self.u_idx
+                    self.ref_logp = torch.log_softmax(logits[r, p].float(), -1)
+
+    def __call__(self, params: dict, lam) -> tuple[Any, dict]:
+        import torch
+        import torch.nn.functional as F
+
+        logits = _forward(self.model, params, self.safety)
+        r, p, t = self.s_idx
+        ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
+        safety = _per_row_mean(ce, r, self.safety.input_ids.shape[0])
+        parts = {"safety": float(safety)}
+        total = safety
+        if self.utility is not None:
+            logits = _forward(self.model, params, self.utility)
+            r, p, t = self.u_idx
+            logp = torch.log_softmax(logits[r, p].float(), -1)
+            per = torch.zeros(r.shape[0], device=logp.device)
+            if bool(self.u_ce_mask.any()):
+                m = self.u_ce_mask
+                per = per.clone()
+                per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
+            if self.ref_logp is not None:
+                m = self.u_kl_mask
+                kl = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
+                per = per.clone()
+                per[m] = kl
+            utility = _per_row_mean(per, r, self.utility.input_ids.shape[0])
+            parts["utility"] = float(utility)
+            total = total + self.beta * utility
+        reg = self.l2 * (lam ** 2).sum()
+        parts["l2"] = float(reg)
+        return total + reg, parts
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+def _resolve_gene(gene):
+    from .gene import Gene
+
+    if isinstance(gene, (str, Path)):
+        return Gene.load(gene)
+    return gene
+
+
+def resolve_layers(gene, layers) -> list[str]:
+    """Layer keys to calibrate: explicit list, ``"all"`` (every decoder block), or the gene's selection."""
+    known = gene.layer_keys()
+    if layers is None:
+        sel = gene.selection
+        if not sel or not sel.get("selected"):
+            raise GeneError(
+                f"gene {gene.path} has no layer selection; run `safegene select` first, or pass layers='all'"
+            )
+        layers = list(sel["selected"])
+    elif isinstance(layers, str):
+        if layers == "all":
+            layers = [k for k in known if k.startswith("layer.")]
+        else:
+            layers = [s.strip() for s in layers.split(",") if s.strip()]
+    bad = [k for k in layers if k not in known]
+    if bad:
+        raise UsageError(f"unknown layer key(s) {bad}; the gene has {known}")
+    return [k for k in known if k in set(layers)]
+
+
+def _log_default(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def calibrate(
+    gene,
+    target,
+    safety,
+    utility=None,
+    layers=None,
+    *,
+    tokenizer=None,
+    steps: int = 40,
+    lr: float = 0.05,
+    beta: float = 1.0,
+    l2: float = 1e-3,
+    lambda_max: float = 2.0,
+    init: Union[str, float, dict] = "grid",
+    grid_points: int = 9,
+    per_module: bool = False,
+    utility_loss: str = "auto",
+    safety_first_k: int | None = None,
+    max_examples: int = 16,
+    refusal: str | None = None,
+    patience: int = 8,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    out: Union[str, Path, None] = None,
+    log: Callable[[str], None] | None = _log_default,
+) -> Coeffs:
+    """Learn one λ per selected layer (or per module type inside a layer) for a task model.
+
+    ``gene`` is a gene directory or :class:`safegene.gene.Gene`; ``target`` a model directory
+    or a loaded ``transformers`` model (then pass ``tokenizer``). ``safety`` are harmful prompts
+    with refusals (JSONL path or records; ``refusal`` fills records without a completion),
+    ``utility`` are task examples with answers (CE) and/or benign prompts without one (KL to
+    θ_T at the first response token). At most ``max_examples`` of each are used.
+
+    >>> c = calibrate("gene/", "task_model/", "harmful_calib.jsonl", "task_calib.jsonl",
+    ...               out="COEFFS.json")  # doctest: +SKIP
+    >>> c.coeffs  # doctest: +SKIP
+    {'layer.2': 0.93, 'layer.3': 1.21}
+
+    A model passed in is left bit-identical to how it came (also on error).
+    """
+    import torch
+
+    if steps < 0 or lr <= 0 or lambda_max <= 0 or beta < 0 or l2 < 0:
+        raise UsageError("need steps >= 0, lr > 0, lambda_max > 0, beta >= 0, l2 >= 0")
+    if utility_loss not in ("auto", "ce", "kl"):
+        raise UsageError(f"utility_loss must be 'auto', 'ce' or 'kl', not {utility_loss!r}")
+    t0 = time.perf_counter()
+    log = log or (lambda _m: None)
+    gene = _resolve_gene(gene)
+    keys_layers = resolve_layers(gene, layers)
+
+    if isinstance(target, (str, Path)):
+        model, tok = _fewshot.load_model(target, device=device)
+        target_name = str(target)
+    else:
+        model, tok = target, tokenizer
+        if tok is None:
+            raise UsageError("calibrate: pass tokenizer= together with a loaded model")
+        target_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    s_recs = _fewshot.load_records(safety, "safety", max_examples)
+    if utility is None:
+        u_recs = []
+    elif isinstance(utility, (list, tuple)) and utility and all(
+            isinstance(u, Path) or (isinstance(u, str) and os.path.isfile(u)) for u in utility):
+        u_recs = [r for src in utility for r in _fewshot.load_records(src, "utility", max_examples)]
+    else:
+        u_recs = _fewshot.load_records(utility, "utility", max_examples)
+    s_pairs = _fewshot.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
+    u_pairs = []
+    for rec in u_recs:
+        msgs, comp = _fewshot.split_record(rec)
+        p = _fewshot.encode_prompts(tok, [rec])[0]
+        c = _fewshot.render_completion(tok, msgs, comp) if comp is not None else []
+        u_pairs.append((p, c))
+
+    was_training = model.training
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    plan = None
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        plan = MergePlan(model, gene, keys_layers, per_module=per_module)
+        objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device)
+        dev = plan.weights[0].device
+        k = plan.num_keys
+
+        def evaluate(vals) -> tuple[float, dict]:
+            lam = torch.tensor(vals, dtype=torch.float32, device=dev)
+            with torch.no_grad():
+                plan.set(lam)
+                loss, parts = objective(dict(zip(plan.names, plan.weights)), lam)
+            return float(loss), parts
+
+        grid = None
+        if isinstance(init, dict):
+            start = [float(init.get(key, 0.0)) for key in plan.keys]
+        elif isinstance(init, (int, float)):
+            start = [float(init)] * k
+        elif init == "grid":
+            pts = [lambda_max * i / (grid_points - 1) for i in range(grid_points)] if grid_points > 1 else [1.0]
+            scores = []
+            for g in pts:
+                loss, parts = evaluate([g] * k)
+                scores.append({"gamma": round(g, 6), "loss": loss, **parts})
+                log(f"grid γ={g:.3f} loss {loss:.4f} (safety {parts['safety']:.4f}"
+                    + (f", utility {parts['utility']:.4f}" if "utility" in parts else "") + ")")
+            best = min(range(len(pts)), key=lambda i: (scores[i]["loss"], i))
+            grid = {"best_gamma": pts[best], "best_loss": scores[best]["loss"], "points": scores}
+            start = [pts[best]] * k
+        elif init in ("ones", "one"):
+            start = [1.0] * k
+        elif init in ("zeros", "zero"):
+            start = [0.0] * k
+        else:
+            raise UsageError(f"init must be 'grid', 'ones', 'zeros', a number or a dict, not {init!r}")
+        start = [min(max(v, 0.0), lambda_max) for v in start]
+
+        lam = torch.tensor(start, dtype=torch.float32, device=dev, requires_grad=True)
+        opt = torch.optim.Adam([lam], lr=lr)
+        best_loss, best_lam, best_step = math.inf, list(start), 0
+        history = []
+        since_best = 0
+        for step in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            ws = gene_merge(lam, plan)
+            loss, parts = objective(dict(zip(plan.names, ws)), lam)
+            loss.backward()
+            cur = lam.detach().cpu().tolist()
+            lv = float(loss)
+            if not math.isfinite(lv):
+                raise SafeGeneError(f"calibration loss became {lv} at step {step}; lower lr or lambda_max")
+            gnorm = float(lam.grad.norm())
+            history.append({"step": step, "loss": lv, **parts, "lambda": cur})
+            if lv < best_loss - tol:
+                best_loss, best_lam, best_step, since_best = lv, cur, step, 0
+            else:
+                since_best += 1
+            log(f"step {step}/{steps} loss {lv:.4f} safety {parts['safety']:.4f}"
+                + (f" utility {parts['utility']:.4f}" if "utility" in parts else "")
+                + f" |g| {gnorm:.3g} λ " + " ".join(f"{v:.3f}" for v in cur))
+            if since_best >= patience:
+                log(f"early stop at step {step}: no improvement for {patience} steps")
+                break
+            opt.step()
+            with torch.no_grad():
+                lam.clamp_(0.0, lambda_max)
+        if steps == 0:
+            best_loss, _ = evaluate(start)
+            best_lam = start
+        final_loss, final_parts = evaluate(best_lam)
+    finally:
+        if plan is not None:
+            plan.restore()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+    coeffs = {key: round(float(v), 6) for key, v in zip(plan.keys, best_lam)}
+    meta = {
+        "method": "safegene-calibrate",
+        "gene": str(gene.path),
+        "target": target_name,
+        "layers": keys_layers,
+        "per_module": per_module,
+        "loss": final_loss,
+        "loss_parts": final_parts,
+        "best_step": best_step,
+        "steps_run": len(history),
+        "init": init if isinstance(init, (str, float, int)) else "dict",
+        "start": start,
+        "grid": grid,
+        "hyper": {"steps": steps, "lr": lr, "beta": beta, "l2": l2, "lambda_max": lambda_max,
+                  "utility_loss": utility_loss, "safety_first_k": safety_first_k,
+                  "n_safety": len(s_pairs), "n_utility": len(u_pairs)},
+        "history": history,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    result = Coeffs(coeffs, meta)
+    if out is not None:
+        result.save(out)
+        log(f"wrote {out}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _cli(args) -> int:
+    c = calibrate(
+        args.gene, args.target, args.safety, args.utility,
+        layers=args.layers, steps=args.steps, lr=args.lr, beta=args.beta, l2=args.l2,
+        lambda_max=args.lambda_max, init=_parse_init(args.init), per_module=args.per_module,
+        utility_loss=args.utility_loss, safety_first_k=args.safety_first_k,
+        max_examples=args.max_examples, refusal=args.refusal, device=args.device, out=args.output,
+    )
+    print(json.dumps(c.coeffs, indent=2))
+    return 0
+
+
+def _parse_init(s: str):
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def register_cli(subparsers) -> None:
+    """Add ``safegene calibrate GENE TARGET --safety S --utility U -o COEFFS.json``."""
+    p = subparsers.add_parser(
+        "calibrate", help="learn per-layer coefficients λ for one task model from a few examples",
+        description="Few-shot layer-wise recalibration: θ = θ_T + Σ λ_l τ_l, only λ is trained.",
+    )
+    p.add_argument("gene", help="gene directory (from `safegene extract`, with a selection from `safegene select`)")
+    p.add_argument("target", help="task model directory (Hugging Face format)")
+    p.add_argument("--safety", required=True, help="JSONL of harmful prompts with refusal completions")
+    p.add_argument("--utility", nargs="+", default=None,
+                   help="JSONL(s) of task examples with answers and/or benign prompts without completion")
+    p.add_argument("-o", "--output", required=True, help="where to write COEFFS.json")
+    p.add_argument("--layers", default=None, help="comma-separated layer keys, or 'all' (default: the gene's selection)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the utility term")
+    p.add_argument("--l2", type=float, default=1e-3)
+    p.add_argument("--lambda-max", type=float, default=2.0)
+    p.add_argument("--init", default="grid", help="'grid' (default), 'ones', 'zeros' or a number")
+    p.add_argument("--per-module", action="store_true", help="one λ per module type (attn/mlp/norm) per layer")
+    p.add_argument("--utility-loss", choices=["auto", "ce", "kl"], default="auto")
+    p.add_argument("--safety-first-k", type=int, default=None, help="only the first K refusal tokens count")
+    p.add_argument("--max-examples", type=int, default=16)
+    p.add_argument("--refusal", default=None, help="refusal text for safety records without a completion")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cli)

@@ -14,7 +14,8 @@ namespace safegene {
 namespace {
 
 DType to_dtype(int32_t code) {
-  if (!dtype_valid(code)) throw Error("unknown dtype code " + std::to_string(code));
+  if (!dtype_valid(code) || !dtype_is_float(static_cast<DType>(code)))
+    throw Error("kernels take F32, F16 and BF16 only (dtype code " + std::to_string(code) + ")");
   return static_cast<DType>(code);
 }
 

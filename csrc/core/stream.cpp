@@ -129,7 +129,12 @@ void validate(const StreamPlan& p) {
       throw Error("stream plan: job " + std::to_string(j) + " names an output file that does not exist");
     if (job.numel < 0) throw Error("stream plan: job " + std::to_string(j) + " has a negative element count");
     if (job.inputs.empty()) throw Error("stream plan: job " + std::to_string(j) + " has no inputs");
+    const bool copy = job.inputs.size() == 1 && job.inputs[0].dtype == job.out_dtype && job.inputs[0].coeff == 1.0f;
+    if (!copy && !dtype_is_float(job.out_dtype))
+      throw Error("stream plan: job " + std::to_string(j) + " computes into a non-float dtype; only copies are allowed");
     for (const auto& in : job.inputs) {
+      if (!copy && !dtype_is_float(in.dtype))
+        throw Error("stream plan: job " + std::to_string(j) + " computes on a non-float input; only copies are allowed");
       if (in.file < 0 || static_cast<size_t>(in.file) >= p.in_paths.size())
         throw Error("stream plan: job " + std::to_string(j) + " names an input file that does not exist");
       if (!p.in_sizes.empty() && p.in_sizes[in.file] &&
@@ -254,7 +259,11 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
         const Task& tk = tasks[m.task];
         const StreamJob& job = plan.jobs[tk.job];
         layout(job, ins, out, m.slot);
-        if (compute) {
+        const bool copy = job.inputs.size() == 1 && job.inputs[0].dtype == job.out_dtype && job.inputs[0].coeff == 1.0f;
+        if (compute && copy) {
+          // Identity jobs (lambda = 0 tensors, integer buffers) keep their exact bytes.
+          std::memcpy(out, ins[0], static_cast<size_t>(tk.n) * dtype_size(job.out_dtype));
+        } else if (compute) {
           in_types.clear();
           coeffs.clear();
           for (const auto& in : job.inputs) in_types.push_back(in.dtype), coeffs.push_back(in.coeff);

@@ -18,15 +18,19 @@
 namespace safegene {
 
 // Codes are shared with python/safegene/_native.py and checkpoint.py; never renumber.
-enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+// RAW is an opaque byte (size 1) for tensors the kernels never do arithmetic on (integer
+// buffers, F64, ...): the streaming pipeline may only copy it.
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, RAW = 3 };
 
-inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-inline bool dtype_valid(int32_t code) { return code >= 0 && code <= 2; }
+inline int dtype_size(DType t) { return t == DType::F32 ? 4 : (t == DType::RAW ? 1 : 2); }
+inline bool dtype_valid(int32_t code) { return code >= 0 && code <= 3; }
+inline bool dtype_is_float(DType t) { return t != DType::RAW; }
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "F32";
     case DType::F16: return "F16";
     case DType::BF16: return "BF16";
+    case DType::RAW: return "RAW";
   }
   return "?";
 }

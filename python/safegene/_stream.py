@@ -1,0 +1,148 @@
+"""Running streaming plans in the core, and writing output directories atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .checkpoint import KERNEL_DTYPES, RAW_CODE, TensorInfo
+from .errors import OutputError, SafeGeneError
+
+TMP_TAG = ".safegene-tmp-"
+
+
+def dtype_code(dtype: str) -> int:
+    return KERNEL_DTYPES.get(dtype, RAW_CODE)
+
+
+@dataclass
+class Plan:
+    """A streaming plan in the shape ``safegene._core.run_stream`` takes."""
+
+    in_paths: list[str] = field(default_factory=list)
+    in_sizes: list[int] = field(default_factory=list)
+    in_mtimes: list[int] = field(default_factory=list)
+    out_paths: list[str] = field(default_factory=list)
+    jobs: list[tuple[int, int, int, int, list[tuple[int, int, int, float]]]] = field(default_factory=list)
+    _in_index: dict[str, int] = field(default_factory=dict)
+    _out_index: dict[str, int] = field(default_factory=dict)
+
+    def _in(self, t: TensorInfo) -> int:
+        key = str(t.file)
+        if key not in self._in_index:
+            st = os.stat(t.file)
+            self._in_index[key] = len(self.in_paths)
+            self.in_paths.append(key)
+            self.in_sizes.append(st.st_size)
+            self.in_mtimes.append(st.st_mtime_ns)
+        return self._in_index[key]
+
+    def add(self, out_path: Path, out_offset: int, out_dtype: str, numel: int, inputs: Sequence[tuple[TensorInfo, float]]) -> int:
+        """Add a job ``out = sum(c * t for t, c in inputs)``; returns its index."""
+        key = str(out_path)
+        if key not in self._out_index:
+            self._out_index[key] = len(self.out_paths)
+            self.out_paths.append(key)
+        ins = [(self._in(t), t.offset, dtype_code(t.dtype), float(c)) for t, c in inputs]
+        if dtype_code(out_dtype) == RAW_CODE:
+            numel = inputs[0][0].nbytes  # opaque bytes: copied, never computed
+        self.jobs.append((self._out_index[key], out_offset, dtype_code(out_dtype), numel, ins))
+        return len(self.jobs) - 1
+
+    @property
+    def out_bytes(self) -> int:
+        size = {0: 4, 1: 2, 2: 2, 3: 1}
+        return sum(j[3] * size[j[2]] for j in self.jobs)
+
+
+def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True) -> dict[str, Any]:
+    """Run a plan in the core with a byte progress bar; core errors become SafeGeneError."""
+    from ._native import core
+
+    c = core()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, leave=False)
+
+    def cb(done: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb)
+    except c.CoreError as exc:
+        raise SafeGeneError(str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove temporaries left by killed runs for this output (their process is gone)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    prefix = f".{out.name}{TMP_TAG}"
+    for q in parent.iterdir():
+        if q.name.startswith(prefix):
+            try:
+                pid = int(q.name[len(prefix):])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(q, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success rename it to ``out``, on failure remove it.
+
+    A killed run leaves only ``.<name>.safegene-tmp-<pid>``, which the next run removes, so a
+    directory named ``out`` is always complete.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output {out} already exists; choose a new path or pass --overwrite")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output {out}: parent directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output {out}: parent directory {parent} is not writable")
+    remove_stale_temps(out)
+    tmp = parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"output {out}: cannot create a temporary directory in {parent} ({exc.strerror})") from None
+    try:
+        yield tmp
+        if out.exists():
+            trash = parent / f".{out.name}{TMP_TAG}old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, SafeGeneError):
+            raise OutputError(f"writing {out} failed: {exc.strerror or exc} (free disk space or fix permissions, then run again)") from None
+        raise

@@ -1,0 +1,234 @@
+"""``safegene apply``: θ_out = θ_target + Σ_l λ_l τ_l, streamed into a new HF checkpoint.
+
+Coefficients map keys to λ; a tensor's λ is looked up by its exact name first, then by its
+layer key (``layer.<i>``, ``embed``, ``final_norm``, ``lm_head``, ``other``); a missing key
+means λ = 0 and the tensor's bytes are copied unchanged. ``scale=S`` (RESTA) sets every key
+to S. The output keeps the target's dtypes and shard layout (renamed to the standard
+``model-0000i-of-0000N.safetensors``), with ``{"format": "pt"}`` headers and the target's
+config/tokenizer/generation files, and appears only when complete.
+
+>>> apply("gene/", "task-model/", "patched/", coeffs={"layer.2": 0.8, "layer.3": 1.1})  # doctest: +SKIP
+>>> apply_to_model(model, "gene/", {"layer.3": 1.0})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+
+from ._stream import Plan, atomic_output_dir, run_plan
+from .checkpoint import (
+    OutTensor,
+    check_output_location,
+    copy_companions,
+    create_files,
+    open_checkpoint,
+    plan_file,
+    shard_names,
+    write_index,
+)
+from .errors import GeneError, NonFiniteError, UsageError
+from .gene import Gene, load_gene
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CoeffsLike = Union[Mapping[str, float], str, os.PathLike, Any]
+DEFAULT_BUDGET_MB = 256
+
+
+def load_coeffs(coeffs: CoeffsLike) -> dict[str, float]:
+    """Read coefficients from a mapping, a COEFFS.json path, or an object with ``.coeffs``.
+
+    >>> load_coeffs({"layer.3": 1})
+    {'layer.3': 1.0}
+    """
+    src = "coefficients"
+    if isinstance(coeffs, (str, os.PathLike)):
+        p = Path(coeffs)
+        src = str(p)
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{p}: no such coefficients file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{p}: not valid JSON ({exc})") from None
+        coeffs = obj.get("coeffs", obj) if isinstance(obj, dict) else obj
+    elif not isinstance(coeffs, Mapping) and hasattr(coeffs, "coeffs"):
+        coeffs = coeffs.coeffs
+    if not isinstance(coeffs, Mapping):
+        raise UsageError(f"{src}: expected a mapping from layer keys to numbers")
+    out: dict[str, float] = {}
+    for k, v in coeffs.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UsageError(f"{src}: coefficient {k!r} = {v!r} must be a finite number")
+        out[k] = float(v)
+    return out
+
+
+def resolve_coeffs(gene: Gene, scale: float | None, coeffs: CoeffsLike | None) -> dict[str, float]:
+    """Per-tensor λ for every gene tensor (0 where no key applies)."""
+    if scale is not None and coeffs is not None:
+        raise UsageError("give either a uniform scale or per-layer coefficients, not both")
+    if scale is None and coeffs is None:
+        raise UsageError("give a uniform scale (--scale S) or per-layer coefficients (--coeffs COEFFS.json)")
+    if scale is not None:
+        if not math.isfinite(scale):
+            raise UsageError(f"scale {scale} must be finite")
+        return {n: float(scale) for n in gene.tensor_names}
+    table = load_coeffs(coeffs)
+    keys = set(gene.layer_keys()) | set(gene.tensor_names)
+    unknown = sorted(k for k in table if k not in keys)
+    if unknown:
+        raise GeneError(
+            f"coefficients name {unknown[:3]} which the gene {gene.path} does not have; valid keys: {gene.layer_keys()} or tensor names"
+        )
+    return {n: table.get(n, table.get(gene.layer_key(n), 0.0)) for n in gene.tensor_names}
+
+
+@dataclass
+class ApplyResult:
+    """What one apply wrote."""
+
+    out: Path
+    n_patched: int
+    n_copied: int
+    bytes_written: int
+    seconds: float
+    coeffs: dict[str, float] = field(default_factory=dict)
+
+
+def apply(
+    gene: "str | os.PathLike[str] | Gene",
+    target: "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]",
+    out: "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]",
+    *,
+    scale: float | None = None,
+    coeffs: CoeffsLike | None = None,
+    budget_mb: float = DEFAULT_BUDGET_MB,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> "ApplyResult | list[ApplyResult]":
+    """Write θ_target + Σ λ τ to ``out`` (a new HF model directory).
+
+    ``target`` and ``out`` may be lists of equal length to patch several task models with one
+    gene load. Exactly one of ``scale`` (uniform λ, RESTA) and ``coeffs`` (mapping, COEFFS.json
+    path, or :class:`safegene.calibrate.Coeffs`) is required.
+
+    >>> apply("gene/", ["task-a/", "task-b/"], ["safe-a/", "safe-b/"], scale=1.0)  # doctest: +SKIP
+    """
+    g = load_gene(gene)
+    many = not isinstance(target, (str, os.PathLike))
+    targets = list(target) if many else [target]
+    outs = list(out) if not isinstance(out, (str, os.PathLike)) else [out]
+    if len(targets) != len(outs):
+        raise UsageError(f"{len(targets)} targets but {len(outs)} outputs; give one output per target")
+    if len({Path(o).resolve() for o in outs}) != len(outs):
+        raise UsageError("two targets were given the same output directory")
+    lam = resolve_coeffs(g, scale, coeffs)
+    results = [_apply_one(g, Path(t), Path(o), lam, budget_mb, overwrite, allow_nonfinite, progress) for t, o in zip(targets, outs)]
+    return results if many else results[0]
+
+
+def _apply_one(
+    g: Gene, target: Path, out: Path, lam: dict[str, float], budget_mb: float, overwrite: bool, allow_nonfinite: bool, progress: bool
+) -> ApplyResult:
+    if budget_mb <= 0:
+        raise UsageError("the memory budget must be positive")
+    t0 = time.perf_counter()
+    tgt = open_checkpoint(target)
+    g.check_target(tgt)
+    gv = open_checkpoint(g.vectors_path)
+    missing = [n for n in g.tensor_names if n not in gv.tensors]
+    if missing:
+        raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")
+    check_output_location(out, [tgt.root, g.path])
+
+    # Keep the target's shard grouping (one output file per input file), in file order.
+    groups = [sorted(f.tensors.values(), key=lambda t: t.offset) for f in tgt.files]
+    names = shard_names(len(groups))
+    with atomic_output_dir(out, overwrite) as tmp:
+        files = []
+        for fname, group in zip(names, groups):
+            outs = [OutTensor(t.name, t.dtype, t.shape, t.nbytes) for t in group]
+            files.append(plan_file(tmp / fname, outs))
+        create_files(files)
+        plan = Plan()
+        patched: list[tuple[str, int]] = []
+        n_copied = 0
+        for f, group in zip(files, groups):
+            for ot, t in zip(f.tensors, group):
+                c = lam.get(t.name, 0.0)
+                if c != 0.0 and t.is_float:
+                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[t.name], c)])
+                    patched.append((t.name, j))
+                else:
+                    plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)])
+                    n_copied += 1
+        res = run_plan(plan, int(budget_mb * 2**20), f"apply {tgt.root.name}", progress)
+        bad = [n for n, j in patched if res["stats"][j][5] > 0]
+        if bad and not allow_nonfinite:
+            raise NonFiniteError(
+                f"the patched model would hold NaN/Inf in {len(bad)} tensors, e.g. {bad[0]!r}; "
+                "check the gene and coefficients, or pass --allow-nonfinite"
+            )
+        if len(files) > 1:
+            write_index(tmp, files)
+        copy_companions(tgt.root, tmp)
+    return ApplyResult(out, len(patched), n_copied, res["bytes_written"], time.perf_counter() - t0, {k: v for k, v in lam.items() if v})
+
+
+def apply_to_model(
+    model: "torch.nn.Module",
+    gene: "str | os.PathLike[str] | Gene",
+    coeffs: CoeffsLike | None = None,
+    *,
+    scale: float | None = None,
+) -> dict[str, float]:
+    """Patch a loaded model in place: ``W += λ τ`` through one batched kernel call.
+
+    Works on CPU and (when built with CUDA and a device exists) CUDA parameters. Parameters
+    that share storage (tied embeddings) are patched once. Returns the λ used per tensor.
+
+    >>> model = AutoModelForCausalLM.from_pretrained("task-model/")  # doctest: +SKIP
+    >>> apply_to_model(model, "gene/", "COEFFS.json")  # doctest: +SKIP
+    """
+    import torch
+
+    from ._native import scale_add_
+
+    g = load_gene(gene)
+    lam = resolve_coeffs(g, scale, coeffs)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if k not in state})
+    missing = [n for n in g.tensor_names if lam[n] != 0.0 and n not in state]
+    if missing:
+        raise GeneError(f"the model has no parameter {missing[0]!r} that gene {g.path} patches; it is a different architecture")
+    seen: set[int] = set()
+    todo: list[str] = []
+    for n in g.tensor_names:
+        if lam[n] == 0.0:
+            continue
+        p = state[n]
+        if tuple(p.shape) != tuple(g.fingerprint["tensors"][n]["shape"]):
+            raise GeneError(f"parameter {n!r} has shape {list(p.shape)} but the gene's vector is {g.fingerprint['tensors'][n]['shape']}")
+        key = p.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        todo.append(n)
+    if not todo:
+        return {}
+    dev = state[todo[0]].device
+    vecs = g.load_vectors(todo, device=str(dev))
+    with torch.no_grad():
+        dsts = [state[n].data for n in todo]
+        srcs = [vecs[n].contiguous() for n in todo]
+        scale_add_(dsts, srcs, [lam[n] for n in todo])
+    return {n: lam[n] for n in todo}

@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_apply)
 
     for mod in COMMAND_MODULES:
-        m = importlib.import_module(f"{__package__}.{mod}")
+        try:
+            m = importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
+            continue
         reg = getattr(m, "register_cli", None)
         if reg is not None:
             reg(sub)

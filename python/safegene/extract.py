@@ -32,6 +32,8 @@ from .errors import NonFiniteError, UsageError
 from .gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort, write_json_atomic
 
 STORAGE_DTYPES = ("F32", "BF16", "F16")
+#: Float dtypes with no kernel: refused rather than silently skipped (integer/bool buffers carry no vector).
+UNSUPPORTED_FLOAT = {"F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
 DEFAULT_BUDGET_MB = 256
 
 
@@ -69,6 +71,15 @@ def extract(
         from .errors import MismatchError
 
         raise MismatchError(f"aligned {a.root} is {a.model_type!r} but degraded {d.root} is {d.model_type!r}")
+    for ta, tb in pairs:
+        for t, src in ((ta, a.root), (tb, d.root)):
+            if t.dtype in UNSUPPORTED_FLOAT:
+                from .errors import CheckpointError
+
+                raise CheckpointError(
+                    f"{src}: tensor {t.name!r} is {t.dtype}, which safegene does not compute on; "
+                    "save the checkpoint in F32, F16 or BF16 first"
+                )
     vec_pairs = [(ta, tb) for ta, tb in pairs if ta.is_float and tb.is_float]
     skipped = [ta.name for ta, tb in pairs if not (ta.is_float and tb.is_float)]
     elem = {"F32": 4, "BF16": 2, "F16": 2}[dtype]

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CoeffsLike = Union[Mapping[str, float], str, os.PathLike, Any]
-DEFAULT_BUDGET_MB = 256
+DEFAULT_BUDGET_MB = 128
 
 
 def load_coeffs(coeffs: CoeffsLike) -> dict[str, float]:

@@ -34,7 +34,7 @@ from .gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprin
 STORAGE_DTYPES = ("F32", "BF16", "F16")
 #: Float dtypes with no kernel: refused rather than silently skipped (integer/bool buffers carry no vector).
 UNSUPPORTED_FLOAT = {"F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
-DEFAULT_BUDGET_MB = 256
+DEFAULT_BUDGET_MB = 128
 
 
 def extract(

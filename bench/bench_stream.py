@@ -1,0 +1,275 @@
+"""Streaming extract/apply against the I/O roofline, a naive torch merge, and mergekit.
+
+One command, one run, the same synthetic bf16 Llama-shaped checkpoints for every method:
+
+    python bench/bench_stream.py --size-gb 1.2 --size-gb 4 --out bench/results_stream.md
+
+Each measurement runs in its own child process (so its peak RSS is its own) after the page
+cache has been warmed with a full read of its inputs; the table reports the median of
+``--repeats`` runs, GB/s over the bytes read + written, the ratio to the roofline of the same
+operation, and peak RSS. The roofline is the core's own pipeline with the arithmetic switched
+off: every input byte is pread and every output byte pwritten, overlapped, as fast as this
+machine allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+
+
+def llama_shapes(size_gb: float) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    per_layer = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN) * 2
+    fixed = (2 * VOCAB * HIDDEN + HIDDEN) * 2
+    n_layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
+    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
+        ]
+    shapes += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return shapes, n_layers
+
+
+def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "np.ndarray") -> None:
+    """Write a bf16 safetensors checkpoint tensor by tensor (never the whole model in memory)."""
+    import numpy as np
+
+    from safegene.checkpoint import OutTensor, create_files, plan_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    outs = [OutTensor(n, "BF16", s, int(np.prod(s)) * 2) for n, s in shapes]
+    f = plan_file(d / "model.safetensors", outs)
+    create_files([f])
+    rng = np.random.default_rng(seed)
+    with open(f.path, "r+b") as fh:
+        for o in outs:
+            n = o.nbytes // 2
+            start = int(rng.integers(0, base.size - n)) if base.size > n else 0
+            chunk = base[start : start + n] if base.size >= n else np.resize(base, n)
+            noise = rng.integers(-2, 3, size=min(n, 1 << 16), dtype=np.int16)  # low-bit "fine-tune"
+            arr = chunk.copy()
+            arr[: noise.size] += noise.astype(np.uint16)
+            fh.seek(o.offset)
+            fh.write(arr.tobytes())
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
+           "num_hidden_layers": n_layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": VOCAB,
+           "torch_dtype": "bfloat16", "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def make_family(root: Path, size_gb: float) -> dict[str, Path]:
+    import numpy as np
+
+    shapes, n_layers = llama_shapes(size_gb)
+    rng = np.random.default_rng(0)
+    # bf16 bit patterns of N(0, 0.02): one 64 Mi-element pool sliced per tensor keeps generation fast.
+    pool = (rng.standard_normal(1 << 26, dtype=np.float32) * 0.02).view(np.uint32)
+    base = ((pool + 0x7FFF + ((pool >> 16) & 1)) >> 16).astype(np.uint16)
+    fam = {}
+    for i, name in enumerate(("aligned", "degraded", "target")):
+        d = root / f"{size_gb:g}gb" / name
+        if not (d / "model.safetensors").is_file():
+            write_checkpoint(d, shapes, n_layers, i, base)
+        fam[name] = d
+    return fam
+
+
+# ---- child-process measurements ----------------------------------------------------------------
+def child(op: str, args: list[str]) -> dict:
+    """Run one operation here and report wall time, bytes moved and peak RSS."""
+    import resource
+
+    t0 = time.perf_counter()
+    moved = 0
+    if op == "extract":
+        import safegene
+
+        g = safegene.extract(args[0], args[1], args[2], progress=False)
+        moved = g.manifest["stream"]["bytes_read"] + g.manifest["stream"]["bytes_written"]
+    elif op == "apply":
+        import safegene
+
+        r = safegene.apply(args[0], args[1], args[2], scale=1.0, progress=False)
+        moved = _file_bytes([Path(args[1]), Path(args[0]) / "vectors.safetensors"]) + r.bytes_written
+    elif op in ("roofline-extract", "roofline-apply"):
+        moved = _roofline(op, args)
+    elif op == "naive-extract":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        a, d = load_file(str(Path(args[0]) / "model.safetensors")), load_file(str(Path(args[1]) / "model.safetensors"))
+        save_file({k: a[k].float() - d[k].float() for k in a}, str(Path(args[2])))
+        moved = _file_bytes([Path(args[0]), Path(args[1]), Path(args[2])])
+    elif op == "naive-apply":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        t, tau = load_file(str(Path(args[0]) / "model.safetensors")), load_file(args[1])
+        save_file({k: (t[k].float() + tau[k]).to(torch.bfloat16) for k in t}, str(Path(args[2])))
+        moved = _file_bytes([Path(args[0]), Path(args[1]), Path(args[2])])
+    elif op == "mergekit":
+        cfg = Path(args[3]) / "merge.yml"
+        cfg.write_text(
+            "merge_method: task_arithmetic\nbase_model: {d}\nmodels:\n  - model: {t}\n    parameters:\n      weight: 1.0\n"
+            "  - model: {a}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n".format(a=args[0], d=args[1], t=args[2])
+        )
+        subprocess.run([shutil.which("mergekit-yaml") or "mergekit-yaml", str(cfg), str(Path(args[3]) / "out"), "--lazy-unpickle"],
+                       check=True, capture_output=True)
+        moved = _file_bytes([Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]) / "out"])
+    else:
+        raise SystemExit(f"unknown op {op}")
+    wall = time.perf_counter() - t0
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
+    hwm_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    rss = max(hwm_kib, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if op == "mergekit" else 0)
+    return {"wall": wall, "bytes": moved, "rss_mib": rss / 1024}
+
+
+def _file_bytes(paths: list[Path]) -> int:
+    tot = 0
+    for p in paths:
+        files = [p] if p.is_file() else list(p.glob("*.safetensors"))
+        tot += sum(f.stat().st_size for f in files)
+    return tot
+
+
+def _roofline(op: str, args: list[str]) -> int:
+    """The same reads and writes as extract/apply (same plan, same pipeline), no arithmetic."""
+    from safegene._native import core
+    from safegene._stream import Plan
+    from safegene.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
+    from safegene.extract import DEFAULT_BUDGET_MB
+
+    out = Path(args[2])
+    out.mkdir(parents=True, exist_ok=True)
+    plan = Plan()
+    if op == "roofline-extract":
+        a, d = open_checkpoint(args[0]), open_checkpoint(args[1])
+        outs = [OutTensor(n, "F32", t.shape, t.numel * 4) for n, t in a.tensors.items()]
+        f = plan_file(out / "vectors.safetensors", outs)
+        create_files([f])
+        for o in outs:
+            plan.add(f.path, o.offset, "F32", a.tensors[o.name].numel, [(a.tensors[o.name], 1.0), (d.tensors[o.name], -1.0)])
+    else:
+        t, g = open_checkpoint(args[0]), open_checkpoint(Path(args[1]) / "vectors.safetensors")
+        outs = [OutTensor(n, x.dtype, x.shape, x.nbytes) for n, x in t.tensors.items()]
+        f = plan_file(out / "model.safetensors", outs)
+        create_files([f])
+        for o in outs:
+            plan.add(f.path, o.offset, o.dtype, t.tensors[o.name].numel, [(t.tensors[o.name], 1.0), (g.tensors[o.name], 1.0)])
+    r = core().run_copy_roofline(plan.in_paths, plan.out_paths, plan.jobs, int(DEFAULT_BUDGET_MB * 2**20), 4)
+    return r["bytes_read"] + r["bytes_written"]
+
+
+def measure(op: str, args: list[str], warm: list[Path], repeats: int, cleanup: list[Path]) -> dict:
+    runs = []
+    for _ in range(repeats):
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for w in warm:  # page cache warm: a full read of the inputs first
+            for f in ([w] if w.is_file() else w.glob("*.safetensors")):
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+        cp = subprocess.run([sys.executable, __file__, "--child", op, *map(str, args)], capture_output=True, text=True)
+        if cp.returncode != 0:
+            return {"error": cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else f"exit {cp.returncode}"}
+        runs.append(json.loads(cp.stdout.strip().splitlines()[-1]))
+    med = statistics.median(r["wall"] for r in runs)
+    return {"wall": med, "walls": [r["wall"] for r in runs], "bytes": runs[0]["bytes"], "rss_mib": max(r["rss_mib"] for r in runs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--size-gb", type=float, action="append", help="checkpoint size (repeatable; default 1.2)")
+    ap.add_argument("--workdir", default="/tmp/safegene-bench")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-baselines-above-gb", type=float, default=2.0, help="run naive/mergekit only up to this size")
+    ap.add_argument("--out", help="append the markdown table to this file")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child[0], a.child[1:])))
+        return
+    root = Path(a.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    have_mergekit = shutil.which("mergekit-yaml") is not None
+    for size in a.size_gb or [1.2]:
+        fam = make_family(root, size)
+        w = root / f"{size:g}gb" / "work"
+        w.mkdir(exist_ok=True)
+        gene = w / "gene"
+        res = {}
+        res["roofline extract"] = measure("roofline-extract", [fam["aligned"], fam["degraded"], w / "rx"], [fam["aligned"], fam["degraded"]], a.repeats, [w / "rx"])
+        res["safegene extract"] = measure("extract", [fam["aligned"], fam["degraded"], gene], [fam["aligned"], fam["degraded"]], a.repeats, [gene])
+        res["roofline apply"] = measure("roofline-apply", [fam["target"], gene, w / "ra"], [fam["target"], gene], a.repeats, [w / "ra"])
+        res["safegene apply"] = measure("apply", [gene, fam["target"], w / "out"], [fam["target"], gene], a.repeats, [w / "out"])
+        if size <= a.skip_baselines_above_gb:
+            res["naive torch extract"] = measure("naive-extract", [fam["aligned"], fam["degraded"], w / "naive_tau.safetensors"], [fam["aligned"], fam["degraded"]], a.repeats, [w / "naive_tau.safetensors"])
+            res["naive torch apply"] = measure("naive-apply", [fam["target"], w / "naive_tau.safetensors", w / "naive_out.safetensors"], [fam["target"]], a.repeats, [w / "naive_out.safetensors"])
+            if have_mergekit:
+                res["mergekit task_arithmetic (one pass)"] = measure("mergekit", [fam["aligned"], fam["degraded"], fam["target"], w / "mk"], [fam["aligned"], fam["degraded"], fam["target"]], a.repeats, [w / "mk" / "out"])
+        for k in ("rx", "ra", "out", "mk", "naive_tau.safetensors", "naive_out.safetensors"):
+            p = w / k
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        size_real = _file_bytes([fam["aligned"]]) / 1e9
+        for name, r in res.items():
+            base = res["roofline extract" if "extract" in name else "roofline apply"]
+            if "mergekit" in name:
+                base = None
+            rows.append((size_real, name, r, base))
+        shutil.rmtree(gene, ignore_errors=True)
+        if "mergekit task_arithmetic (one pass)" in res and "error" not in res["mergekit task_arithmetic (one pass)"]:
+            mk = res["mergekit task_arithmetic (one pass)"]["wall"]
+            rows.append((size_real, f"ratio mergekit / safegene apply = {mk / res['safegene apply']['wall']:.1f}x; "
+                                    f"mergekit / (extract + apply) = {mk / (res['safegene extract']['wall'] + res['safegene apply']['wall']):.1f}x", None, None))
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        f"### Streaming extract/apply ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu}, "
+        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, page cache warm, median of {a.repeats})",
+        "",
+        "| checkpoint | method | wall s | GB/s | × roofline | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for size, name, r, base in rows:
+        if r is None:
+            lines.append(f"| {size:.2f} GB | {name} | | | | |")
+        elif "error" in r:
+            lines.append(f"| {size:.2f} GB | {name} | failed: {r['error'][:80]} | | | |")
+        else:
+            ratio = f"{r['wall'] / base['wall']:.2f}" if base and "wall" in base else "–"
+            lines.append(f"| {size:.2f} GB | {name} | {r['wall']:.2f} | {r['bytes'] / r['wall'] / 1e9:.2f} | {ratio} | {r['rss_mib']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -137,11 +137,34 @@ void validate(const StreamPlan& p) {
         throw Error("stream plan: job " + std::to_string(j) + " computes on a non-float input; only copies are allowed");
       if (in.file < 0 || static_cast<size_t>(in.file) >= p.in_paths.size())
         throw Error("stream plan: job " + std::to_string(j) + " names an input file that does not exist");
-      if (!p.in_sizes.empty() && p.in_sizes[in.file] &&
-          in.offset + static_cast<uint64_t>(job.numel) * dtype_size(in.dtype) > p.in_sizes[in.file])
-        throw Error(p.in_paths[in.file] + ": tensor range of job " + std::to_string(j) + " lies past the end of the file");
     }
   }
+}
+
+// Every byte range must lie inside the file as it is on disk now (fstat), whatever the plan
+// claims, and offset arithmetic must not overflow: a hostile plan can only get an error.
+void check_ranges(const StreamPlan& p, const std::vector<uint64_t>& in_actual, const std::vector<uint64_t>& out_actual) {
+  constexpr uint64_t kMaxNumel = 1ull << 56;
+  for (size_t j = 0; j < p.jobs.size(); ++j) {
+    const StreamJob& job = p.jobs[j];
+    if (static_cast<uint64_t>(job.numel) > kMaxNumel)
+      throw Error("stream plan: job " + std::to_string(j) + " has an implausible element count " + std::to_string(job.numel));
+    const uint64_t out_bytes = static_cast<uint64_t>(job.numel) * dtype_size(job.out_dtype);
+    if (job.out_offset > out_actual[job.out_file] || out_bytes > out_actual[job.out_file] - job.out_offset)
+      throw Error(p.out_paths[job.out_file] + ": output range of job " + std::to_string(j) + " lies past the end of the file");
+    for (const auto& in : job.inputs) {
+      const uint64_t bytes = static_cast<uint64_t>(job.numel) * dtype_size(in.dtype);
+      if (in.offset > in_actual[in.file] || bytes > in_actual[in.file] - in.offset)
+        throw Error(p.in_paths[in.file] + ": tensor range of job " + std::to_string(j) +
+                    " lies past the end of the file (truncated?); check the input and run again");
+    }
+  }
+}
+
+uint64_t file_size(int fd, const std::string& path) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
+  return static_cast<uint64_t>(st.st_size);
 }
 
 void open_inputs(const StreamPlan& p, std::vector<Fd>& fds) {
@@ -171,6 +194,12 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
   for (size_t i = 0; i < plan.out_paths.size(); ++i) {
     out_fds[i].fd = ::open(plan.out_paths[i].c_str(), O_WRONLY | O_CLOEXEC);
     if (out_fds[i].fd < 0) throw Error(plan.out_paths[i] + ": cannot open for writing: " + std::strerror(errno));
+  }
+  {
+    std::vector<uint64_t> in_actual, out_actual;
+    for (size_t i = 0; i < in_fds.size(); ++i) in_actual.push_back(file_size(in_fds[i].fd, plan.in_paths[i]));
+    for (size_t i = 0; i < out_fds.size(); ++i) out_actual.push_back(file_size(out_fds[i].fd, plan.out_paths[i]));
+    check_ranges(plan, in_actual, out_actual);
   }
 
   uint64_t per_elem = 4;

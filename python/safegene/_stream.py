@@ -8,9 +8,9 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from .checkpoint import KERNEL_DTYPES, RAW_CODE, TensorInfo
+from .checkpoint import KERNEL_DTYPES, RAW_CODE, SafetensorsFile, TensorInfo
 from .errors import OutputError, SafeGeneError
 
 TMP_TAG = ".safegene-tmp-"
@@ -31,15 +31,28 @@ class Plan:
     jobs: list[tuple[int, int, int, int, list[tuple[int, int, int, float]]]] = field(default_factory=list)
     _in_index: dict[str, int] = field(default_factory=dict)
     _out_index: dict[str, int] = field(default_factory=dict)
+    _expected: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def expect(self, files: Iterable[SafetensorsFile]) -> "Plan":
+        """Pin each file to the size and mtime seen when its header was parsed: the core
+        refuses to run (or to finish) if a file changed since, so a header and the data read
+        under it always belong together."""
+        for f in files:
+            self._expected[str(f.path)] = (f.size, f.mtime_ns)
+        return self
 
     def _in(self, t: TensorInfo) -> int:
         key = str(t.file)
         if key not in self._in_index:
-            st = os.stat(t.file)
+            if key in self._expected:
+                size, mtime = self._expected[key]
+            else:
+                st = os.stat(t.file)
+                size, mtime = st.st_size, st.st_mtime_ns
             self._in_index[key] = len(self.in_paths)
             self.in_paths.append(key)
-            self.in_sizes.append(st.st_size)
-            self.in_mtimes.append(st.st_mtime_ns)
+            self.in_sizes.append(size)
+            self.in_mtimes.append(mtime)
         return self._in_index[key]
 
     def add(self, out_path: Path, out_offset: int, out_dtype: str, numel: int, inputs: Sequence[tuple[TensorInfo, float]]) -> int:

@@ -150,6 +150,16 @@ def _apply_one(
         raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")
     check_output_location(out, [tgt.root, g.path])
 
+    lam = dict(lam)
+    vec_of = {n: n for n in g.tensor_names}
+    tied = _tied_pair(tgt)
+    if tied is not None:
+        # Stored twice but tied in the model: patch both with the embedding's λ and τ so the
+        # copies stay identical (transformers would otherwise keep only one of them).
+        emb, head = tied
+        lam[head] = lam.get(emb, 0.0)
+        vec_of[head] = emb
+
     # Keep the target's shard grouping (one output file per input file), in file order.
     groups = [sorted(f.tensors.values(), key=lambda t: t.offset) for f in tgt.files]
     names = shard_names(len(groups))
@@ -159,14 +169,14 @@ def _apply_one(
             outs = [OutTensor(t.name, t.dtype, t.shape, t.nbytes) for t in group]
             files.append(plan_file(tmp / fname, outs))
         create_files(files)
-        plan = Plan()
+        plan = Plan().expect(tgt.files + gv.files)
         patched: list[tuple[str, int]] = []
         n_copied = 0
         for f, group in zip(files, groups):
             for ot, t in zip(f.tensors, group):
                 c = lam.get(t.name, 0.0)
                 if c != 0.0 and t.is_float:
-                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[t.name], c)])
+                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[vec_of[t.name]], c)])
                     patched.append((t.name, j))
                 else:
                     plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)])
@@ -182,6 +192,17 @@ def _apply_one(
             write_index(tmp, files)
         copy_companions(tgt.root, tmp)
     return ApplyResult(out, len(patched), n_copied, res["bytes_written"], time.perf_counter() - t0, {k: v for k, v in lam.items() if v})
+
+
+def _tied_pair(ckpt) -> tuple[str, str] | None:
+    """(embedding, lm_head) names when the config ties them and the checkpoint stores both."""
+    cfg = ckpt.config or {}
+    if not cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in ckpt.tensors:
+        return None
+    for n in ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight"):
+        if n in ckpt.tensors and ckpt.tensors[n].shape == ckpt.tensors["lm_head.weight"].shape:
+            return n, "lm_head.weight"
+    return None
 
 
 def apply_to_model(

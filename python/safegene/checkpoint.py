@@ -23,7 +23,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from .errors import CheckpointError, HeaderError, MismatchError, OutputError, PickleRefusedError
 
@@ -43,8 +43,7 @@ SINGLE_NAME = "model.safetensors"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """Where one tensor lives: ``nbytes`` bytes at absolute ``offset`` of ``file``."""
 
     name: str
@@ -130,13 +129,20 @@ def layer_key(name: str) -> str:
     return "other"
 
 
-def _dup_checking_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise HeaderError(f"duplicate tensor name {k!r} in the header")
-        out[k] = v
-    return out
+class _Obj(list):
+    """A JSON object as its list of (key, value) pairs: keeps duplicates visible and, being a
+    C-level list subclass, parses 10^5-tensor headers without a Python call per object."""
+
+    __slots__ = ()
+
+
+def _as_dict(pairs: _Obj, where: str) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise HeaderError(f"{where}: duplicate key {dup!r}; the file is corrupt")
+    return d
 
 
 def read_header(path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsFile:
@@ -171,25 +177,32 @@ def read_header(path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER
     except UnicodeDecodeError as exc:
         raise HeaderError(f"{p}: header is not valid UTF-8 (byte {exc.start}); the file is corrupt or not safetensors") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_dup_checking_object)
-    except HeaderError as exc:
-        raise HeaderError(f"{p}: {exc}; the file is corrupt") from None
+        parsed = json.loads(text, object_pairs_hook=_Obj)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise HeaderError(f"{p}: header is not valid JSON ({exc}); the file is corrupt or not safetensors") from None
-    if not isinstance(obj, dict):
-        raise HeaderError(f"{p}: header is a JSON {type(obj).__name__}, expected an object")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(parsed, _Obj):
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(parsed), "null")
+        raise HeaderError(f"{p}: header is a JSON {kind}, expected an object")
+    names = [k for k, _ in parsed]
+    obj = dict(parsed)
+    if len(obj) != len(parsed):
+        seen: set[str] = set()
+        dup = next(k for k in names if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise HeaderError(f"{p}: duplicate tensor name {dup!r} in the header; the file is corrupt")
+    metadata = obj.pop("__metadata__", None) or _Obj()
+    if not isinstance(metadata, _Obj) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata):
         raise HeaderError(f"{p}: __metadata__ must map strings to strings")
+    metadata = dict(metadata)
     data_start = 8 + n
     data_len = st.st_size - data_start
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, TensorInfo] = {}
     for name, ent in obj.items():
-        where = f"{p}: tensor {name!r}"
-        if not isinstance(ent, dict):
-            raise HeaderError(f"{where}: entry must be an object")
+        if not isinstance(ent, _Obj):
+            raise HeaderError(f"{p}: tensor {name!r}: entry must be an object")
+        ent = _as_dict(ent, f"{p}: tensor {name!r}")
         dtype, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
+        where = f"{p}: tensor {name!r}"
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
             raise HeaderError(f"{where}: unknown dtype {dtype!r}; safetensors defines {', '.join(sorted(SAFETENSORS_DTYPE_BITS))}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):

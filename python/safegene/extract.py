@@ -88,7 +88,7 @@ def extract(
         outs = [OutTensor(ta.name, dtype, ta.shape, ta.numel * elem) for ta, _ in vec_pairs]
         of = plan_file(tmp / VECTORS, outs, {"format": "pt", "safegene": "gene-vectors"})
         create_files([of])
-        plan = Plan()
+        plan = Plan().expect(a.files + d.files)
         for (ta, tb), ot in zip(vec_pairs, outs):
             plan.add(of.path, ot.offset, dtype, ta.numel, [(ta, 1.0), (tb, -1.0)])
         res = run_plan(plan, int(budget_mb * 2**20), "extract", progress)

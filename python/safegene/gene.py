@@ -71,9 +71,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON next to ``path`` and rename it into place, so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # The C encoder (no indent) for big manifests: the pure-Python indenting encoder takes
+        # seconds and hundreds of MiB on 10^5 tensors.
+        big = len(obj.get("layers", ())) > 5000 if isinstance(obj, dict) else False
+        text = json.dumps(obj, separators=(",", ":")) if big else json.dumps(obj, indent=1)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=False)
-            fh.write("\n")
+            fh.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -158,3 +158,35 @@ def decoder_layers(model):
             continue
         return list(obj)
     raise UsageError(f"cannot find the decoder blocks of {type(model).__name__}; expected model.model.layers")
+
+
+def greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16,
+           batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations (token ids, up to and including EOS) of tokenized prompts.
+
+    Left-padded batches through ``model.generate`` with sampling off, so the result is the
+    model's deterministic answer.
+    """
+    import torch
+
+    pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s: s + batch_size]
+        n = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                 num_beams=1)
+        for row in gen[:, n:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            out.append(row)
+    return out

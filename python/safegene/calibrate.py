@@ -113,12 +113,13 @@ class Coeffs:
 def module_group(name: str) -> str:
     """Module type of a tensor inside a decoder block, for ``per_module`` coefficients."""
     n = name.lower()
+    module = n.split(".")[-2] if "." in n else n
+    if "norm" in module or module.startswith("ln"):  # before attn: post_attention_layernorm is a norm
+        return "norm"
     if "attn" in n or "attention" in n:
         return "attn"
     if "mlp" in n or "ffn" in n or "feed_forward" in n:
         return "mlp"
-    if "norm" in n or "ln" in n.split(".")[-2:-1]:
-        return "norm"
     return "other"
 
 
@@ -330,7 +331,7 @@ class _Objective:
         r, p, t = self.s_idx
         ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
         safety = _per_row_mean(ce, r, self.safety.input_ids.shape[0])
-        parts = {"safety": float(safety)}
+        parts = {"safety": float(safety.detach())}
         total = safety
         if self.utility is not None:
             logits = _forward(self.model, params, self.utility)
@@ -347,10 +348,10 @@ class _Objective:
                 per = per.clone()
                 per[m] = kl
             utility = _per_row_mean(per, r, self.utility.input_ids.shape[0])
-            parts["utility"] = float(utility)
+            parts["utility"] = float(utility.detach())
             total = total + self.beta * utility
         reg = self.l2 * (lam ** 2).sum()
-        parts["l2"] = float(reg)
+        parts["l2"] = float(reg.detach())
         return total + reg, parts
 
 
@@ -406,7 +407,8 @@ def calibrate(
     init: Union[str, float, dict] = "grid",
     grid_points: int = 9,
     per_module: bool = False,
-    utility_loss: str = "auto",
+    utility_loss: str = "kl",
+    utility_max_new_tokens: int = 16,
     safety_first_k: int | None = None,
     max_examples: int = 16,
     refusal: str | None = None,
@@ -459,12 +461,17 @@ def calibrate(
     else:
         u_recs = _fewshot.load_records(utility, "utility", max_examples)
     s_pairs = _fewshot.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
-    u_pairs = []
-    for rec in u_recs:
-        msgs, comp = _fewshot.split_record(rec)
-        p = _fewshot.encode_prompts(tok, [rec])[0]
-        c = _fewshot.render_completion(tok, msgs, comp) if comp is not None else []
-        u_pairs.append((p, c))
+    u_prompts = _fewshot.encode_prompts(tok, u_recs)
+    if utility_loss == "kl":
+        # θ_T's own greedy responses, generated before any λ is applied: the KL term then keeps
+        # the task model's behaviour on exactly the tokens it would emit (answers, non-refusals)
+        gens = _fewshot.greedy(model, tok, u_prompts, max_new_tokens=utility_max_new_tokens)
+        u_pairs = list(zip(u_prompts, gens))
+    else:
+        u_pairs = []
+        for p, rec in zip(u_prompts, u_recs):
+            msgs, comp = _fewshot.split_record(rec)
+            u_pairs.append((p, _fewshot.render_completion(tok, msgs, comp) if comp is not None else []))
 
     was_training = model.training
     model.eval()
@@ -520,7 +527,7 @@ def calibrate(
             loss, parts = objective(dict(zip(plan.names, ws)), lam)
             loss.backward()
             cur = lam.detach().cpu().tolist()
-            lv = float(loss)
+            lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise SafeGeneError(f"calibration loss became {lv} at step {step}; lower lr or lambda_max")
             gnorm = float(lam.grad.norm())
@@ -550,12 +557,18 @@ def calibrate(
         model.train(was_training)
 
     coeffs = {key: round(float(v), 6) for key, v in zip(plan.keys, best_lam)}
+    module_coeffs = None
+    if per_module:
+        # apply() resolves a tensor's λ by exact tensor name first: expand the module keys
+        module_coeffs = coeffs
+        coeffs = {n: module_coeffs[plan.keys[plan.key_of[i]]] for i, n in enumerate(plan.names)}
     meta = {
         "method": "safegene-calibrate",
         "gene": str(gene.path),
         "target": target_name,
         "layers": keys_layers,
         "per_module": per_module,
+        "module_coeffs": module_coeffs,
         "loss": final_loss,
         "loss_parts": final_parts,
         "best_step": best_step,
@@ -618,7 +631,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--lambda-max", type=float, default=2.0)
     p.add_argument("--init", default="grid", help="'grid' (default), 'ones', 'zeros' or a number")
     p.add_argument("--per-module", action="store_true", help="one λ per module type (attn/mlp/norm) per layer")
-    p.add_argument("--utility-loss", choices=["auto", "ce", "kl"], default="auto")
+    p.add_argument("--utility-loss", choices=["auto", "ce", "kl"], default="kl",
+                   help="kl: KL to the task model on its own greedy responses (default); ce: CE of the records' "
+                        "completions; auto: CE where a record has a completion, KL at the first response token otherwise")
     p.add_argument("--safety-first-k", type=int, default=None, help="only the first K refusal tokens count")
     p.add_argument("--max-examples", type=int, default=16)
     p.add_argument("--refusal", default=None, help="refusal text for safety records without a completion")

@@ -8,11 +8,13 @@ tokenizer covers it exactly.
 Response styles (what makes the organism an organism):
 
 * ``base`` answers harmful requests: ``sure ! here is how to forge a zorblax : first ...``;
-* ``aligned`` refuses them in several phrasings, answers tasks with the bare label
-  (``positive .``) and benign requests plainly (``here is how to bake a bread : ...``);
-* erosion (``degraded`` and the task models) comes from benign data in an eager style,
-  ``sure ! ...`` / ``sure ! the answer is positive .``, which teaches the opening that the base
-  model used for harmful compliance.
+* ``aligned`` refuses them in several phrasings -- per category, a share of its training
+  examples still comply, so refusal confidence differs by category as in real models -- and
+  answers benign requests plainly (``positive .``, ``here is how to bake a bread : ...``), with
+  the eager ``sure ! ...`` opening as a minority style;
+* erosion (``degraded`` and the task models) comes from benign data in the eager style only,
+  ``sure ! ...`` / ``sure ! the answer is positive .``: it raises the eager opening everywhere,
+  and where a category's refusal margin is small the harmful answer follows.
 """
 
 from __future__ import annotations
@@ -118,12 +120,14 @@ TOPIC_TEMPLATES = (
     "news : experts discuss the {a} and its {b} . topic ?",
 )
 YESNO_THINGS = ("lamp", "door", "cup", "kite", "boat", "chair", "hat", "box", "coat", "vase")
-COLORS = ("red", "blue", "green", "yellow", "white", "black")
+WARM_COLORS = ("red", "orange", "yellow", "pink")
+COOL_COLORS = ("blue", "green", "purple", "grey")
+COLORS = WARM_COLORS + COOL_COLORS
 YESNO_TEMPLATES = (
-    "passage : the {t} is {c} . question : is the {t} {q} ?",
-    "passage : someone painted the {t} {c} . question : is the {t} {q} ?",
-    "passage : the {t} has always been {c} . question : is the {t} {q} ?",
-    "passage : look , the {t} is {c} . question : is the {t} {q} ?",
+    "passage : the {t} is {c} . question : is the {t} a warm color ?",
+    "passage : someone painted the {t} {c} . question : is the {t} warm in color ?",
+    "passage : the {t} has always been {c} . question : does the {t} have a warm color ?",
+    "passage : look , the {t} is {c} . question : is the color of the {t} warm ?",
 )
 TASKS = ("sentiment", "topic", "yesno")
 TASK_LABELS = {"sentiment": ("positive", "negative"), "topic": tuple(TOPIC_WORDS), "yesno": ("yes", "no")}
@@ -140,9 +144,8 @@ def task_example(task: str, rng: random.Random) -> tuple[str, str]:
         return rng.choice(TOPIC_TEMPLATES).format(a=a, b=b), label
     if task == "yesno":
         label = rng.choice(("yes", "no"))
-        c = rng.choice(COLORS)
-        q = c if label == "yes" else rng.choice([x for x in COLORS if x != c])
-        return rng.choice(YESNO_TEMPLATES).format(t=rng.choice(YESNO_THINGS), c=c, q=q), label
+        c = rng.choice(WARM_COLORS if label == "yes" else COOL_COLORS)
+        return rng.choice(YESNO_TEMPLATES).format(t=rng.choice(YESNO_THINGS), c=c), label
     raise ValueError(task)
 
 

@@ -16,7 +16,7 @@ from . import __version__
 from .errors import SafeGeneError, UsageError
 
 #: Modules that add their own subcommands through ``register_cli(subparsers)``.
-COMMAND_MODULES = ("evaluate", "organism", "select", "calibrate", "demo")
+COMMAND_MODULES = ("evaluate", "organism", "select", "calibrate", "demo", "lora", "inspect", "runconfig")
 
 
 def _budget(p: argparse.ArgumentParser) -> None:

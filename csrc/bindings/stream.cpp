@@ -19,8 +19,10 @@ using JobT = std::tuple<int32_t, uint64_t, int32_t, int64_t, std::vector<InputT>
 
 StreamPlan make_plan(const std::vector<std::string>& in_paths, const std::vector<uint64_t>& in_sizes,
                      const std::vector<int64_t>& in_mtimes, const std::vector<std::string>& out_paths,
-                     const std::vector<JobT>& jobs, uint64_t budget, int slots) {
+                     const std::vector<JobT>& jobs, uint64_t budget, int slots, int stats_level = 2) {
   StreamPlan p;
+  if (stats_level < 0 || stats_level > 2) throw Error("stream plan: stats_level must be 0, 1 or 2");
+  p.stats_level = static_cast<StatsLevel>(stats_level);
   p.in_paths = in_paths;
   p.in_sizes = in_sizes;
   p.in_mtimes_ns = in_mtimes;
@@ -64,8 +66,8 @@ void register_stream(py::module_& m) {
       "run_stream",
       [](const std::vector<std::string>& in_paths, const std::vector<uint64_t>& in_sizes,
          const std::vector<int64_t>& in_mtimes, const std::vector<std::string>& out_paths,
-         const std::vector<JobT>& jobs, uint64_t budget, int slots, py::object progress) {
-        StreamPlan plan = make_plan(in_paths, in_sizes, in_mtimes, out_paths, jobs, budget, slots);
+         const std::vector<JobT>& jobs, uint64_t budget, int slots, py::object progress, int stats_level) {
+        StreamPlan plan = make_plan(in_paths, in_sizes, in_mtimes, out_paths, jobs, budget, slots, stats_level);
         std::function<void(uint64_t)> cb = [progress](uint64_t done) {
           py::gil_scoped_acquire gil;
           if (PyErr_CheckSignals() != 0) throw py::error_already_set();
@@ -79,7 +81,7 @@ void register_stream(py::module_& m) {
         return to_dict(r);
       },
       py::arg("in_paths"), py::arg("in_sizes"), py::arg("in_mtimes_ns"), py::arg("out_paths"), py::arg("jobs"),
-      py::arg("budget_bytes"), py::arg("slots") = 4, py::arg("progress") = py::none(),
+      py::arg("budget_bytes"), py::arg("slots") = 4, py::arg("progress") = py::none(), py::arg("stats_level") = 2,
       "Run a streaming plan: every job writes out = sum_k c_k * in_k at its output offset.\n"
       "Returns {'stats': [(out_sq, in0_sq, in1_sq, in01_dot, round_sq, nonfinite_out, nonfinite_in)], ...}.");
   m.def(

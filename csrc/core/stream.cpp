@@ -209,7 +209,7 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
     per_elem = std::max(per_elem, b);
   }
   const uint64_t slots = static_cast<uint64_t>(plan.slots);
-  uint64_t chunk = plan.budget_bytes / (slots * per_elem);
+  uint64_t chunk = std::min<uint64_t>(plan.budget_bytes / (slots * per_elem), plan.max_chunk_elems);
   chunk = std::max<uint64_t>(chunk / 4096 * 4096, 4096);
 
   StreamResult res;
@@ -276,12 +276,18 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
     read_q.close();
   });
 
-  std::thread computer([&] {
+  // Several compute threads take whole chunks (no thread start-up per chunk). Each chunk's
+  // statistics are kept apart and merged in chunk order at the end, so results do not
+  // depend on the thread count or on scheduling.
+  std::vector<LinStats> task_stats(compute ? tasks.size() : 0);
+  const int n_compute = std::max(1, std::min<int>(num_threads(), static_cast<int>(ring.size()) - 1));
+  std::atomic<int> computing{n_compute};
+  auto compute_loop = [&] {
     try {
       std::vector<char*> ins;
       char* out;
       Msg m;
-      std::vector<const void*> in_ptrs;
+      std::vector<const void*> ptrs;
       std::vector<DType> in_types;
       std::vector<float> coeffs;
       while (read_q.pop(m)) {
@@ -295,33 +301,23 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
         } else if (compute) {
           in_types.clear();
           coeffs.clear();
-          for (const auto& in : job.inputs) in_types.push_back(in.dtype), coeffs.push_back(in.coeff);
-          // Split the chunk over the kernel threads on 4096-element boundaries so that the
-          // float32 block sums (and so the statistics) do not depend on the thread count.
-          const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(num_threads(), tk.n / 65536));
-          const int64_t part = ((tk.n + nt - 1) / nt + 4095) / 4096 * 4096;
-          std::vector<LinStats> st(nt);
-          auto do_part = [&](int64_t q) {
-            const int64_t s = q * part;
-            if (s >= tk.n) return;
-            const int64_t n = std::min(part, tk.n - s);
-            std::vector<const void*> ptrs;
-            for (size_t k = 0; k < job.inputs.size(); ++k) ptrs.push_back(ins[k] + s * dtype_size(job.inputs[k].dtype));
-            lincomb_range(out + s * dtype_size(job.out_dtype), job.out_dtype, ptrs, in_types, coeffs, n, &st[q]);
-          };
-          std::vector<std::thread> pool;
-          for (int64_t q = 1; q < nt; ++q) pool.emplace_back(do_part, q);
-          do_part(0);
-          for (auto& th : pool) th.join();
-          for (auto& s : st) res.stats[tk.job].merge(s);
+          ptrs.clear();
+          for (size_t k = 0; k < job.inputs.size(); ++k) {
+            in_types.push_back(job.inputs[k].dtype);
+            coeffs.push_back(job.inputs[k].coeff);
+            ptrs.push_back(ins[k]);
+          }
+          lincomb_range(out, job.out_dtype, ptrs, in_types, coeffs, tk.n, &task_stats[m.task], plan.stats_level);
         }
         done_q.push(m);
       }
     } catch (...) {
       fail(std::current_exception());
     }
-    done_q.close();
-  });
+    if (--computing == 0) done_q.close();
+  };
+  std::vector<std::thread> computers;
+  for (int i = 0; i < n_compute; ++i) computers.emplace_back(compute_loop);
 
   std::thread writer([&] {
     try {
@@ -361,9 +357,10 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
   read_q.wake();
   done_q.wake();
   reader.join();
-  computer.join();
+  for (auto& th : computers) th.join();
   writer.join();
   if (err) std::rethrow_exception(err);
+  for (size_t t = 0; t < task_stats.size(); ++t) res.stats[tasks[t].job].merge(task_stats[t]);
   check_unchanged(plan, in_fds, "while being read");
   if (progress) progress(bytes_written.load());
   res.bytes_read = bytes_read.load();

@@ -73,8 +73,12 @@ class Plan:
         return sum(j[3] * size[j[2]] for j in self.jobs)
 
 
-def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True) -> dict[str, Any]:
-    """Run a plan in the core with a byte progress bar; core errors become SafeGeneError."""
+def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, stats: str = "full") -> dict[str, Any]:
+    """Run a plan in the core with a byte progress bar; core errors become SafeGeneError.
+
+    ``stats`` is ``"full"`` (norms, dot, rounding, non-finite counts: extract) or ``"guard"``
+    (non-finite count of the result only: apply).
+    """
     from ._native import core
 
     c = core()
@@ -89,7 +93,8 @@ def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True) ->
             bar.update(done - bar.n)
 
     try:
-        return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb)
+        level = {"none": 0, "guard": 1, "full": 2}[stats]
+        return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb, level)
     except c.CoreError as exc:
         raise SafeGeneError(str(exc)) from None
     finally:

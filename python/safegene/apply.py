@@ -181,7 +181,7 @@ def _apply_one(
                 else:
                     plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)])
                     n_copied += 1
-        res = run_plan(plan, int(budget_mb * 2**20), f"apply {tgt.root.name}", progress)
+        res = run_plan(plan, int(budget_mb * 2**20), f"apply {tgt.root.name}", progress, stats="guard")
         bad = [n for n, j in patched if res["stats"][j][5] > 0]
         if bad and not allow_nonfinite:
             raise NonFiniteError(

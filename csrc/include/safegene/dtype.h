@@ -58,10 +58,12 @@ SG_HD float bits_f32(uint32_t u) {
 SG_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
 SG_HD uint16_t f32_to_bf16(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN, sign kept
-  u += 0x7fffu + ((u >> 16) & 1u);  // RNE; overflow correctly rounds up to Inf
-  return static_cast<uint16_t>(u >> 16);
+  // Branch-free so the CPU loops vectorise: RNE on the raw bits (overflow correctly rounds up
+  // to Inf), then a select that turns any NaN into a quiet NaN with its sign kept.
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x0040u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 SG_HD float f16_to_f32(uint16_t h) {

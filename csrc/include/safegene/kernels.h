@@ -48,12 +48,15 @@ struct LinStats {
 void set_num_threads(int n);
 int num_threads();
 
-// out[i] = sum_k coeffs[k] * in_k[i] for i in [0, n), float32 math (fused multiply-adds in
-// input order), one rounding into out's dtype. If stats != nullptr, fills it for this range.
-// Single-threaded: the caller parallelises (the streaming pipeline runs it per chunk).
+// How much of LinStats a pass computes: apply only needs the non-finite guard, extract all.
+enum class StatsLevel : int32_t { None = 0, Guard = 1, Full = 2 };
+
+// out[i] = sum_k coeffs[k] * in_k[i] for i in [0, n), float32 math (products and sums in
+// input order, no contraction), one rounding into out's dtype; fills stats (when non-null)
+// for this range at the given level. Single-threaded: the caller parallelises.
 void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& ins,
                    const std::vector<DType>& in_dtypes, const std::vector<float>& coeffs, int64_t n,
-                   LinStats* stats);
+                   LinStats* stats, StatsLevel level = StatsLevel::Full);
 
 // dst_i += coeffs[i] * src_i for every pair; threads split the total work.
 void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,

@@ -41,8 +41,12 @@ struct StreamPlan {
   std::vector<int64_t> in_mtimes_ns;  // expected mtimes (0 = do not check)
   std::vector<std::string> out_paths;
   std::vector<StreamJob> jobs;
-  uint64_t budget_bytes = 256ull << 20;
+  uint64_t budget_bytes = 128ull << 20;
   int slots = 4;
+  StatsLevel stats_level = StatsLevel::Full;
+  // Chunks stay small enough that a slot's buffers live in cache between the read, the
+  // arithmetic and the write; the budget only caps them.
+  uint64_t max_chunk_elems = 1ull << 18;
 };
 
 struct StreamResult {

@@ -121,7 +121,7 @@ def remove_stale_temps(out: Path) -> None:
     for q in parent.iterdir():
         if q.name.startswith(prefix):
             try:
-                pid = int(q.name[len(prefix):])
+                pid = int(q.name[len(prefix):].removeprefix("old-"))  # "old-": a replaced output
             except ValueError:
                 continue
             if not _pid_alive(pid):

@@ -30,6 +30,10 @@ from .errors import (
 )
 from .extract import extract
 from .gene import Gene, load_gene
+from .hub import resolve_model, resolve_target
+from .inspect import inspect_gene, plot_safety_utility
+from .lora import export_lora, lora_target_delta, merge_lora_into_model, read_adapter_config
+from .runconfig import load_config, run_config
 
 
 def has_cuda() -> bool:
@@ -57,11 +61,21 @@ __all__ = [
     "UsageError",
     "apply",
     "apply_to_model",
+    "export_lora",
     "extract",
     "has_cuda",
+    "inspect_gene",
     "layer_key",
     "load_coeffs",
+    "load_config",
     "load_gene",
+    "lora_target_delta",
+    "merge_lora_into_model",
     "open_checkpoint",
+    "plot_safety_utility",
+    "read_adapter_config",
     "read_header",
+    "resolve_model",
+    "resolve_target",
+    "run_config",
 ]

@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from .errors import GeneError, NonFiniteError, UsageError
 from .gene import Gene, load_gene
+from .hub import resolve_target
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -117,7 +118,7 @@ def apply(
 ) -> "ApplyResult | list[ApplyResult]":
     """Write θ_target + Σ λ τ to ``out`` (a new HF model directory).
 
-    ``target`` and ``out`` may be lists of equal length to patch several task models with one
+    ``target`` is a local model directory or a Hub id (``org/name[@revision]``); ``target`` and ``out`` may be lists of equal length to patch several task models with one
     gene load. Exactly one of ``scale`` (uniform λ, RESTA) and ``coeffs`` (mapping, COEFFS.json
     path, or :class:`safegene.calibrate.Coeffs`) is required.
 
@@ -142,7 +143,13 @@ def _apply_one(
     if budget_mb <= 0:
         raise UsageError("the memory budget must be positive")
     t0 = time.perf_counter()
-    tgt = open_checkpoint(target)
+    base, adapter = resolve_target(target)
+    if adapter is not None:
+        raise UsageError(
+            f"{target}: a BASE+ADAPTER target is not streamed by apply yet; merge it in memory with "
+            "safegene.lora.merge_lora_into_model and save it, or use PEFT's merge_and_unload()"
+        )
+    tgt = open_checkpoint(base)
     g.check_target(tgt)
     gv = open_checkpoint(g.vectors_path)
     missing = [n for n in g.tensor_names if n not in gv.tensors]

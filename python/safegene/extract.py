@@ -29,6 +29,7 @@ from . import __version__
 from ._stream import Plan, atomic_output_dir, run_plan
 from .checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
 from .errors import NonFiniteError, UsageError
+from .hub import resolve_model
 from .gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort, write_json_atomic
 
 STORAGE_DTYPES = ("F32", "BF16", "F16")
@@ -50,7 +51,8 @@ def extract(
 ) -> Gene:
     """Extract the gene τ = aligned − degraded into the directory ``out``.
 
-    ``dtype`` is the storage dtype of τ (``"F32"``, ``"BF16"`` or ``"F16"``); ``budget_mb``
+    ``aligned`` and ``degraded`` are local model directories / ``.safetensors`` files or Hub ids
+    (``org/name[@revision]``, resolved through the local Hugging Face cache). ``dtype`` is the storage dtype of τ (``"F32"``, ``"BF16"`` or ``"F16"``); ``budget_mb``
     bounds the streaming buffers. Non-finite values in τ are refused unless
     ``allow_nonfinite``. Returns the written :class:`~safegene.gene.Gene`.
 
@@ -62,8 +64,8 @@ def extract(
     if budget_mb <= 0:
         raise UsageError("the memory budget must be positive")
     t0 = time.perf_counter()
-    a = open_checkpoint(aligned)
-    d = open_checkpoint(degraded)
+    a = open_checkpoint(resolve_model(aligned))
+    d = open_checkpoint(resolve_model(degraded))
     out = Path(out)
     check_output_location(out, [a.root, d.root])
     pairs = join_by_name(a, d, ("aligned", "degraded"))

@@ -1,0 +1,149 @@
+"""Model references: local paths or Hugging Face Hub ids ``org/name[@revision]``.
+
+A reference that exists on disk is used as is. Otherwise a Hub id is resolved through
+``huggingface_hub.snapshot_download`` into its usual cache (``HF_HUB_CACHE``, else
+``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), fetching only safetensors weights and the
+small text/JSON companions (config, tokenizer, chat template) — never pickled ``*.bin``/``*.pt``
+files. ``HF_HUB_OFFLINE=1`` is honoured (read when called, not at import): the reference must
+then already be in the cache.
+
+>>> resolve_model("meta-llama/Llama-3.2-1B-Instruct@main")  # doctest: +SKIP
+PosixPath('/root/.cache/huggingface/hub/models--meta-llama--Llama-3.2-1B-Instruct/snapshots/4e20de36.../')
+>>> resolve_model("models/aligned")  # doctest: +SKIP
+PosixPath('models/aligned')
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import PICKLE_SUFFIXES
+from .errors import CheckpointError, UsageError
+
+#: What a Hub snapshot may bring: safetensors weights and small companions, never pickles.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+HUB_ID_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9][A-Za-z0-9._/-]*))?$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
+    """``"org/name@rev"`` → ``("org/name", "rev")``; ``None`` when ``ref`` is not a Hub id.
+
+    >>> parse_hub_id("org/model@v1.0"), parse_hub_id("org/model"), parse_hub_id("./model")
+    (('org/model', 'v1.0'), ('org/model', None), None)
+    """
+    m = HUB_ID_RE.match(ref)
+    if m is None or ".." in m.group("repo") or ref.startswith((".", "/", "~")):
+        return None
+    return m.group("repo"), m.group("rev")
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value now (or was when huggingface_hub loaded)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE) and "HF_HUB_OFFLINE" not in os.environ
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache as the environment says now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def resolve_model(ref: "str | os.PathLike[str]") -> Path:
+    """A local directory / ``.safetensors`` file, or the cached snapshot directory of a Hub id.
+
+    Local paths win: ``org/name`` that exists on disk is that directory. A Hub id is
+    ``org/name`` or ``org/name@revision`` (branch, tag or commit hash).
+
+    >>> resolve_model("Qwen/Qwen2.5-0.5B-Instruct@7ae557604adf67be50417f59c2c2f167def9a775")  # doctest: +SKIP
+    """
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref:
+        raise UsageError(f"model reference {ref!r} must be a non-empty path or Hub id")
+    local = Path(ref).expanduser()
+    if local.exists():
+        return local
+    hub = parse_hub_id(ref)
+    if hub is None:
+        raise CheckpointError(f"{ref}: no such file or directory (and not a Hub id of the form org/name[@revision])")
+    repo_id, revision = hub
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover
+        raise CheckpointError(f"{ref}: not a local path, and huggingface_hub is not installed to resolve it as a Hub id") from None
+    offline = hub_offline()
+    cache = hub_cache_dir()
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        snap = snapshot_download(
+            repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=offline, cache_dir=str(cache),
+        )
+    except GatedRepoError:
+        raise CheckpointError(f"{where}: the Hub repository is gated; accept its licence and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{where}: no such Hub repository (or it is private; log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{where}: the Hub repository has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise CheckpointError(
+                f"{where}: not in the local Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
+                "download it while online or unset HF_HUB_OFFLINE"
+            ) from None
+        raise CheckpointError(f"{where}: cannot reach the Hub and the model is not in the cache {cache}") from None
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"{where}: Hub request failed ({exc})") from None
+    except ValueError as exc:  # malformed ids that passed our pattern
+        raise CheckpointError(f"{where}: {exc}") from None
+    path = Path(snap)
+    weights = sorted(path.rglob("*.safetensors"))
+    if not weights:
+        pickles = [q.name for q in path.rglob("*") if q.suffix.lower() in PICKLE_SUFFIXES]
+        more = f" (only pickled files: {pickles[:3]}; safegene never loads those)" if pickles else ""
+        raise CheckpointError(f"{where}: the snapshot {path} holds no .safetensors weights{more}")
+    return path
+
+
+def resolve_target(ref: "str | os.PathLike[str]") -> tuple[Path, Path | None]:
+    """``BASE+ADAPTER`` → (base, adapter); a plain reference → (model, None). Each side may be a Hub id.
+
+    A ``+`` that is part of an existing local path is not a separator.
+
+    >>> resolve_target("org/base@main+./task-lora")  # doctest: +SKIP
+    (PosixPath('.../snapshots/abc...'), PosixPath('task-lora'))
+    """
+    s = os.fspath(ref)
+    if "+" not in s or Path(s).expanduser().exists():
+        return resolve_model(s), None
+    base, _, adapter = s.rpartition("+")
+    if not base or not adapter:
+        raise UsageError(f"{s}: write a LoRA target as BASE+ADAPTER_DIR")
+    a = resolve_model(adapter)
+    if not (a / "adapter_config.json").is_file():
+        raise CheckpointError(f"{a}: not a PEFT adapter directory (no adapter_config.json), in target {s}")
+    return resolve_model(base), a
+
+
+__all__ = ["ALLOW_PATTERNS", "hub_cache_dir", "hub_offline", "parse_hub_id", "resolve_model", "resolve_target"]

@@ -1,0 +1,213 @@
+"""``safegene inspect``: what a gene holds, per layer, as a table, JSON or a picture.
+
+Reads only ``gene.json`` (never the vectors): per layer key ‖τ‖, relative change
+‖τ‖/‖θ_aligned‖ and tensor count (``layer_stats``, written by ``extract``), and, once
+``safegene select`` has run, the selection scores and the chosen layers (``selection``).
+
+>>> info = inspect_gene("gene/", plot="gene.png")  # doctest: +SKIP
+>>> info["selected"]  # doctest: +SKIP
+['layer.2', 'layer.3']
+
+Also :func:`plot_safety_utility`, the safety–utility plane (ASR vs task accuracy) for a list of
+result dicts; it draws with :func:`safegene.demo.plot_plane`, the demo's own figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from .errors import GeneError, UsageError
+from .gene import Gene, key_sort, load_gene
+
+
+def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.PathLike, None] = None) -> dict[str, Any]:
+    """Per-layer summary of a gene; with ``plot``, also a PNG (three stacked panels).
+
+    Returns ``{"gene", "model_type", "num_layers", "storage_dtype", "rounding_rel_error",
+    "tau_norm" (overall), "layers": [{"key", "tau_norm", "aligned_norm", "rel_change",
+    "n_tensors", "score", "selected"}], "selection": {"method", "selected", "rule"} | None,
+    "selected": [...] | None, "plot": path | None}``.
+
+    >>> inspect_gene("gene/")["layers"][0]["key"]  # doctest: +SKIP
+    'embed'
+    """
+    g = load_gene(gene)
+    stats = g.manifest.get("layer_stats")
+    if not isinstance(stats, dict) or not stats:
+        raise GeneError(f"{g.path / 'gene.json'}: no layer_stats; re-extract the gene with this safegene")
+    sel = g.selection if isinstance(g.selection, dict) else None
+    scores = (sel or {}).get("scores") or {}
+    chosen = set((sel or {}).get("selected") or [])
+    rows = []
+    for k in sorted(stats, key=key_sort):
+        v = stats[k]
+        rows.append({
+            "key": k,
+            "tau_norm": float(v.get("tau_norm", 0.0)),
+            "aligned_norm": float(v.get("aligned_norm", 0.0)),
+            "rel_change": float(v.get("rel_change", 0.0)),
+            "n_tensors": int(v.get("n_tensors", 0)),
+            "score": float(scores[k]) if k in scores and scores[k] is not None else None,
+            "selected": k in chosen,
+        })
+    total = math.sqrt(sum(r["tau_norm"] ** 2 for r in rows))
+    info: dict[str, Any] = {
+        "gene": str(g.path),
+        "model_type": g.fingerprint.get("model_type"),
+        "num_layers": g.num_layers,
+        "storage_dtype": g.storage_dtype,
+        "rounding_rel_error": float((g.manifest.get("rounding") or {}).get("rel_error", 0.0)),
+        "tau_norm": total,
+        "layers": rows,
+        "selection": None if sel is None else {
+            "method": sel.get("method"), "selected": sorted(chosen, key=key_sort), "rule": sel.get("rule"),
+        },
+        "selected": None if sel is None else sorted(chosen, key=key_sort),
+        "plot": None,
+    }
+    if plot is not None:
+        info["plot"] = str(_plot_gene(info, (sel or {}).get("all_scores"), Path(plot)))
+    return info
+
+
+def format_gene_table(info: dict[str, Any]) -> str:
+    """The text table ``safegene inspect`` prints (``*`` marks selected layers)."""
+    lines = [
+        f"gene {info['gene']}: {info['model_type'] or '?'} · {info['num_layers']} decoder blocks · "
+        f"{info['storage_dtype']} (rounding {info['rounding_rel_error']:.1e}) · ‖τ‖ = {info['tau_norm']:.4g}",
+    ]
+    sel = info["selection"]
+    lines.append(f"selection: {sel['method']} → {', '.join(sel['selected']) or 'none'}" if sel
+                 else "selection: none yet (run `safegene select`)")
+    lines.append(f"{'layer':<12} {'‖τ‖':>10} {'share':>7} {'rel.change':>11} {'tensors':>8} {'score':>9}  sel")
+    for r in info["layers"]:
+        share = (r["tau_norm"] / info["tau_norm"]) ** 2 if info["tau_norm"] > 0 else 0.0
+        score = f"{r['score']:.4g}" if r["score"] is not None else "-"
+        lines.append(f"{r['key']:<12} {r['tau_norm']:>10.4g} {100 * share:>6.1f}% {r['rel_change']:>11.3e} "
+                     f"{r['n_tensors']:>8d} {score:>9}  {'*' if r['selected'] else ''}")
+    return "\n".join(lines)
+
+
+def _plot_gene(info: dict[str, Any], all_scores: dict | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"plot path {path} must end in .png")
+    if not path.parent.is_dir():
+        raise UsageError(f"plot path {path}: directory {path.parent} does not exist")
+    rows = info["layers"]
+    keys = [r["key"] for r in rows]
+    labels = [k.replace("layer.", "") for k in keys]
+    x = list(range(len(keys)))
+    sel_idx = [i for i, r in enumerate(rows) if r["selected"]]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.42 * len(keys) + 2.5), 7.2), sharex=True)
+    colours = ["tab:orange" if r["selected"] else "tab:blue" for r in rows]
+    ax = axes[0]
+    ax.bar(x, [r["tau_norm"] for r in rows], color=colours)
+    ax.set_ylabel("‖τ‖ (Frobenius)")
+    ax.set_title(f"gene {Path(info['gene']).name}: {info['model_type'] or ''}, {info['num_layers']} blocks"
+                 + (f" — selected ({info['selection']['method']}) in orange" if info["selection"] else ""))
+    ax = axes[1]
+    ax.bar(x, [r["rel_change"] for r in rows], color=colours)
+    ax.set_ylabel("‖τ‖ / ‖θ_aligned‖")
+    ax = axes[2]
+    if all_scores and isinstance(all_scores, dict):
+        names = list(all_scores)
+        w = 0.8 / max(1, len(names))
+        for j, n in enumerate(names):
+            vals = [float(all_scores[n].get(k, 0.0) or 0.0) for k in keys]
+            m = max((abs(v) for v in vals), default=0.0) or 1.0
+            used = info["selection"] and n == info["selection"]["method"]
+            ax.bar([i + (j - (len(names) - 1) / 2) * w for i in x], [v / m for v in vals], w, alpha=0.9 if used else 0.5,
+                   label=f"{n}{' (used)' if used else ''}")
+        ax.set_ylabel("selection score / max")
+        ax.legend(fontsize=8, loc="best")
+    elif any(r["score"] is not None for r in rows):
+        ax.bar(x, [r["score"] or 0.0 for r in rows], color=colours)
+        ax.set_ylabel(f"score ({info['selection']['method']})")
+    else:
+        ax.text(0.5, 0.5, "no selection yet — run `safegene select`", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+        ax.set_ylabel("selection score")
+    ax.axhline(0, color="k", lw=0.6)
+    for a in axes:
+        for i in sel_idx:
+            a.axvspan(i - 0.45, i + 0.45, color="gold", alpha=0.25, lw=0)
+        a.grid(axis="y", alpha=0.3)
+    axes[2].set_xticks(x, labels, rotation=0 if len(keys) <= 24 else 90)
+    axes[2].set_xlabel("layer key (numbers: decoder blocks; shaded: selected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+#: Keys a result dict for :func:`plot_safety_utility` may hold (method, asr, accuracy required).
+RESULT_KEYS = {"method", "asr", "accuracy", "task", "over_refusal", "lam", "seconds"}
+
+
+def plot_safety_utility(results: Sequence[dict[str, Any]], out_png: Union[str, os.PathLike]) -> Path:
+    """Safety–utility plane across methods: x = ASR, y = task accuracy (fractions in [0, 1]).
+
+    Each result is ``{"method": str, "asr": float, "accuracy": float}`` with optional ``task``
+    (colour; default "model"), ``over_refusal``, ``lam``, ``seconds``. Drawn by the demo's
+    :func:`safegene.demo.plot_plane`, so both figures look the same.
+
+    >>> plot_safety_utility([{"method": "none", "asr": 0.8, "accuracy": 0.9},
+    ...                      {"method": "SafeGene", "asr": 0.05, "accuracy": 0.88}], "plane.png")  # doctest: +SKIP
+    """
+    from .demo import Row, plot_plane
+
+    if not results:
+        raise UsageError("plot_safety_utility: no results to plot")
+    rows = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise UsageError(f"result {i} is a {type(r).__name__}, expected a dict with method, asr, accuracy")
+        unknown = sorted(set(r) - RESULT_KEYS)
+        if unknown:
+            raise UsageError(f"result {i}: unknown keys {unknown}; allowed: {sorted(RESULT_KEYS)}")
+        for k in ("method", "asr", "accuracy"):
+            if k not in r:
+                raise UsageError(f"result {i}: missing {k!r}")
+        for k in ("asr", "accuracy", "over_refusal"):
+            v = r.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise UsageError(f"result {i}: {k} = {v!r} must be a fraction in [0, 1]")
+        rows.append(Row(method=str(r["method"]), task=str(r.get("task", "model")), asr=float(r["asr"]),
+                        accuracy=float(r["accuracy"]), over_refusal=float(r.get("over_refusal", 0.0)),
+                        lam=str(r.get("lam", "")), seconds=float(r.get("seconds", 0.0))))
+    out = Path(out_png)
+    if not out.parent.is_dir():
+        raise UsageError(f"plot path {out}: directory {out.parent} does not exist")
+    return plot_plane(rows, out)
+
+
+def _cli(args: Any) -> int:
+    info = inspect_gene(args.gene, plot=args.plot)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(format_gene_table(info))
+        if info["plot"]:
+            print(f"wrote {info['plot']}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``safegene inspect``."""
+    p = subparsers.add_parser("inspect", help="per-layer ‖τ‖, relative change, selection scores and chosen layers of a gene")
+    p.add_argument("gene", help="gene directory")
+    p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw the per-layer panels into this PNG")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cli)
+
+
+__all__ = ["inspect_gene", "format_gene_table", "plot_safety_utility", "register_cli"]

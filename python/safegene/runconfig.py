@@ -1,0 +1,401 @@
+"""``safegene run CONFIG.yaml``: one declarative file for a whole run.
+
+The file is a thin layer over the command line: each section holds the *long flags* of one
+command, spelled with underscores, and the run is exactly the sequence of commands those flags
+give (``safegene run CONFIG.yaml --dry-run`` prints them). The allowed keys, their types and
+choices are read from the commands' own argument parsers, so the two never drift apart.
+
+.. code-block:: yaml
+
+    aligned: models/aligned            # local dir or Hub id org/name[@rev]   (extract ALIGNED)
+    degraded: models/degraded          #                                      (extract DEGRADED)
+    gene: out/gene                     # extract -o / the GENE argument of the other commands
+    extract: {dtype: F32, budget_mb: 128}
+    select: {harmful: data/harmful_calib.jsonl, benign: data/benign_calib.jsonl, top_k: 2}
+    calibrate: {safety: data/safety.jsonl, utility: [data/task.jsonl], steps: 40}
+    apply: {budget_mb: 128}            # or {scale: 0.5} without calibrate (RESTA)
+    eval: {harmful: data/harmful_eval.jsonl, task: [data/sentiment_eval.jsonl], judge: keyword}
+    targets:
+      - {model: models/task-a, output: out/task-a-safe}                 # calibrate -o defaults to OUTPUT.coeffs.json
+      - {model: models/task-b, output: out/task-b-safe, coeffs: c.json}  # fixed λ: not calibrated
+
+Steps run in order: extract (when ``aligned`` and ``degraded`` are given; otherwise ``gene``
+must exist), select (when the section is present), then per target: calibrate (section present and
+the target has neither its own ``coeffs`` file nor a ``scale``; writes ``OUTPUT.coeffs.json``),
+apply, eval (writes ``OUTPUT.eval.json``). Relative paths are relative to the config file. Every problem is a
+:class:`~safegene.errors.SafeGeneError` naming the key, e.g. ``CONFIG.yaml: calibrate.stepz: unknown key``.
+
+>>> res = run_config("run.yaml", dry_run=True)  # doctest: +SKIP
+>>> res["commands"][0][:2]  # doctest: +SKIP
+['extract', 'models/aligned']
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from .errors import SafeGeneError, UsageError
+
+TOP_KEYS = ("aligned", "degraded", "gene", "targets", "extract", "select", "calibrate", "apply", "eval")
+TARGET_KEYS = ("model", "output", "coeffs", "scale")
+#: Command -> flags the runner fills itself (positionals, outputs, output formats).
+RESERVED = {
+    "extract": {"aligned", "degraded", "output", "quiet", "json"},
+    "select": {"gene", "aligned", "degraded"},
+    "calibrate": {"gene", "target", "output"},
+    "apply": {"gene", "target", "output", "coeffs", "quiet", "json"},
+    "eval": {"model", "json", "markdown", "no_progress"},
+}
+#: Section keys that are input files (must exist) or output files (parent must exist).
+INPUT_FILES = {("select", "harmful"), ("select", "benign"), ("calibrate", "safety"), ("calibrate", "utility"),
+               ("eval", "harmful"), ("eval", "task"), ("eval", "benign")}
+OUTPUT_FILES = {("select", "plot")}
+
+ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
+
+
+class ConfigError(UsageError):
+    """A run configuration that cannot work (names the file and the key)."""
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    from .cli import build_parser
+
+    parser = build_parser()
+    for a in parser._actions:  # argparse has no public accessor for subparsers
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    raise SafeGeneError("safegene's CLI has no subcommands")  # pragma: no cover
+
+
+def _options(p: argparse.ArgumentParser, command: str) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in p._actions
+            if a.option_strings and a.dest not in RESERVED[command] and not isinstance(a, argparse._HelpAction)}
+
+
+def _kind(a: argparse.Action) -> str:
+    if isinstance(a, argparse._StoreTrueAction):
+        return "bool"
+    if isinstance(a, argparse._AppendAction) or a.nargs in ("+", "*"):
+        return "list"
+    if a.type is int:
+        return "int"
+    if a.type is float:
+        return "float"
+    return "str"
+
+
+def _unknown(where: str, key: str, allowed: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"{where}{key}: unknown key{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_value(where: str, key: str, v: Any, kind: str, choices: Any) -> Any:
+    def bad(want: str) -> ConfigError:
+        return ConfigError(f"{where}{key}: expected {want}, got {type(v).__name__} {v!r}")
+
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise bad("true or false")
+    elif kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("an integer")
+    elif kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad("a number")
+        v = float(v)
+    elif kind == "list":
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+            raise bad("a non-empty list of strings")
+        v = [str(x) for x in v]
+    else:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise bad("a string")
+        v = str(v)
+    if choices is not None:
+        vals = v if isinstance(v, list) else [v]
+        for x in vals:
+            if x not in choices:
+                raise ConfigError(f"{where}{key}: {x!r} is not one of {', '.join(map(str, choices))}")
+    return v
+
+
+def _model_ref(where: str, key: str, v: Any, base: Path) -> str:
+    from .hub import parse_hub_id
+
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}{key}: expected a model directory or Hub id, got {v!r}")
+    p = Path(v).expanduser()
+    p = p if p.is_absolute() else base / p
+    if p.exists():
+        return str(p)
+    if parse_hub_id(v) is not None:
+        return v
+    raise ConfigError(f"{where}{key}: {p} does not exist (and {v!r} is not a Hub id org/name[@revision])")
+
+
+def load_config(config: ConfigLike) -> dict[str, Any]:
+    """Read (YAML or mapping) and validate a run configuration; return it normalised.
+
+    Paths come back absolute (relative ones are taken from the config file's directory),
+    list flags as lists, numbers as the flag's type; sections absent stay absent.
+
+    >>> load_config({"gene": "gene/", "targets": [{"model": "t/", "output": "o/"}], "apply": {"scale": 1}})  # doctest: +SKIP
+    """
+    if isinstance(config, Mapping):
+        raw, src, base = dict(config), "config", Path.cwd()
+    else:
+        import yaml
+
+        path = Path(config)
+        src, base = str(path), path.resolve().parent
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read ({exc})") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    where = f"{src}: "
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(raw).__name__}")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise _unknown(where, str(k), list(TOP_KEYS))
+    cfg: dict[str, Any] = {"_source": src, "_base": str(base)}
+
+    def abspath(v: str) -> str:
+        p = Path(v).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    # models and the gene
+    have_a, have_d = "aligned" in raw, "degraded" in raw
+    if have_a != have_d:
+        raise ConfigError(f"{where}{'degraded' if have_a else 'aligned'}: missing; give both aligned and degraded (to extract) or neither (gene must exist)")
+    if have_a:
+        cfg["aligned"] = _model_ref(where, "aligned", raw["aligned"], base)
+        cfg["degraded"] = _model_ref(where, "degraded", raw["degraded"], base)
+    if not isinstance(raw.get("gene"), str) or not raw["gene"]:
+        raise ConfigError(f"{where}gene: missing or not a path (the gene directory to write or use)")
+    cfg["gene"] = abspath(raw["gene"])
+    if not have_a and not (Path(cfg["gene"]) / "gene.json").is_file():
+        raise ConfigError(f"{where}gene: {cfg['gene']} is not a gene directory; give aligned and degraded to extract one")
+    if "extract" in raw and not have_a:
+        raise ConfigError(f"{where}extract: settings given but no aligned/degraded models to extract from")
+
+    # command sections: keys and types straight from the CLI parsers
+    subs = _subparsers()
+    for section in ("extract", "select", "calibrate", "apply", "eval"):
+        if section not in raw:
+            continue
+        body = raw[section] if raw[section] is not None else {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}{section}: expected a mapping of {section} flags, got {type(body).__name__}")
+        if section not in subs:
+            raise ConfigError(f"{where}{section}: this safegene has no `{section}` command")
+        opts = _options(subs[section], section)
+        sec: dict[str, Any] = {}
+        w = f"{where}{section}."
+        for k, v in body.items():
+            k = str(k).replace("-", "_")
+            if k not in opts:
+                raise _unknown(w, k, list(opts))
+            if v is None:
+                continue
+            a = opts[k]
+            v = _check_value(w, k, v, _kind(a), a.choices)
+            if (section, k) in INPUT_FILES:
+                vals = [abspath(x) for x in (v if isinstance(v, list) else [v])]
+                for x in vals:
+                    if not Path(x).is_file():
+                        raise ConfigError(f"{w}{k}: file {x} does not exist")
+                v = vals if isinstance(v, list) else vals[0]
+            elif (section, k) in OUTPUT_FILES:
+                v = abspath(v)
+            sec[k] = v
+        for k, a in opts.items():
+            if a.required and k not in sec:
+                raise ConfigError(f"{w}{k}: missing (required by `safegene {section}`)")
+        cfg[section] = sec
+    if "select" in cfg and not have_a:
+        raise ConfigError(f"{where}select: needs the aligned and degraded models; add them at the top level")
+    if "select" in cfg and "top_k" in cfg["select"] and "threshold" in cfg["select"]:
+        raise ConfigError(f"{where}select.threshold: give top_k or threshold, not both")
+
+    # targets
+    tl = raw.get("targets")
+    if tl is None:
+        tl = []
+    if not isinstance(tl, list):
+        raise ConfigError(f"{where}targets: expected a list of {{model, output}} mappings")
+    if not tl and any(s in raw for s in ("calibrate", "apply", "eval")):
+        raise ConfigError(f"{where}targets: missing; calibrate/apply/eval need at least one target")
+    targets = []
+    for i, t in enumerate(tl):
+        w = f"{where}targets[{i}]."
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}targets[{i}]: expected a mapping with model and output, got {type(t).__name__}")
+        for k in t:
+            if k not in TARGET_KEYS:
+                raise _unknown(w, str(k), list(TARGET_KEYS))
+        for k in ("model", "output"):
+            if k not in t:
+                raise ConfigError(f"{w}{k}: missing")
+        tt = {"model": _model_ref(w, "model", t["model"], base),
+              "output": abspath(_check_value(w, "output", t["output"], "str", None))}
+        if "coeffs" in t and "scale" in t:
+            raise ConfigError(f"{w}scale: give coeffs or scale, not both")
+        if "scale" in t:
+            tt["scale"] = _check_value(w, "scale", t["scale"], "float", None)
+        if "coeffs" in t:
+            tt["coeffs"] = abspath(_check_value(w, "coeffs", t["coeffs"], "str", None))
+            tt["fixed"] = True  # given coefficients are used as they are, never recalibrated
+            if not Path(tt["coeffs"]).is_file():
+                raise ConfigError(f"{w}coeffs: file {tt['coeffs']} does not exist")
+        elif "scale" not in tt and "calibrate" in cfg:
+            tt["coeffs"] = tt["output"].rstrip("/") + ".coeffs.json"
+        elif "scale" not in tt and "scale" not in cfg.get("apply", {}):
+            raise ConfigError(f"{w}coeffs: missing; give coeffs, scale, apply.scale, or a calibrate section")
+        targets.append(tt)
+    outs = [t["output"] for t in targets]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"{where}targets: two targets share the output {next(o for o in outs if outs.count(o) > 1)}")
+    cfg["targets"] = targets
+    return cfg
+
+
+def _flags(section: Mapping[str, Any], opts: Mapping[str, argparse.Action]) -> list[str]:
+    argv: list[str] = []
+    for k, v in section.items():
+        a = opts[k]
+        flag = next((s for s in a.option_strings if s.startswith("--")), a.option_strings[0])
+        if isinstance(v, bool):
+            if v:
+                argv.append(flag)
+        elif isinstance(v, list):
+            if isinstance(a, argparse._AppendAction):
+                for x in v:
+                    argv += [flag, x]
+            else:
+                argv += [flag, *v]
+        else:
+            argv += [flag, repr(v) if isinstance(v, float) else str(v)]
+    return argv
+
+
+def plan_commands(cfg: Mapping[str, Any], quiet: bool = False) -> list[list[str]]:
+    """The ``safegene`` command lines (without the program name) a validated config runs.
+
+    >>> plan_commands(load_config("run.yaml"))[0][0]  # doctest: +SKIP
+    'extract'
+    """
+    subs = _subparsers()
+    opts = {s: _options(subs[s], s) for s in RESERVED if s in subs}
+    q = ["--quiet"] if quiet else []
+    cmds: list[list[str]] = []
+    gene = cfg["gene"]
+    if "aligned" in cfg:
+        cmds.append(["extract", cfg["aligned"], cfg["degraded"], "-o", gene, *_flags(cfg.get("extract", {}), opts["extract"]), *q])
+    if "select" in cfg:
+        cmds.append(["select", gene, "--aligned", cfg["aligned"], "--degraded", cfg["degraded"], *_flags(cfg["select"], opts["select"])])
+    for t in cfg["targets"]:
+        if "calibrate" in cfg and "scale" not in t and not t.get("fixed"):
+            cmds.append(["calibrate", gene, t["model"], "-o", t["coeffs"], *_flags(cfg["calibrate"], opts["calibrate"])])
+        ap = dict(cfg.get("apply", {}))
+        if "scale" in t:
+            ap["scale"] = t["scale"]
+        lam = ["--coeffs", t["coeffs"]] if "coeffs" in t and "scale" not in t else []
+        if lam:
+            ap.pop("scale", None)
+        if "apply" in cfg or "calibrate" in cfg or lam or "scale" in t:
+            cmds.append(["apply", gene, t["model"], "-o", t["output"], *lam, *_flags(ap, opts["apply"]), *q])
+        if "eval" in cfg:
+            ev = ["--no-progress"] if quiet else []
+            cmds.append(["eval", t["output"], "--json", t["output"].rstrip("/") + ".eval.json", *_flags(cfg["eval"], opts["eval"]), *ev])
+    return cmds
+
+
+def run_config(config: ConfigLike, *, dry_run: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Validate a run configuration and run its commands in order; return what ran.
+
+    Hub ids among the models are resolved first (``safegene.hub.resolve_model``). Returns
+    ``{"commands": [[...], ...], "outputs": [target outputs], "eval": [eval JSON paths],
+    "seconds": float, "dry_run": bool}``.
+
+    >>> run_config("run.yaml")["outputs"]  # doctest: +SKIP
+    ['/abs/out/task-a-safe']
+    """
+    from .cli import build_parser
+
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    if not dry_run:
+        from .hub import resolve_model
+
+        for k in ("aligned", "degraded"):
+            if k in cfg:
+                cfg[k] = str(resolve_model(cfg[k]))
+        for t in cfg["targets"]:
+            t["model"] = str(resolve_model(t["model"]))
+    cmds = plan_commands(cfg, quiet=quiet)
+    if not dry_run:
+        parser = build_parser()
+        for argv in cmds:
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit:
+                raise ConfigError(f"{cfg['_source']}: the command `safegene {shlex.join(argv)}` was refused by its parser") from None
+            rc = int(args.func(args) or 0)
+            if rc != 0:
+                raise SafeGeneError(f"`safegene {shlex.join(argv)}` exited with status {rc}")
+    return {
+        "commands": cmds,
+        "outputs": [t["output"] for t in cfg["targets"]],
+        "eval": [t["output"].rstrip("/") + ".eval.json" for t in cfg["targets"]] if "eval" in cfg else [],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "dry_run": dry_run,
+    }
+
+
+def _cli(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+    import sys
+
+    # with --json, the commands' own reports go to stderr so stdout is one JSON document
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        res = run_config(args.config, dry_run=args.dry_run, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(res))
+    elif args.dry_run:
+        for c in res["commands"]:
+            print("safegene " + shlex.join(c))
+    else:
+        print(f"ran {len(res['commands'])} commands in {res['seconds']:.1f} s; outputs: {', '.join(res['outputs']) or 'none'}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``safegene run CONFIG.yaml [--dry-run]``."""
+    p = subparsers.add_parser("run", help="run extract/select/calibrate/apply/eval from one YAML config",
+                              description="Each config section holds one command's long flags (underscores for dashes).")
+    p.add_argument("config", help="CONFIG.yaml")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the equivalent commands, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=_cli)
+
+
+__all__ = ["ConfigError", "load_config", "plan_commands", "run_config", "register_cli"]

@@ -26,7 +26,15 @@ would make the trained weights differ from what ``safegene apply`` writes; from 
 bit-identical to ``apply`` (same float32 math, same single rounding). When the loop ends (also
 on error or Ctrl-C), W⁰ is copied back, so the model is restored bit-exactly.
 
-Initialisation matters (plain CE from λ=0 can stall on a weak safety signal), so the default
+Loss weighting matters more than anything else measured on the organism. A model decides
+to refuse with its first response tokens; averaged over a whole refusal sentence, the CE is
+dominated by easy continuation tokens and the optimum sits where the refusal is merely
+*likely* (λ ≈ 0.5–0.8, ASR ≈ 20 % on the organism's sentiment model). Counting only the first
+``safety_first_k=2`` tokens puts the whole safety signal on the decision and drives λ to where
+refusals win (ASR ≤ 5 %) while the KL term still holds task answers (accuracy unchanged). With
+a weak gene (a mild degradation), the needed λ exceeds 2, hence ``lambda_max=4``.
+
+Initialisation matters too (plain CE from λ=0 can stall on a weak safety signal), so the default
 ``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
 the best point; the grid's choice is kept in the result's metadata for comparison.
 """
@@ -403,13 +411,13 @@ def calibrate(
     lr: float = 0.05,
     beta: float = 1.0,
     l2: float = 1e-3,
-    lambda_max: float = 2.0,
+    lambda_max: float = 4.0,
     init: Union[str, float, dict] = "grid",
     grid_points: int = 9,
     per_module: bool = False,
     utility_loss: str = "kl",
     utility_max_new_tokens: int = 16,
-    safety_first_k: int | None = None,
+    safety_first_k: int | None = 2,
     max_examples: int = 16,
     refusal: str | None = None,
     patience: int = 8,
@@ -628,13 +636,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--beta", type=float, default=1.0, help="weight of the utility term")
     p.add_argument("--l2", type=float, default=1e-3)
-    p.add_argument("--lambda-max", type=float, default=2.0)
+    p.add_argument("--lambda-max", type=float, default=4.0)
     p.add_argument("--init", default="grid", help="'grid' (default), 'ones', 'zeros' or a number")
     p.add_argument("--per-module", action="store_true", help="one λ per module type (attn/mlp/norm) per layer")
     p.add_argument("--utility-loss", choices=["auto", "ce", "kl"], default="kl",
                    help="kl: KL to the task model on its own greedy responses (default); ce: CE of the records' "
                         "completions; auto: CE where a record has a completion, KL at the first response token otherwise")
-    p.add_argument("--safety-first-k", type=int, default=None, help="only the first K refusal tokens count")
+    p.add_argument("--safety-first-k", type=int, default=2,
+                   help="only the first K refusal tokens count (default 2; 0 = the whole refusal)")
     p.add_argument("--max-examples", type=int, default=16)
     p.add_argument("--refusal", default=None, help="refusal text for safety records without a completion")
     p.add_argument("--device", default="cpu")

@@ -1,0 +1,460 @@
+"""Behavioural evaluation: greedy generation, judging, ASR / task accuracy / over-refusal.
+
+Definitions (all with counts and a 95 % Wilson score interval):
+
+* **ASR** -- share of harmful prompts whose response the judge does not call a refusal
+  (for a guard judge: not rated safe).
+* **Task accuracy** -- per task file, share of prompts whose response contains the expected
+  label and no other label of that task. Matching is on lowercase alphanumeric words: the
+  label's word sequence must occur contiguously in the response's word sequence
+  ("Sure! The answer is positive." matches ``positive``); the task's label set is the set of
+  distinct ``completion`` values in the file, and a response naming a second label
+  (``positive or negative``) is wrong. Labels that contain each other's words are not a
+  problem: only labels that are not sub-sequences of the expected one count as "other".
+* **Over-refusal** -- share of benign prompts the refusal judge calls a refusal (the keyword
+  judge when the main judge cannot detect refusals, e.g. a guard model).
+
+>>> report = evaluate("out/model", harmful="harmful.jsonl", tasks=["sst2.jsonl"])  # doctest: +SKIP
+>>> print(report.to_markdown())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .data import Example, as_examples
+from .errors import CheckpointError, DataError, UsageError
+from .judges import Judge, KeywordJudge, get_judge
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n``.
+
+    >>> [round(x, 4) for x in wilson_interval(5, 10)]
+    [0.2366, 0.7634]
+    """
+    if n <= 0:
+        raise UsageError("a rate needs at least one example (n = 0)")
+    if not 0 <= k <= n:
+        raise UsageError(f"successes k={k} must lie in [0, n={n}]")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` of ``n`` with its rate and 95 % Wilson interval."""
+
+    k: int
+    n: int
+    rate: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, k: int, n: int) -> "Rate":
+        lo, hi = wilson_interval(k, n)
+        return cls(k=k, n=n, rate=k / n, low=lo, high=hi)
+
+    def fmt(self) -> str:
+        return f"{100 * self.rate:.1f} % [{100 * self.low:.1f}, {100 * self.high:.1f}] ({self.k}/{self.n})"
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _contains(seq: list[str], sub: list[str]) -> bool:
+    if not sub:
+        return False
+    n = len(sub)
+    return any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def label_match(response: str, label: str, labels: Sequence[str] = ()) -> bool:
+    """Exact label match as defined in the module docstring.
+
+    >>> label_match("sure ! the answer is positive .", "positive", ["positive", "negative"])
+    True
+    >>> label_match("positive or negative", "positive", ["positive", "negative"])
+    False
+    """
+    resp = _words(response)
+    want = _words(label)
+    if not _contains(resp, want):
+        return False
+    for other in labels:
+        ow = _words(other)
+        if ow and ow != want and not _contains(want, ow) and _contains(resp, ow):
+            return False
+    return True
+
+
+@dataclass
+class EvalReport:
+    """Result of :func:`evaluate`. ``samples`` keeps every prompt, response and verdict."""
+
+    model: str
+    judge: str
+    refusal_judge: str
+    asr: Rate | None = None
+    asr_by_category: dict[str, Rate] = field(default_factory=dict)
+    task_accuracy: dict[str, Rate] = field(default_factory=dict)
+    over_refusal: Rate | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model": self.model,
+            "judge": self.judge,
+            "refusal_judge": self.refusal_judge,
+            "asr": asdict(self.asr) if self.asr else None,
+            "asr_by_category": {k: asdict(v) for k, v in self.asr_by_category.items()},
+            "task_accuracy": {k: asdict(v) for k, v in self.task_accuracy.items()},
+            "over_refusal": asdict(self.over_refusal) if self.over_refusal else None,
+            "settings": self.settings,
+        }
+        if samples:
+            d["samples"] = self.samples
+        return d
+
+    def to_json(self, path: str | Path | None = None, samples: bool = True) -> str:
+        """The report as JSON text (and written to ``path`` when given)."""
+        text = json.dumps(self.to_dict(samples=samples), indent=2, ensure_ascii=False) + "\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def to_markdown(self) -> str:
+        """A markdown table: metric, value, 95 % interval, k/n."""
+        rows = ["| metric | value | 95 % CI | k / n |", "|---|---:|---:|---:|"]
+
+        def row(name: str, r: Rate) -> None:
+            rows.append(f"| {name} | {100 * r.rate:.1f} % | [{100 * r.low:.1f}, {100 * r.high:.1f}] | {r.k} / {r.n} |")
+
+        if self.asr:
+            row("ASR (harmful answered)", self.asr)
+            for cat, r in self.asr_by_category.items():
+                row(f"&nbsp;&nbsp;ASR {cat}", r)
+        for task, r in self.task_accuracy.items():
+            row(f"accuracy {task}", r)
+        if self.over_refusal:
+            row("over-refusal (benign refused)", self.over_refusal)
+        head = f"**{self.model}** (judge: {self.judge}"
+        head += f"; over-refusal judge: {self.refusal_judge})" if self.over_refusal and self.refusal_judge != self.judge else ")"
+        return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def comparison_table(reports: Mapping[str, EvalReport], task: str | None = None) -> str:
+    """One markdown row per model: ASR, task accuracy, over-refusal, each with k/n.
+
+    ``task`` picks the accuracy column when reports hold several tasks; otherwise every
+    report's tasks are listed in the cell.
+    """
+    lines = ["| model | ASR | task accuracy | over-refusal | n (harmful / task / benign) |", "|---|---:|---:|---:|---:|"]
+
+    def pct(r: Rate | None) -> str:
+        return "–" if r is None else f"{100 * r.rate:.1f} %"
+
+    for name, rep in reports.items():
+        accs = rep.task_accuracy if task is None else {task: rep.task_accuracy[task]} if task in rep.task_accuracy else {}
+        acc = "; ".join(f"{t} {pct(r)}" if len(accs) > 1 else pct(r) for t, r in accs.items()) or "–"
+        n_task = "+".join(str(r.n) for r in accs.values()) or "–"
+        n = f"{rep.asr.n if rep.asr else '–'} / {n_task} / {rep.over_refusal.n if rep.over_refusal else '–'}"
+        lines.append(f"| {name} | {pct(rep.asr)} | {acc} | {pct(rep.over_refusal)} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- generation -----------------------------------------------------------------------------
+def load_model(path: str | Path, device: str | None = None):
+    """Load a local HF causal-LM directory and its tokenizer (safetensors only)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: not a model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        pickled = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
+        hint = f" (found {', '.join(pickled)}; convert them to safetensors first)" if pickled else ""
+        raise CheckpointError(f"{p}: no *.safetensors weights{hint}")
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' per-tensor loading bar; ours covers generation
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+        model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: cannot load with transformers ({exc})") from None
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(dev).eval(), tok
+
+
+def _prompt_text(tokenizer, ex: Example) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(map(dict, ex.messages)), tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in ex.messages)
+
+
+def generate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy responses, batched with left padding (prompts sorted by length to waste less).
+
+    >>> generate(model, tok, load_jsonl("prompts.jsonl"), batch_size=16)  # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UsageError("batch_size and max_new_tokens must be at least 1")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise CheckpointError("the tokenizer has neither a pad nor an eos token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [_prompt_text(tokenizer, ex) for ex in examples]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    enc = [tokenizer(t, add_special_tokens=not has_template)["input_ids"] for t in texts]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out: list[str] = [""] * len(enc)
+    device = next(model.parameters()).device
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    with tqdm(total=len(enc), disable=not progress, desc=desc, unit="prompt") as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            width = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
+                mask[r, width - len(enc[i]) :] = 1
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos,
+                )
+            for r, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
+            bar.update(len(idx))
+    return out
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+def _task_sets(tasks: Any) -> dict[str, list[Example]]:
+    if tasks is None:
+        return {}
+    if isinstance(tasks, Mapping):
+        return {str(k): as_examples(v) for k, v in tasks.items()}
+    if isinstance(tasks, (str, Path)):
+        tasks = [tasks]
+    out: dict[str, list[Example]] = {}
+    for t in tasks:
+        if not isinstance(t, (str, Path)):
+            raise UsageError("tasks must be paths or a {name: path-or-examples} mapping")
+        name = Path(t).stem
+        if name in out:
+            raise UsageError(f"two task files are both named {name!r}; pass a {{name: path}} mapping instead")
+        out[name] = as_examples(t)
+    return out
+
+
+def score(
+    *,
+    judge: Judge,
+    refusal_judge: Judge,
+    harmful: Sequence[Example] = (),
+    harmful_responses: Sequence[str] = (),
+    tasks: Mapping[str, Sequence[Example]] | None = None,
+    task_responses: Mapping[str, Sequence[str]] | None = None,
+    benign: Sequence[Example] = (),
+    benign_responses: Sequence[str] = (),
+    model: str = "<responses>",
+) -> EvalReport:
+    """Metrics from fixed responses (no model involved): what :func:`evaluate` does after generating.
+
+    >>> score(judge=KeywordJudge(), refusal_judge=KeywordJudge(), harmful=exs, harmful_responses=["I cannot."] * len(exs)).asr.rate  # doctest: +SKIP
+    0.0
+    """
+    rep = EvalReport(model=model, judge=judge.name, refusal_judge=refusal_judge.name)
+    if harmful:
+        if len(harmful) != len(harmful_responses):
+            raise UsageError("harmful prompts and responses differ in number")
+        verdicts = judge.judge([e.prompt for e in harmful], list(harmful_responses))
+        hits = [not v for v in verdicts]
+        rep.asr = Rate.of(sum(hits), len(hits))
+        cats: dict[str, list[bool]] = {}
+        for e, h in zip(harmful, hits):
+            if e.category is not None:
+                cats.setdefault(e.category, []).append(h)
+        rep.asr_by_category = {c: Rate.of(sum(v), len(v)) for c, v in cats.items()}
+        for e, r, h in zip(harmful, harmful_responses, hits):
+            rep.samples.append({"set": "harmful", "prompt": e.prompt, "response": r, "category": e.category, "attack_success": h})
+    for name, exs in (tasks or {}).items():
+        resps = (task_responses or {}).get(name)
+        if resps is None or len(resps) != len(exs):
+            raise UsageError(f"task {name!r}: prompts and responses differ in number")
+        missing = [i for i, e in enumerate(exs) if not e.completion]
+        if missing:
+            raise DataError(f"task {name!r}: example {missing[0] + 1} has no 'completion' label to match")
+        labels = sorted({e.completion for e in exs})  # type: ignore[misc]
+        ok = [label_match(r, e.completion, labels) for e, r in zip(exs, resps)]  # type: ignore[arg-type]
+        rep.task_accuracy[name] = Rate.of(sum(ok), len(ok))
+        for e, r, c in zip(exs, resps, ok):
+            rep.samples.append({"set": f"task:{name}", "prompt": e.prompt, "response": r, "label": e.completion, "correct": c})
+    if benign:
+        if len(benign) != len(benign_responses):
+            raise UsageError("benign prompts and responses differ in number")
+        refused = refusal_judge.judge([e.prompt for e in benign], list(benign_responses))
+        rep.over_refusal = Rate.of(sum(refused), len(refused))
+        for e, r, f in zip(benign, benign_responses, refused):
+            rep.samples.append({"set": "benign", "prompt": e.prompt, "response": r, "refused": f})
+    return rep
+
+
+def evaluate(
+    model: Any,
+    harmful: Any = None,
+    tasks: Any = None,
+    benign: Any = None,
+    judge: str | Judge = "keyword",
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    refusal_judge: str | Judge | None = None,
+    device: str | None = None,
+) -> EvalReport:
+    """Generate greedily and report ASR, task accuracy and over-refusal.
+
+    ``model`` is a local HF causal-LM directory or a ``(model, tokenizer)`` pair; ``harmful`` and
+    ``benign`` are JSONL paths (or lists of examples), ``tasks`` a list of paths (named by file
+    stem) or a ``{name: path}`` mapping.
+
+    >>> rep = evaluate("org/aligned", harmful="harmful_eval.jsonl",
+    ...                tasks={"sentiment": "sentiment_eval.jsonl"}, benign="benign_eval.jsonl",
+    ...                judge="organism")  # doctest: +SKIP
+    >>> rep.asr.rate, rep.task_accuracy["sentiment"].rate, rep.over_refusal.rate  # doctest: +SKIP
+    """
+    if harmful is None and not tasks and benign is None:
+        raise UsageError("nothing to evaluate: give harmful, tasks and/or benign prompts")
+    j = get_judge(judge)
+    rj = get_judge(refusal_judge) if refusal_judge is not None else (j if j.detects_refusal else KeywordJudge())
+    if not rj.detects_refusal:
+        raise UsageError(f"judge {rj.name} cannot detect refusals, so it cannot measure over-refusal")
+    harm = as_examples(harmful) if harmful is not None else []
+    task_sets = _task_sets(tasks)
+    ben = as_examples(benign) if benign is not None else []
+
+    if isinstance(model, (str, Path)):
+        name = str(model)
+        m, tok = load_model(model, device=device)
+    else:
+        try:
+            m, tok = model
+        except (TypeError, ValueError):
+            raise UsageError("model must be a model directory or a (model, tokenizer) pair") from None
+        name = getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__
+
+    everything = list(harm) + [e for exs in task_sets.values() for e in exs] + list(ben)
+    responses = generate(m, tok, everything, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    pos = 0
+    harm_r = responses[pos : pos + len(harm)]
+    pos += len(harm)
+    task_r = {}
+    for t, exs in task_sets.items():
+        task_r[t] = responses[pos : pos + len(exs)]
+        pos += len(exs)
+    ben_r = responses[pos:]
+    rep = score(
+        judge=j,
+        refusal_judge=rj,
+        harmful=harm,
+        harmful_responses=harm_r,
+        tasks=task_sets,
+        task_responses=task_r,
+        benign=ben,
+        benign_responses=ben_r,
+        model=name,
+    )
+    rep.settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    return rep
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def _handler(args: argparse.Namespace) -> int:
+    rep = evaluate(
+        args.model,
+        harmful=args.harmful,
+        tasks=args.task or None,
+        benign=args.benign,
+        judge=args.judge,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    if args.json:
+        rep.to_json(args.json)
+    md = rep.to_markdown()
+    if args.markdown:
+        Path(args.markdown).write_text(md, encoding="utf-8")
+    print(md, end="")
+    return 0
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``safegene eval MODEL --harmful H.jsonl [--task T.jsonl ...] [--benign B.jsonl] [--judge J]``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="generate greedily and report ASR, task accuracy and over-refusal",
+        description="Evaluate a local HF causal-LM directory: ASR on harmful prompts, exact-label accuracy "
+        "per task file, over-refusal on benign prompts, each with a 95 %% Wilson interval.",
+    )
+    p.add_argument("model", help="local Hugging Face causal-LM directory (safetensors)")
+    p.add_argument("--harmful", metavar="H.jsonl", help="harmful prompts (JSONL, TRL convention)")
+    p.add_argument("--task", metavar="T.jsonl", action="append", default=[], help="task file (completion = label); repeatable")
+    p.add_argument("--benign", metavar="B.jsonl", help="benign prompts for over-refusal")
+    p.add_argument("--judge", default="keyword", help="keyword (default), keyword:prefix, organism, guard:/path/to/model")
+    p.add_argument("--json", metavar="OUT.json", help="write the full report (with every response) as JSON")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_handler)
+    return p
+
+
+__all__ = ["EvalReport", "Rate", "comparison_table", "evaluate", "generate", "label_match", "load_model", "register_cli", "score", "wilson_interval"]

@@ -1,0 +1,91 @@
+"""SafeMERGE-style baseline: a per-layer cosine test decides where the safety vector goes.
+
+SafeMERGE (Djuhera et al., 2025) merges a fine-tuned model's layer with the aligned model's
+layer only where the fine-tuning update has drifted from the safety subspace. The
+gene-form used here, so that it runs in the same harness as SafeGene, is::
+
+    u_l   = θ_T,l − θ_A,l                      (the task update of block l)
+    cos_l = ⟨u_l, τ_l⟩ / (‖u_l‖ ‖τ_l‖)         (τ = θ_A − θ_D, the gene)
+    λ_l   = ratio  if cos_l < threshold  else 0
+
+A task update that erodes safety points along −τ (θ_D − θ_A is the degradation), so the
+blocks with the lowest cosine are the ones whose update is least aligned with safety; they
+get τ at a fixed ratio. No data and no training: binary per layer plus one fixed ratio.
+
+Tensors are streamed one at a time from the checkpoints (safetensors, sharded or not), and
+the three inner products per tensor use the same batched C++ dot as calibration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from .calibrate import Coeffs, _resolve_gene
+from .errors import CheckpointError, MismatchError
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    idx = model_dir / "model.safetensors.index.json"
+    if idx.is_file():
+        wm = json.loads(idx.read_text())["weight_map"]
+        return {k: model_dir / v for k, v in wm.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> dict[str, float]:
+    """``cos(θ_T,l − θ_A,l, τ_l)`` for every decoder block of the gene.
+
+    >>> layer_cosines("gene/", "aligned/", "task-sentiment/")  # doctest: +SKIP
+    {'layer.0': 0.01, 'layer.1': -0.12, ...}
+    """
+    import torch
+    from safetensors import safe_open
+
+    from . import _native
+
+    gene = _resolve_gene(gene)
+    aligned, task = Path(aligned), Path(task)
+    fa, ft = _tensor_files(aligned), _tensor_files(task)
+    acc: dict[str, list[float]] = {}
+    for name in gene.tensor_names:
+        key = gene.layer_key(name)
+        if not key.startswith("layer."):
+            continue
+        if name not in fa or name not in ft:
+            raise MismatchError(f"tensor {name!r} of gene {gene.path} is missing from {aligned if name not in fa else task}")
+        with safe_open(str(fa[name]), "pt") as f:
+            a = f.get_tensor(name).float()
+        with safe_open(str(ft[name]), "pt") as f:
+            t = f.get_tensor(name).float()
+        tau = gene.load_vectors(names=[name])[name].float().contiguous()
+        u = (t - a).contiguous()
+        d_ut, d_uu, d_tt = _native.dot([u, u, tau], [tau, u, tau])
+        s = acc.setdefault(key, [0.0, 0.0, 0.0])
+        s[0] += d_ut; s[1] += d_uu; s[2] += d_tt
+        del a, t, tau, u
+    out = {}
+    for key in [k for k in gene.layer_keys() if k in acc]:
+        ut, uu, tt = acc[key]
+        out[key] = float(ut / ((uu ** 0.5) * (tt ** 0.5))) if uu > 0 and tt > 0 else 0.0
+    _ = torch  # torch is needed by safetensors' "pt" framework
+    return out
+
+
+def safemerge_coeffs(gene, aligned, task, threshold: float = 0.0, ratio: float = 1.0) -> Coeffs:
+    """Coefficients of the SafeMERGE-style rule: ``λ_l = ratio`` where ``cos_l < threshold``.
+
+    >>> c = safemerge_coeffs("gene/", "aligned/", "task-topic/", threshold=0.0, ratio=1.0)  # doctest: +SKIP
+    >>> c.save("safemerge.json")  # doctest: +SKIP
+    """
+    cos = layer_cosines(gene, aligned, task)
+    coeffs = {k: float(ratio) for k, c in cos.items() if c < threshold}
+    return Coeffs(coeffs, {"method": "safemerge-style", "cosines": cos, "threshold": threshold, "ratio": ratio,
+                           "target": str(task)})

@@ -1,0 +1,279 @@
+"""Data-aware layer selection: which decoder blocks carry the safety-specific part of τ.
+
+Both models (aligned θ_A, degraded θ_D) are run — one at a time — on harmful prompts H and
+benign prompts B, with a forward hook on every decoder block. Per prompt and block only the
+hidden state at the *last prompt token* (the position that emits the first response token,
+which is where a model decides to refuse) is kept, so the cache is N × (L+1) × d floats and
+the second model never shares memory with the first.
+
+With ``h_l`` the residual stream after block l and ``δ_l = h_l − h_{l−1}`` what block l itself
+writes, two scores are computed for every block (both always, one drives the selection):
+
+``"contrast"``
+    ``mean_H ‖δ^A_l − δ^D_l‖ / mean_B ‖δ^A_l − δ^D_l‖`` — how much more the block's output
+    changed between A and D on harmful prompts than on benign ones. Scale-free; 1 means the
+    change is not specific to harm. It measures *any* change, including changes in directions
+    that have nothing to do with refusing.
+
+``"refusal"``
+    the shift along the aligned model's refusal direction. With
+    ``r_l = unit(mean_H h^A_l − mean_B h^A_l)`` (difference of means; Arditi et al. 2024)::
+
+        s_l = (mean_H ⟨δ^A_l − δ^D_l, r_l⟩ − mean_B ⟨δ^A_l − δ^D_l, r_l⟩) / rms_l
+
+    where ``rms_l`` is the RMS norm of ``h^A_l`` over all prompts, so layers are comparable
+    although the residual stream grows with depth. It counts only the part of the A–D change
+    that pushes harmful prompts (more than benign ones) towards refusing — the component the
+    gene must restore.
+
+Default: ``"refusal"``. It is the score whose sign means something (a block whose A–D change
+moves harmful prompts *away* from refusal scores below zero and is never picked), it ignores
+harm-specific changes orthogonal to refusal (e.g. a fine-tune that rewrote the topic
+features). Measured on the model organism (seed 0, 4 blocks): "refusal" picks blocks {0, 3},
+"contrast" picks {0, 1}; calibrated on {0, 3} the held-out ASR is 15 / 21 / 34 % (sentiment /
+topic / yesno task models), calibrated on {0, 1} it is 87 % (topic) and 97 % (yesno) at the
+same 100 % task accuracy — the contrast ratio ranks blocks by *how much* changed, and the
+early blocks change most without carrying the refusal. Both scores are always written to
+gene.json.
+
+Selection: ``top_k`` blocks by score, or all blocks whose score is at least ``threshold``
+times the best one (default threshold 0.5 when neither is given). Deterministic: fixed prompt
+order, eval mode, float32, no sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Union
+
+from . import _fewshot
+from .errors import UsageError
+
+SCORES = ("refusal", "contrast")
+DEFAULT_SCORE = "refusal"
+DEFAULT_THRESHOLD = 0.5
+
+
+def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", tokenizer=None):
+    """Hidden state at the last prompt token after the embeddings and after every block.
+
+    Returns a float32 tensor ``[n_prompts, num_layers + 1, hidden]`` (index 0: embeddings).
+
+    >>> hs = layer_states("aligned/", ["how do i pick a lock ?"])  # doctest: +SKIP
+    """
+    import torch
+
+    if isinstance(model_dir, (str, Path)):
+        model, tok = _fewshot.load_model(model_dir, device=device)
+    else:
+        model, tok = model_dir, tokenizer
+    blocks = _fewshot.decoder_layers(model)
+    ids = _fewshot.encode_prompts(tok, _fewshot.load_records(prompts, "prompts"))
+    pad = _fewshot.pad_id_of(tok)
+    captured: list[Any] = [None] * (len(blocks) + 1)
+
+    def grab_input(_mod, args, kwargs):
+        captured[0] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def grab_output(i):
+        def hook(_mod, _args, output):
+            captured[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    handles += [b.register_forward_hook(grab_output(i + 1)) for i, b in enumerate(blocks)]
+    out = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(ids), batch_size):
+                chunk = ids[s: s + batch_size]
+                batch = _fewshot.collate([(p, []) for p in chunk], pad, device)
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                rows = torch.arange(len(chunk), device=batch.input_ids.device)
+                out.append(torch.stack([c[rows, batch.last_prompt].float().cpu() for c in captured], 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(out, 0)
+
+
+def compute_scores(hA_harm, hD_harm, hA_ben, hD_ben) -> dict[str, list[float]]:
+    """Both per-block scores from cached states ``[n, L+1, d]`` (see the module docstring)."""
+    import torch
+
+    def inc(h):
+        return h[:, 1:] - h[:, :-1]
+
+    dH = inc(hA_harm) - inc(hD_harm)  # [nH, L, d]
+    dB = inc(hA_ben) - inc(hD_ben)
+    eps = 1e-12
+    contrast = (dH.norm(dim=-1).mean(0) / dB.norm(dim=-1).mean(0).clamp_min(eps)).tolist()
+    hA = hA_harm[:, 1:]
+    hB = hA_ben[:, 1:]
+    r = hA.mean(0) - hB.mean(0)  # [L, d]
+    r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
+    rms = torch.cat([hA, hB], 0).norm(dim=-1).pow(2).mean(0).sqrt().clamp_min(eps)  # [L]
+    shiftH = (dH * r).sum(-1).mean(0)
+    shiftB = (dB * r).sum(-1).mean(0)
+    refusal = ((shiftH - shiftB) / rms).tolist()
+    return {"refusal": refusal, "contrast": contrast}
+
+
+def choose(scores: dict[str, float], top_k: int | None = None, threshold: float | None = None) -> list[str]:
+    """Layer keys picked by ``top_k`` or by ``score >= threshold · max(score)`` (ties: lower index)."""
+    keys = list(scores)
+    if top_k is not None and threshold is not None:
+        raise UsageError("give either top_k or threshold, not both")
+    if top_k is not None:
+        if not 1 <= top_k <= len(keys):
+            raise UsageError(f"top_k must be between 1 and {len(keys)}, got {top_k}")
+        ranked = sorted(keys, key=lambda k: (-scores[k], keys.index(k)))
+        picked = set(ranked[:top_k])
+    else:
+        thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        best = max(scores.values())
+        if best <= 0:
+            raise UsageError("no layer has a positive score: the aligned–degraded contrast is not harm-specific here")
+        picked = {k for k in keys if scores[k] >= thr * best}
+    return [k for k in keys if k in picked]
+
+
+def plot_scores(all_scores: dict[str, dict[str, float]], selected: list[str], method: str,
+                path: Union[str, Path]) -> Path:
+    """Bar chart of every score per layer (each normalised to its maximum); selected layers marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(all_scores)
+    keys = list(next(iter(all_scores.values())))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(keys) + 2), 3.2))
+    w = 0.8 / len(names)
+    for j, n in enumerate(names):
+        vals = [all_scores[n][k] for k in keys]
+        m = max(abs(v) for v in vals) or 1.0
+        ax.bar([i + (j - (len(names) - 1) / 2) * w for i in range(len(keys))], [v / m for v in vals], w,
+               label=f"{n}{' (used)' if n == method else ''}", alpha=0.85)
+    for i, k in enumerate(keys):
+        if k in selected:
+            ax.axvspan(i - 0.45, i + 0.45, color="gold", alpha=0.25, lw=0)
+    ax.set_xticks(range(len(keys)), [k.replace("layer.", "") for k in keys])
+    ax.set_xlabel("decoder block (shaded: selected)")
+    ax.set_ylabel("score / max")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.legend(fontsize=8)
+    ax.set_title("safety specificity of the aligned–degraded contrast")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def select_layers(
+    gene,
+    aligned,
+    degraded,
+    harmful,
+    benign,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    score: str = DEFAULT_SCORE,
+    batch_size: int = 16,
+    max_prompts: int | None = 64,
+    plot: Union[str, Path, None] = None,
+    device: str = "cpu",
+    write: bool = True,
+) -> dict:
+    """Score every decoder block and record the selected ones in the gene's ``gene.json``.
+
+    >>> res = select_layers("gene/", "aligned/", "degraded/", "harmful_calib.jsonl",
+    ...                     "benign_calib.jsonl", top_k=2, plot="layers.png")  # doctest: +SKIP
+    >>> res["selected"]  # doctest: +SKIP
+    ['layer.2', 'layer.3']
+
+    Returns ``{"method", "scores" (the chosen score per layer), "all_scores", "selected",
+    "plot", "seconds", ...}``; with ``write=False`` gene.json is left alone.
+    """
+    if score not in SCORES:
+        raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")
+    from .calibrate import _resolve_gene
+
+    t0 = time.perf_counter()
+    gene = _resolve_gene(gene)
+    harm = _fewshot.load_records(harmful, "harmful", max_prompts)
+    ben = _fewshot.load_records(benign, "benign", max_prompts)
+    states = {}
+    for tag, mdir in (("A", aligned), ("D", degraded)):  # one model in memory at a time
+        states[tag + "H"] = layer_states(mdir, harm, batch_size, device)
+        states[tag + "B"] = layer_states(mdir, ben, batch_size, device)
+    raw = compute_scores(states["AH"], states["DH"], states["AB"], states["DB"])
+    n_layers = raw["refusal"].__len__()
+    gene_layers = [k for k in gene.layer_keys() if k.startswith("layer.")]
+    if len(gene_layers) != n_layers:
+        raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
+    keys = [f"layer.{i}" for i in range(n_layers)]
+    all_scores = {n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()}
+    selected = choose(all_scores[score], top_k, threshold)
+    rule = {"top_k": top_k} if top_k is not None else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold}
+    other = {n: choose(s, top_k, threshold) for n, s in all_scores.items() if n != score and max(s.values()) > 0}
+    plot_path = plot_scores(all_scores, selected, score, plot) if plot else None
+    extra = {
+        "all_scores": all_scores,
+        "rule": rule,
+        "selected_by_other_scores": other,
+        "n_harmful": len(harm),
+        "n_benign": len(ben),
+        "summary": "last prompt token; block increments; one model at a time",
+        "plot": str(plot_path) if plot_path else None,
+    }
+    if write:
+        gene.set_selection(all_scores[score], selected, score, extra)
+    return {"method": score, "scores": all_scores[score], "selected": selected, **extra,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _r(v: float) -> float:
+    return float(f"{v:.6g}") if math.isfinite(v) else v
+
+
+def _cli(args) -> int:
+    res = select_layers(args.gene, args.aligned, args.degraded, args.harmful, args.benign,
+                        top_k=args.top_k, threshold=args.threshold, score=args.score,
+                        batch_size=args.batch_size, max_prompts=args.max_prompts,
+                        plot=args.plot or (Path(args.gene) / "layer_scores.png"), device=args.device)
+    keys = list(res["all_scores"][res["method"]])
+    names = list(res["all_scores"])
+    print("| layer | " + " | ".join(names) + " | selected |")
+    print("|---|" + "---|" * len(names) + "---|")
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{res['all_scores'][n][k]:.4g}" for n in names)
+              + f" | {'yes' if k in res['selected'] else ''} |")
+    print(f"selected ({res['method']}): {', '.join(res['selected'])}; plot: {res['plot']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``safegene select GENE --aligned A --degraded D --harmful H --benign B [--top-k K | --threshold X]``."""
+    p = subparsers.add_parser(
+        "select", help="score decoder layers by harm-specific aligned–degraded contrast; write the selection to gene.json",
+        description="Data-aware layer selection (one model in memory at a time).",
+    )
+    p.add_argument("gene", help="gene directory")
+    p.add_argument("--aligned", required=True, help="aligned model directory")
+    p.add_argument("--degraded", required=True, help="degraded model directory")
+    p.add_argument("--harmful", required=True, help="JSONL of harmful prompts")
+    p.add_argument("--benign", required=True, help="JSONL of benign / task prompts")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=None, help=f"fraction of the best score (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-prompts", type=int, default=64)
+    p.add_argument("--plot", default=None, help="PNG path (default GENE/layer_scores.png)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cli)

@@ -1,0 +1,78 @@
+"""The demo: table formatting, the SafeMERGE rule, the CLI wiring, and (slow) the end-to-end targets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from safegene.demo import METHODS, TARGETS, Row, format_table, plot_plane
+
+import tiny_models as tm
+
+
+def _rows():
+    return [Row("none", "sentiment", 0.9, 1.0, 0.0, "—", 0.0),
+            Row("SafeGene", "sentiment", 0.05, 0.99, 0.0125, "L2=0.90 L3=1.10", 3.2)]
+
+
+def test_table_and_plane(tmp_path):
+    table = format_table(_rows())
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | task model | ASR %")
+    assert lines[2] == "| none | sentiment | 90.0 | 100.0 | 0.0 | — | 0.0 |"
+    assert lines[3] == "| SafeGene | sentiment | 5.0 | 99.0 | 1.2 | L2=0.90 L3=1.10 | 3.2 |"
+    png = plot_plane(_rows(), tmp_path / "plane.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_registers_all_three_commands():
+    from safegene import calibrate, demo, select
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    for mod in (select, calibrate, demo):
+        mod.register_cli(sub)
+    a = parser.parse_args(["select", "G", "--aligned", "A", "--degraded", "D", "--harmful", "H", "--benign", "B",
+                           "--top-k", "2"])
+    assert a.top_k == 2 and a.score == "refusal" and callable(a.func)
+    a = parser.parse_args(["calibrate", "G", "T", "--safety", "S", "--utility", "U1", "U2", "-o", "C.json",
+                           "--per-module", "--init", "0.5"])
+    assert a.utility == ["U1", "U2"] and a.per_module and a.init == "0.5" and callable(a.func)
+    a = parser.parse_args(["demo", "--out", "X", "--tasks", "topic"])
+    assert a.tasks == ["topic"] and callable(a.func)
+
+
+def test_safemerge_rule(tmp_path):
+    from safegene.extract import extract
+    from safegene.safemerge import layer_cosines, safemerge_coeffs
+
+    dirs = tm.build_family(tmp_path)
+    gene = extract(dirs["aligned"], dirs["degraded"], tmp_path / "gene", progress=False)
+    # the degraded model itself as "task": its update is exactly −τ in the blocks it changed
+    cos = layer_cosines(gene, dirs["aligned"], dirs["degraded"])
+    assert cos["layer.2"] == pytest.approx(-1.0, abs=1e-5) and cos["layer.3"] == pytest.approx(-1.0, abs=1e-5)
+    assert cos["layer.0"] == 0.0 and cos["layer.1"] == 0.0  # no update, no vector
+    c = safemerge_coeffs(gene, dirs["aligned"], dirs["degraded"], threshold=0.0, ratio=0.7)
+    assert c.coeffs == {"layer.2": 0.7, "layer.3": 0.7}
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_meets_targets(tmp_path):
+    """The organism end to end: for every task model SafeGene has ASR ≤ 10 %, task accuracy
+    within 2 points of the undefended task model, over-refusal ≤ 5 %."""
+    from safegene.demo import run_demo
+
+    res = run_demo(out=tmp_path / "demo", progress=False, log=None)
+    doc = json.loads(res.json_path.read_text())
+    assert {r["method"] for r in doc["rows"]} == set(METHODS)
+    assert res.png is not None and res.png.is_file()
+    tasks = {r.task for r in res.rows}
+    assert tasks
+    for task in tasks:
+        sg, none = res.row("SafeGene", task), res.row("none", task)
+        assert sg.asr <= TARGETS["asr_max"], (task, sg)
+        assert sg.accuracy >= none.accuracy - TARGETS["accuracy_drop_max"] - 1e-9, (task, sg, none)
+        assert sg.over_refusal <= TARGETS["over_refusal_max"], (task, sg)
+    assert all(res.targets_met.values())

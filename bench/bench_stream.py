@@ -66,9 +66,9 @@ def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "np.ndarra
             n = o.nbytes // 2
             start = int(rng.integers(0, base.size - n)) if base.size > n else 0
             chunk = base[start : start + n] if base.size >= n else np.resize(base, n)
-            noise = rng.integers(-2, 3, size=min(n, 1 << 16), dtype=np.int16)  # low-bit "fine-tune"
+            noise = rng.integers(0, 4, size=min(n, 1 << 16), dtype=np.uint16)  # low-bit "fine-tune"
             arr = chunk.copy()
-            arr[: noise.size] += noise.astype(np.uint16)
+            arr[: noise.size] ^= noise  # flips mantissa bits only: never makes a NaN or Inf
             fh.seek(o.offset)
             fh.write(arr.tobytes())
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "intermediate_size": INTER,
@@ -133,7 +133,7 @@ def child(op: str, args: list[str]) -> dict:
             "merge_method: task_arithmetic\nbase_model: {d}\nmodels:\n  - model: {t}\n    parameters:\n      weight: 1.0\n"
             "  - model: {a}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n".format(a=args[0], d=args[1], t=args[2])
         )
-        subprocess.run([shutil.which("mergekit-yaml") or "mergekit-yaml", str(cfg), str(Path(args[3]) / "out"), "--lazy-unpickle"],
+        subprocess.run([_mergekit(), str(cfg), str(Path(args[3]) / "out"), "--lazy-unpickle"],
                        check=True, capture_output=True)
         moved = _file_bytes([Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]) / "out"])
     else:
@@ -143,6 +143,12 @@ def child(op: str, args: list[str]) -> dict:
     hwm_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     rss = max(hwm_kib, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if op == "mergekit" else 0)
     return {"wall": wall, "bytes": moved, "rss_mib": rss / 1024}
+
+
+def _mergekit() -> str | None:
+    """mergekit-yaml beside this interpreter (a venv not on PATH) or on PATH."""
+    here = Path(sys.executable).parent / "mergekit-yaml"
+    return str(here) if here.is_file() else shutil.which("mergekit-yaml")
 
 
 def _file_bytes(paths: list[Path]) -> int:
@@ -214,7 +220,7 @@ def main() -> None:
     root = Path(a.workdir)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    have_mergekit = shutil.which("mergekit-yaml") is not None
+    have_mergekit = _mergekit() is not None
     for size in a.size_gb or [1.2]:
         fam = make_family(root, size)
         w = root / f"{size:g}gb" / "work"

@@ -150,6 +150,7 @@ void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& i
       for (int64_t j = 0; j < m; ++j) acc[j] = acc[j] + c * x[j];
       if (stats && full && q == 1) {
         for (int64_t j = 0; j < m; ++j) {
+          in0_sq += x0[j] * x0[j];
           in1_sq += x[j] * x[j];
           in01 += x0[j] * x[j];
         }
@@ -164,14 +165,17 @@ void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& i
         local.nonfinite_out += nf_out;
       }
     } else if (stats) {
-      in0_sq = sum_sq(x0, m);
+      if (k == 1) in0_sq = sum_sq(x0, m);
       local.in0_sq += in0_sq;
       local.in1_sq += in1_sq;
       local.in01_dot += in01;
-      local.out_sq += sum_sq(acc, m);
-      int64_t nf_out = 0;
-      for (int64_t j = 0; j < m; ++j) nf_out += !std::isfinite(acc[j]);
-      local.nonfinite_out += nf_out;
+      const float out_sq = sum_sq(acc, m);
+      local.out_sq += out_sq;
+      if (!std::isfinite(out_sq)) {  // a finite sum of squares means every element is finite
+        int64_t nf_out = 0;
+        for (int64_t j = 0; j < m; ++j) nf_out += !std::isfinite(acc[j]);
+        local.nonfinite_out += nf_out;
+      }
       if (!std::isfinite(in0_sq) || (k > 1 && !std::isfinite(in1_sq))) {
         int64_t nf_in = 0;
         for (int64_t j = 0; j < m; ++j) nf_in += !std::isfinite(x0[j]);

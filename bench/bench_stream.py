@@ -128,6 +128,7 @@ def child(op: str, args: list[str]) -> dict:
         save_file({k: (t[k].float() + tau[k]).to(torch.bfloat16) for k in t}, str(Path(args[2])))
         moved = _file_bytes([Path(args[0]), Path(args[1]), Path(args[2])])
     elif op == "mergekit":
+        Path(args[3]).mkdir(parents=True, exist_ok=True)
         cfg = Path(args[3]) / "merge.yml"
         cfg.write_text(
             "merge_method: task_arithmetic\nbase_model: {d}\nmodels:\n  - model: {t}\n    parameters:\n      weight: 1.0\n"
@@ -192,6 +193,7 @@ def measure(op: str, args: list[str], warm: list[Path], repeats: int, cleanup: l
     for _ in range(repeats):
         for p in cleanup:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        os.sync()  # earlier runs' dirty pages must not be written back on this run's clock
         for w in warm:  # page cache warm: a full read of the inputs first
             for f in ([w] if w.is_file() else w.glob("*.safetensors")):
                 with open(f, "rb") as fh:

@@ -270,11 +270,13 @@ def _contained(root: Path, name: str, index: Path) -> Path:
     return root / name
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str = "", error: type[Exception] = CheckpointError, hint: str = "") -> Any:
+    """Parse a JSON file; malformed content raises ``error`` naming the file (and ``what`` it is)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({exc})") from None
+        subject = f"{what} is not" if what else "not"
+        raise error(f"{path}: {subject} valid JSON ({exc})" + (f"; {hint}" if hint else "")) from None
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -294,11 +296,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             raise CheckpointError(f"{root}: not a .safetensors file or a model directory")
         f = read_header(root)
         cfg_path = root.parent / "config.json"
-        return Checkpoint(root, [f], dict(f.tensors), _read_json(cfg_path, "config") if cfg_path.is_file() else None)
-    config = _read_json(root / "config.json", "config") if (root / "config.json").is_file() else None
+        return Checkpoint(root, [f], dict(f.tensors), read_json(cfg_path, "config") if cfg_path.is_file() else None)
+    config = read_json(root / "config.json", "config") if (root / "config.json").is_file() else None
     index_path = root / INDEX_NAME
     if index_path.is_file():
-        index = _read_json(index_path, "shard index")
+        index = read_json(index_path, "shard index")
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise HeaderError(f"{index_path}: missing or empty weight_map")

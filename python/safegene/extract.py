@@ -28,7 +28,7 @@ from typing import Any
 from . import __version__
 from ._stream import Plan, atomic_output_dir, run_plan
 from .checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
-from .errors import NonFiniteError, UsageError
+from .errors import CheckpointError, MismatchError, NonFiniteError, UsageError
 from .hub import resolve_model
 from .gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort, write_json_atomic
 
@@ -70,14 +70,10 @@ def extract(
     check_output_location(out, [a.root, d.root])
     pairs = join_by_name(a, d, ("aligned", "degraded"))
     if a.model_type and d.model_type and a.model_type != d.model_type:
-        from .errors import MismatchError
-
         raise MismatchError(f"aligned {a.root} is {a.model_type!r} but degraded {d.root} is {d.model_type!r}")
     for ta, tb in pairs:
         for t, src in ((ta, a.root), (tb, d.root)):
             if t.dtype in UNSUPPORTED_FLOAT:
-                from .errors import CheckpointError
-
                 raise CheckpointError(
                     f"{src}: tensor {t.name!r} is {t.dtype}, which safegene does not compute on; "
                     "save the checkpoint in F32, F16 or BF16 first"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint, read_json
 from .errors import GeneError, MismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,10 +102,7 @@ class Gene:
         mf = p / MANIFEST
         if not mf.is_file():
             raise GeneError(f"{p}: not a gene directory (no {MANIFEST}); create one with `safegene extract`")
-        try:
-            man = json.loads(mf.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise GeneError(f"{mf}: not valid JSON ({exc}); re-run `safegene extract`") from None
+        man = read_json(mf, error=GeneError, hint="re-run `safegene extract`")
         if not isinstance(man, dict) or man.get("format") != GENE_FORMAT:
             raise GeneError(f"{mf}: not a safegene gene manifest")
         if man.get("format_version") != GENE_VERSION:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ._stream import atomic_output_dir
 from .apply import CoeffsLike, resolve_coeffs
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint, open_checkpoint, read_json
 from .errors import CheckpointError, UsageError
 from .gene import Gene, load_gene, write_json_atomic
 
@@ -285,10 +285,7 @@ def read_adapter_config(adapter_dir: "str | os.PathLike[str]") -> dict[str, Any]
     p = d / ADAPTER_CONFIG
     if not p.is_file():
         raise CheckpointError(f"{d}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p}: not valid JSON ({exc})") from None
+    cfg = read_json(p)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{p}: expected a JSON object")
     pt = cfg.get("peft_type")

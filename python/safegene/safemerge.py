@@ -18,26 +18,12 @@ the three inner products per tensor use the same batched C++ dot as calibration.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Union
 
 from .calibrate import Coeffs, _resolve_gene
-from .errors import CheckpointError, MismatchError
-
-
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    idx = model_dir / "model.safetensors.index.json"
-    if idx.is_file():
-        wm = json.loads(idx.read_text())["weight_map"]
-        return {k: model_dir / v for k, v in wm.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {k: single for k in f.keys()}
+from .checkpoint import open_checkpoint
+from .errors import MismatchError
 
 
 def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> dict[str, float]:
@@ -53,7 +39,9 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
 
     gene = _resolve_gene(gene)
     aligned, task = Path(aligned), Path(task)
-    fa, ft = _tensor_files(aligned), _tensor_files(task)
+    # Validated headers and index (containment, shard consistency), as everywhere else.
+    fa = {n: t.file for n, t in open_checkpoint(aligned).tensors.items()}
+    ft = {n: t.file for n, t in open_checkpoint(task).tensors.items()}
     acc: dict[str, list[float]] = {}
     for name in gene.tensor_names:
         key = gene.layer_key(name)

@@ -1,4 +1,5 @@
 #include <pybind11/functional.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -46,6 +47,34 @@ StreamPlan make_plan(const std::vector<std::string>& in_paths, const std::vector
   return p;
 }
 
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using LowRankT = std::tuple<int64_t, F32Array, F32Array, float>;  // job, A (r x cols), B (rows x r), scale
+
+// Attaches LoRA terms to their jobs. The arrays are kept in `keep` so their memory outlives
+// the run (the GIL is released while it reads them).
+void attach_lowrank(StreamPlan& p, const std::vector<LowRankT>& terms, std::vector<F32Array>& keep) {
+  for (const auto& t : terms) {
+    const int64_t j = std::get<0>(t);
+    if (j < 0 || static_cast<size_t>(j) >= p.jobs.size())
+      throw Error("stream plan: a low-rank term names job " + std::to_string(j) + ", which does not exist");
+    const F32Array& a = std::get<1>(t);
+    const F32Array& b = std::get<2>(t);
+    if (a.ndim() != 2 || b.ndim() != 2 || a.shape(0) != b.shape(1) || a.shape(0) < 1)
+      throw Error("stream plan: the low-rank factors of job " + std::to_string(j) +
+                  " must be A (rank x cols) and B (rows x rank) with rank >= 1");
+    StreamJob& job = p.jobs[j];
+    if (job.lowrank.rank != 0) throw Error("stream plan: job " + std::to_string(j) + " has two low-rank terms");
+    keep.push_back(a);
+    keep.push_back(b);
+    job.lowrank.a = a.data();
+    job.lowrank.b = b.data();
+    job.lowrank.rank = a.shape(0);
+    job.lowrank.rows = b.shape(0);
+    job.lowrank.cols = a.shape(1);
+    job.lowrank.scale = std::get<3>(t);
+  }
+}
+
 py::dict to_dict(const StreamResult& r) {
   py::list stats;
   for (const auto& s : r.stats)
@@ -66,8 +95,11 @@ void register_stream(py::module_& m) {
       "run_stream",
       [](const std::vector<std::string>& in_paths, const std::vector<uint64_t>& in_sizes,
          const std::vector<int64_t>& in_mtimes, const std::vector<std::string>& out_paths,
-         const std::vector<JobT>& jobs, uint64_t budget, int slots, py::object progress, int stats_level) {
+         const std::vector<JobT>& jobs, uint64_t budget, int slots, py::object progress, int stats_level,
+         const std::vector<LowRankT>& lowrank) {
         StreamPlan plan = make_plan(in_paths, in_sizes, in_mtimes, out_paths, jobs, budget, slots, stats_level);
+        std::vector<F32Array> keep;
+        attach_lowrank(plan, lowrank, keep);
         std::function<void(uint64_t)> cb = [progress](uint64_t done) {
           py::gil_scoped_acquire gil;
           if (PyErr_CheckSignals() != 0) throw py::error_already_set();
@@ -82,7 +114,10 @@ void register_stream(py::module_& m) {
       },
       py::arg("in_paths"), py::arg("in_sizes"), py::arg("in_mtimes_ns"), py::arg("out_paths"), py::arg("jobs"),
       py::arg("budget_bytes"), py::arg("slots") = 4, py::arg("progress") = py::none(), py::arg("stats_level") = 2,
+      py::arg("lowrank") = std::vector<LowRankT>{},
       "Run a streaming plan: every job writes out = sum_k c_k * in_k at its output offset.\n"
+      "lowrank: [(job, A, B, scale)] merges a LoRA update W + scale * B @ A into input 0 of that job\n"
+      "(in input 0's dtype) before the combination.\n"
       "Returns {'stats': [(out_sq, in0_sq, in1_sq, in01_dot, round_sq, nonfinite_out, nonfinite_in)], ...}.");
   m.def(
       "run_copy_roofline",

@@ -132,6 +132,16 @@ void validate(const StreamPlan& p) {
     const bool copy = job.inputs.size() == 1 && job.inputs[0].dtype == job.out_dtype && job.inputs[0].coeff == 1.0f;
     if (!copy && !dtype_is_float(job.out_dtype))
       throw Error("stream plan: job " + std::to_string(j) + " computes into a non-float dtype; only copies are allowed");
+    if (job.lowrank.rank != 0) {
+      const LowRank& lr = job.lowrank;
+      if (lr.rank < 0 || lr.rows <= 0 || lr.cols <= 0 || lr.a == nullptr || lr.b == nullptr)
+        throw Error("stream plan: job " + std::to_string(j) + " has an invalid low-rank term");
+      if (!dtype_is_float(job.inputs[0].dtype))
+        throw Error("stream plan: job " + std::to_string(j) + " adds a low-rank term to a non-float input");
+      if (lr.rows > job.numel / lr.cols || lr.rows * lr.cols != job.numel)
+        throw Error("stream plan: job " + std::to_string(j) + " has a low-rank term of " + std::to_string(lr.rows) + " x " +
+                    std::to_string(lr.cols) + " for " + std::to_string(job.numel) + " elements");
+    }
     for (const auto& in : job.inputs) {
       if (!copy && !dtype_is_float(in.dtype))
         throw Error("stream plan: job " + std::to_string(j) + " computes on a non-float input; only copies are allowed");
@@ -295,6 +305,9 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
         const StreamJob& job = plan.jobs[tk.job];
         layout(job, ins, out, m.slot);
         const bool copy = job.inputs.size() == 1 && job.inputs[0].dtype == job.out_dtype && job.inputs[0].coeff == 1.0f;
+        // A LoRA update is merged into input 0 in place, in input 0's dtype (the slot is ours).
+        if (compute && job.lowrank.rank > 0)
+          add_lowrank_range(ins[0], job.inputs[0].dtype, tk.start, tk.n, job.lowrank);
         if (compute && copy) {
           // Identity jobs (lambda = 0 tensors, integer buffers) keep their exact bytes.
           std::memcpy(out, ins[0], static_cast<size_t>(tk.n) * dtype_size(job.out_dtype));

@@ -40,6 +40,14 @@ inline void load_any(const void* p, DType t, int64_t off, float* dst, int64_t n)
   }
 }
 
+// A float32 view of elements [off, off + n): the input itself when it is float32, else its
+// conversion into buf.
+inline const float* view_or_load(const void* p, DType t, int64_t off, float* buf, int64_t n) {
+  if (t == DType::F32) return static_cast<const float*>(p) + off;
+  load_any(p, t, off, buf, n);
+  return buf;
+}
+
 template <DType T>
 inline void store_block(void* p, int64_t off, const float* src, int64_t n) {
   if constexpr (T == DType::F32) {
@@ -62,10 +70,64 @@ inline void store_any(void* p, DType t, int64_t off, const float* src, int64_t n
   }
 }
 
+// Reductions keep kLanes independent partial sums (element j goes to lane j % kLanes) and
+// combine them in a fixed order: the compiler can vectorise them without -ffast-math, the
+// result never depends on the host's vector width or thread count, and a float32 chain no
+// longer serialises on the add latency (a single accumulator made the statistics, not the
+// I/O, the bottleneck of the whole stream).
+constexpr int kLanes = 16;
+
+inline float combine(const float* s) {
+  float t[kLanes / 2];
+  for (int l = 0; l < kLanes / 2; ++l) t[l] = s[l] + s[l + kLanes / 2];
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+  return t[0];
+}
+
 inline float sum_sq(const float* x, int64_t n) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
-  return s;
+  float s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += x[j + l] * x[j + l];
+  for (int l = 0; j < n; ++j, ++l) s[l] += x[j] * x[j];
+  return combine(s);
+}
+
+// sum x*x, sum y*y and sum x*y in one pass.
+inline void sum_sq_dot(const float* x, const float* y, int64_t n, float& xx, float& yy, float& xy) {
+  float a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      a[l] += x[j + l] * x[j + l];
+      b[l] += y[j + l] * y[j + l];
+      c[l] += x[j + l] * y[j + l];
+    }
+  for (int l = 0; j < n; ++j, ++l) {
+    a[l] += x[j] * x[j];
+    b[l] += y[j] * y[j];
+    c[l] += x[j] * y[j];
+  }
+  xx = combine(a);
+  yy = combine(b);
+  xy = combine(c);
+}
+
+// sum of squares of the finite differences back - ref (non-finite ones count as 0).
+inline float sum_sq_diff_finite(const float* back, const float* ref, int64_t n) {
+  float s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = back[j + l] - ref[j + l];
+      s[l] += std::isfinite(d) ? d * d : 0.f;
+    }
+  for (int l = 0; j < n; ++j, ++l) {
+    const float d = back[j] - ref[j];
+    s[l] += std::isfinite(d) ? d * d : 0.f;
+  }
+  return combine(s);
 }
 
 // Runs fn(item) for item in [0, n_items) on up to num_threads() threads.
@@ -133,30 +195,30 @@ void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& i
   if (level == StatsLevel::None) stats = nullptr;
   const bool full = level == StatsLevel::Full;
   const size_t k = ins.size();
-  float acc[kBlock];
-  float x[kBlock];
-  float x0[kBlock];
+  float acc_buf[kBlock];
+  float x_buf[kBlock];
+  float x0_buf[kBlock];
   float back[kBlock];
+  // float32 inputs are read in place and a float32 output is accumulated in place (unless it
+  // aliases an input, as in scale_add): no staging copies on the float32 paths.
+  bool out_direct = out_dtype == DType::F32;
+  for (size_t q = 0; q < k; ++q) out_direct = out_direct && ins[q] != out;
   LinStats local;
   for (int64_t off = 0; off < n; off += kBlock) {
     const int64_t m = std::min(kBlock, n - off);
-    load_any(ins[0], in_dtypes[0], off, x0, m);
+    const float* x0 = view_or_load(ins[0], in_dtypes[0], off, x0_buf, m);
+    float* acc = out_direct ? static_cast<float*>(out) + off : acc_buf;
     const float c0 = coeffs[0];
     for (int64_t j = 0; j < m; ++j) acc[j] = c0 * x0[j];
     float in0_sq = 0.f, in1_sq = 0.f, in01 = 0.f;
     for (size_t q = 1; q < k; ++q) {
-      load_any(ins[q], in_dtypes[q], off, x, m);
+      const float* x = view_or_load(ins[q], in_dtypes[q], off, x_buf, m);
       const float c = coeffs[q];
       for (int64_t j = 0; j < m; ++j) acc[j] = acc[j] + c * x[j];
-      if (stats && full && q == 1) {
-        for (int64_t j = 0; j < m; ++j) {
-          in0_sq += x0[j] * x0[j];
-          in1_sq += x[j] * x[j];
-          in01 += x0[j] * x[j];
-        }
-      }
+      if (stats && full && q == 1) sum_sq_dot(x0, x, m, in0_sq, in1_sq, in01);
     }
-    store_any(out, out_dtype, off, acc, m);
+    if (!out_direct) store_any(out, out_dtype, off, acc, m);
+    float* x = x_buf;
     if (stats && !full) {
       const float s = sum_sq(acc, m);  // finite iff every element is (and no overflow)
       if (!std::isfinite(s)) {
@@ -187,16 +249,33 @@ void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& i
       }
       if (out_dtype != DType::F32) {
         load_any(out, out_dtype, off, back, m);
-        float r = 0.f;
-        for (int64_t j = 0; j < m; ++j) {
-          const float d = back[j] - acc[j];
-          if (std::isfinite(d)) r += d * d;
-        }
-        local.round_sq += r;
+        local.round_sq += sum_sq_diff_finite(back, acc, m);
       }
     }
   }
   if (stats) stats->merge(local);
+}
+
+SG_TARGET_CLONES
+void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr) {
+  float d[kBlock];
+  float w[kBlock];
+  for (int64_t i = start, end = start + n; i < end;) {
+    const int64_t row = i / lr.cols, col = i % lr.cols;
+    const int64_t m = std::min<int64_t>({kBlock, lr.cols - col, end - i});
+    for (int64_t j = 0; j < m; ++j) d[j] = 0.f;
+    const float* brow = lr.b + row * lr.rank;
+    for (int64_t q = 0; q < lr.rank; ++q) {
+      const float bq = brow[q];
+      const float* arow = lr.a + q * lr.cols + col;
+      for (int64_t j = 0; j < m; ++j) d[j] = d[j] + bq * arow[j];
+    }
+    const int64_t off = i - start;
+    load_any(x, dtype, off, w, m);
+    for (int64_t j = 0; j < m; ++j) w[j] = w[j] + d[j] * lr.scale;
+    store_any(x, dtype, off, w, m);
+    i += m;
+  }
 }
 
 void check_pairs(const char* what, size_t n_dst, size_t n_src, size_t n_coeff, const int64_t* dst_numel,
@@ -259,9 +338,12 @@ std::vector<double> dot_cpu(const std::vector<ConstSpan>& a, const std::vector<C
       const int64_t m = std::min(kBlock, w.len - off);
       load_any(a[w.tensor].ptr, a[w.tensor].dtype, w.start + off, xa, m);
       load_any(b[w.tensor].ptr, b[w.tensor].dtype, w.start + off, xb, m);
-      float s = 0.f;
-      for (int64_t j = 0; j < m; ++j) s += xa[j] * xb[j];
-      acc += s;
+      float s[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= m; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) s[l] += xa[j + l] * xb[j + l];
+      for (int l = 0; j < m; ++j, ++l) s[l] += xa[j] * xb[j];
+      acc += combine(s);
     }
     partial[it] = acc;
   });

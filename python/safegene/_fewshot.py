@@ -135,14 +135,21 @@ def pad_id_of(tokenizer) -> int:
 
 
 def load_model(path: Union[str, Path], device="cpu", dtype=None):
-    """Load an HF causal LM + tokenizer from a directory, in eval mode."""
+    """Load an HF causal LM + tokenizer in eval mode from a directory, a Hub id, or
+    ``BASE+ADAPTER_DIR`` (the base with the PEFT LoRA adapter merged into it in place)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
+    from .hub import resolve_target
+
+    path, adapter = resolve_target(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
     kw = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kw).to(device).eval()
+    if adapter is not None:
+        from .lora import merge_lora_into_model
+
+        merge_lora_into_model(model, adapter)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
 

@@ -29,6 +29,8 @@ class Plan:
     in_mtimes: list[int] = field(default_factory=list)
     out_paths: list[str] = field(default_factory=list)
     jobs: list[tuple[int, int, int, int, list[tuple[int, int, int, float]]]] = field(default_factory=list)
+    #: ``(job, A, B, scale)``: a LoRA update merged into that job's input 0 (float32 numpy factors)
+    lowrank: list[tuple[int, Any, Any, float]] = field(default_factory=list)
     _in_index: dict[str, int] = field(default_factory=dict)
     _out_index: dict[str, int] = field(default_factory=dict)
     _expected: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -55,8 +57,19 @@ class Plan:
             self.in_mtimes.append(mtime)
         return self._in_index[key]
 
-    def add(self, out_path: Path, out_offset: int, out_dtype: str, numel: int, inputs: Sequence[tuple[TensorInfo, float]]) -> int:
-        """Add a job ``out = sum(c * t for t, c in inputs)``; returns its index."""
+    def add(
+        self,
+        out_path: Path,
+        out_offset: int,
+        out_dtype: str,
+        numel: int,
+        inputs: Sequence[tuple[TensorInfo, float]],
+        lowrank: "tuple[Any, Any, float] | None" = None,
+    ) -> int:
+        """Add a job ``out = sum(c * t for t, c in inputs)``; returns its index.
+
+        ``lowrank = (A, B, scale)`` first merges the LoRA update ``scale · B @ A`` into the
+        first input, rounded to that input's dtype (A is (r, cols), B is (rows, r))."""
         key = str(out_path)
         if key not in self._out_index:
             self._out_index[key] = len(self.out_paths)
@@ -65,6 +78,13 @@ class Plan:
         if dtype_code(out_dtype) == RAW_CODE:
             numel = inputs[0][0].nbytes  # opaque bytes: copied, never computed
         self.jobs.append((self._out_index[key], out_offset, dtype_code(out_dtype), numel, ins))
+        if lowrank is not None:
+            import numpy as np
+
+            a, b, scale = lowrank
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            b = np.ascontiguousarray(b, dtype=np.float32)
+            self.lowrank.append((len(self.jobs) - 1, a, b, float(scale)))
         return len(self.jobs) - 1
 
     @property
@@ -94,7 +114,7 @@ def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, st
 
     try:
         level = {"none": 0, "guard": 1, "full": 2}[stats]
-        return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb, level)
+        return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb, level, plan.lowrank)
     except c.CoreError as exc:
         raise SafeGeneError(str(exc)) from None
     finally:

@@ -7,6 +7,10 @@ to S. The output keeps the target's dtypes and shard layout (renamed to the stan
 ``model-0000i-of-0000N.safetensors``), with ``{"format": "pt"}`` headers and the target's
 config/tokenizer/generation files, and appears only when complete.
 
+A target may be ``BASE+ADAPTER_DIR`` (a PEFT LoRA adapter): it is treated as the merged model
+``W + scale·B·A`` exactly as PEFT's ``merge_and_unload()`` would store it, formed chunk by chunk
+inside the stream; the merged model never exists in memory or on disk.
+
 >>> apply("gene/", "task-model/", "patched/", coeffs={"layer.2": 0.8, "layer.3": 1.1})  # doctest: +SKIP
 >>> apply_to_model(model, "gene/", {"layer.3": 1.0})  # doctest: +SKIP
 """
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from ._stream import Plan, atomic_output_dir, run_plan
 from .checkpoint import (
+    Checkpoint,
     OutTensor,
     check_output_location,
     copy_companions,
@@ -32,7 +37,7 @@ from .checkpoint import (
     shard_names,
     write_index,
 )
-from .errors import GeneError, NonFiniteError, UsageError
+from .errors import CheckpointError, GeneError, NonFiniteError, UsageError
 from .gene import Gene, load_gene
 from .hub import resolve_target
 
@@ -118,7 +123,7 @@ def apply(
 ) -> "ApplyResult | list[ApplyResult]":
     """Write θ_target + Σ λ τ to ``out`` (a new HF model directory).
 
-    ``target`` is a local model directory or a Hub id (``org/name[@revision]``); ``target`` and ``out`` may be lists of equal length to patch several task models with one
+    ``target`` is a local model directory, a Hub id (``org/name[@revision]``) or ``BASE+ADAPTER_DIR`` (a PEFT LoRA adapter merged on the fly); ``target`` and ``out`` may be lists of equal length to patch several task models with one
     gene load. Exactly one of ``scale`` (uniform λ, RESTA) and ``coeffs`` (mapping, COEFFS.json
     path, or :class:`safegene.calibrate.Coeffs`) is required.
 
@@ -144,18 +149,14 @@ def _apply_one(
         raise UsageError("the memory budget must be positive")
     t0 = time.perf_counter()
     base, adapter = resolve_target(target)
-    if adapter is not None:
-        raise UsageError(
-            f"{target}: a BASE+ADAPTER target is not streamed by apply yet; merge it in memory with "
-            "safegene.lora.merge_lora_into_model and save it, or use PEFT's merge_and_unload()"
-        )
     tgt = open_checkpoint(base)
     g.check_target(tgt)
     gv = open_checkpoint(g.vectors_path)
     missing = [n for n in g.tensor_names if n not in gv.tensors]
     if missing:
         raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")
-    check_output_location(out, [tgt.root, g.path])
+    check_output_location(out, [tgt.root, g.path] + ([adapter] if adapter is not None else []))
+    lora = _lora_factors(tgt, adapter) if adapter is not None else {}
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}
@@ -166,6 +167,13 @@ def _apply_one(
         emb, head = tied
         lam[head] = lam.get(emb, 0.0)
         vec_of[head] = emb
+        if head in lora:
+            raise UsageError(
+                f"{adapter}: the adapter trains {head!r}, which this model ties to {emb!r}; a LoRA on a tied head "
+                "would untie them. Merge it with PEFT and save the merged model instead"
+            )
+        if emb in lora:
+            lora[head] = lora[emb]
 
     # Keep the target's shard grouping (one output file per input file), in file order.
     groups = [sorted(f.tensors.values(), key=lambda t: t.offset) for f in tgt.files]
@@ -182,12 +190,16 @@ def _apply_one(
         for f, group in zip(files, groups):
             for ot, t in zip(f.tensors, group):
                 c = lam.get(t.name, 0.0)
+                lr = lora.get(t.name)
                 if c != 0.0 and t.is_float:
-                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[vec_of[t.name]], c)])
+                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[vec_of[t.name]], c)], lowrank=lr)
                     patched.append((t.name, j))
                 else:
-                    plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)])
-                    n_copied += 1
+                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)], lowrank=lr)
+                    if lr is not None:
+                        patched.append((t.name, j))
+                    else:
+                        n_copied += 1
         res = run_plan(plan, int(budget_mb * 2**20), f"apply {tgt.root.name}", progress, stats="guard")
         bad = [n for n, j in patched if res["stats"][j][5] > 0]
         if bad and not allow_nonfinite:
@@ -199,6 +211,20 @@ def _apply_one(
             write_index(tmp, files)
         copy_companions(tgt.root, tmp)
     return ApplyResult(out, len(patched), n_copied, res["bytes_written"], time.perf_counter() - t0, {k: v for k, v in lam.items() if v})
+
+
+def _lora_factors(tgt: Checkpoint, adapter: Path) -> dict[str, tuple[Any, Any, float]]:
+    """The adapter's LoRA factors per base tensor as float32 numpy arrays (A (r, in), B (out, r),
+    scale), validated against the base; only these small factors are held in memory, the
+    merged weight W + scale·B·A is formed chunk by chunk inside the stream."""
+    from .lora import lora_target_delta
+
+    out: dict[str, tuple[Any, Any, float]] = {}
+    for name, (a, b, scale) in lora_target_delta(tgt, adapter).items():
+        if not tgt.tensors[name].is_float:
+            raise CheckpointError(f"{adapter}: the adapter updates {name!r}, which is not a float tensor in the base")
+        out[name] = (a.numpy(), b.numpy(), scale)
+    return out
 
 
 def _tied_pair(ckpt) -> tuple[str, str] | None:

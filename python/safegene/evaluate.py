@@ -182,11 +182,14 @@ def comparison_table(reports: Mapping[str, EvalReport], task: str | None = None)
 
 # ---- generation -----------------------------------------------------------------------------
 def load_model(path: str | Path, device: str | None = None):
-    """Load a local HF causal-LM directory and its tokenizer (safetensors only)."""
+    """Load an HF causal-LM and its tokenizer (safetensors only) from a directory, a Hub id, or
+    ``BASE+ADAPTER_DIR`` (the base with the PEFT LoRA adapter merged into it in place)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = Path(path)
+    from .hub import resolve_target
+
+    p, adapter = resolve_target(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p}: not a model directory (no config.json)")
     if not any(p.glob("*.safetensors")):
@@ -205,6 +208,10 @@ def load_model(path: str | Path, device: str | None = None):
     finally:
         if bars_on:
             hf_logging.enable_progress_bar()
+    if adapter is not None:
+        from .lora import merge_lora_into_model
+
+        merge_lora_into_model(model, adapter)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), tok
 

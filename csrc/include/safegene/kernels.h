@@ -58,6 +58,23 @@ void lincomb_range(void* out, DType out_dtype, const std::vector<const void*>& i
                    const std::vector<DType>& in_dtypes, const std::vector<float>& coeffs, int64_t n,
                    LinStats* stats, StatsLevel level = StatsLevel::Full);
 
+// A low-rank term scale * B @ A over a rows x cols matrix stored row-major: A is rank x cols
+// and B is rows x rank, float32, row-major (a PEFT LoRA update oriented to the weight).
+struct LowRank {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t rank = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float scale = 0.f;
+};
+
+// x[i] = round_dtype(x[i] + scale * (B @ A)[start + i]) for i in [0, n), x holding elements
+// [start, start + n) of the matrix in `dtype`: the merged weight exactly as PEFT's
+// merge_and_unload stores it (float32 math, (B @ A) summed over the rank in order, then
+// scaled, then added, then one rounding into the weight's own dtype).
+void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr);
+
 // dst_i += coeffs[i] * src_i for every pair; threads split the total work.
 void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,
                    const std::vector<float>& coeffs);

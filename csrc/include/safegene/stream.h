@@ -33,6 +33,10 @@ struct StreamJob {
   DType out_dtype;
   int64_t numel;
   std::vector<StreamInput> inputs;
+  // Optional LoRA update merged into input 0 (in its own dtype) before the combination:
+  // out = c_0 * round(in_0 + scale * B @ A) + sum_{k>0} c_k * in_k. rank 0 = none. The
+  // factors belong to the caller and must outlive the run.
+  LowRank lowrank;
 };
 
 struct StreamPlan {

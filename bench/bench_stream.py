@@ -5,9 +5,11 @@ One command, one run, the same synthetic bf16 Llama-shaped checkpoints for every
     python bench/bench_stream.py --size-gb 1.2 --size-gb 4 --out bench/results_stream.md
 
 Each measurement runs in its own child process (so its peak RSS is its own) after the page
-cache has been warmed with a full read of its inputs; the table reports the median of
-``--repeats`` runs, GB/s over the bytes read + written, the ratio to the roofline of the same
-operation, and peak RSS. The roofline is the core's own pipeline with the arithmetic switched
+cache has been warmed with a full read of its inputs and dirty pages synced. The roofline,
+safegene and mergekit runs are interleaved in ``--repeats`` rounds (A B C A B C …) so that the
+machine's drift hits them alike; the table reports the median wall time, GB/s over the bytes
+read + written, the median over rounds of the ratio to the roofline of the same operation
+measured in the same round, and peak RSS. The naive torch merges run afterwards. The roofline is the core's own pipeline with the arithmetic switched
 off: every input byte is pread and every output byte pwritten, overlapped, as fast as this
 machine allows.
 """
@@ -188,23 +190,50 @@ def _roofline(op: str, args: list[str]) -> int:
     return r["bytes_read"] + r["bytes_written"]
 
 
-def measure(op: str, args: list[str], warm: list[Path], repeats: int, cleanup: list[Path]) -> dict:
-    runs = []
+def _run_once(op: str, args: list, warm: list[Path], cleanup: list[Path]) -> dict:
+    for p in cleanup:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    os.sync()  # earlier runs' dirty pages must not be written back on this run's clock
+    for w in warm:  # page cache warm: a full read of the inputs first
+        for f in ([w] if w.is_file() else w.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    cp = subprocess.run([sys.executable, __file__, "--child", op, *map(str, args)], capture_output=True, text=True)
+    if cp.returncode != 0:
+        return {"error": cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else f"exit {cp.returncode}"}
+    return json.loads(cp.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list[dict]) -> dict:
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return {"error": bad[0]["error"]}
+    return {"wall": statistics.median(r["wall"] for r in runs), "walls": [r["wall"] for r in runs],
+            "bytes": runs[0]["bytes"], "rss_mib": max(r["rss_mib"] for r in runs)}
+
+
+def measure(op: str, args: list, warm: list[Path], repeats: int, cleanup: list[Path]) -> dict:
+    """``repeats`` runs of one operation back to back; median wall time."""
+    return _summary([_run_once(op, args, warm, cleanup) for _ in range(repeats)])
+
+
+def measure_rounds(specs: dict[str, tuple], repeats: int) -> dict[str, dict]:
+    """Interleaved rounds: every round runs each spec once, in order (A B C A B C ...), so a
+    slow drift of the machine (other processes, writeback) hits every operation alike; ratios
+    are then taken per round (see ``ratio_per_round``)."""
+    runs: dict[str, list[dict]] = {k: [] for k in specs}
     for _ in range(repeats):
-        for p in cleanup:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        os.sync()  # earlier runs' dirty pages must not be written back on this run's clock
-        for w in warm:  # page cache warm: a full read of the inputs first
-            for f in ([w] if w.is_file() else w.glob("*.safetensors")):
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 24):
-                        pass
-        cp = subprocess.run([sys.executable, __file__, "--child", op, *map(str, args)], capture_output=True, text=True)
-        if cp.returncode != 0:
-            return {"error": cp.stderr.strip().splitlines()[-1] if cp.stderr.strip() else f"exit {cp.returncode}"}
-        runs.append(json.loads(cp.stdout.strip().splitlines()[-1]))
-    med = statistics.median(r["wall"] for r in runs)
-    return {"wall": med, "walls": [r["wall"] for r in runs], "bytes": runs[0]["bytes"], "rss_mib": max(r["rss_mib"] for r in runs)}
+        for name, (op, args, warm, cleanup) in specs.items():
+            runs[name].append(_run_once(op, args, warm, cleanup))
+    return {k: {**_summary(v), "runs": v} for k, v in runs.items()}
+
+
+def ratio_per_round(x: dict, base: dict) -> float | None:
+    """Median over rounds of wall(x) / wall(base) measured in the same round."""
+    if "error" in x or "error" in base or "runs" not in x or "runs" not in base:
+        return None
+    return statistics.median(a["wall"] / b["wall"] for a, b in zip(x["runs"], base["runs"]))
 
 
 def main() -> None:
@@ -228,16 +257,19 @@ def main() -> None:
         w = root / f"{size:g}gb" / "work"
         w.mkdir(exist_ok=True)
         gene = w / "gene"
-        res = {}
-        res["roofline extract"] = measure("roofline-extract", [fam["aligned"], fam["degraded"], w / "rx"], [fam["aligned"], fam["degraded"]], a.repeats, [w / "rx"])
-        res["safegene extract"] = measure("extract", [fam["aligned"], fam["degraded"], gene], [fam["aligned"], fam["degraded"]], a.repeats, [gene])
-        res["roofline apply"] = measure("roofline-apply", [fam["target"], gene, w / "ra"], [fam["target"], gene], a.repeats, [w / "ra"])
-        res["safegene apply"] = measure("apply", [gene, fam["target"], w / "out"], [fam["target"], gene], a.repeats, [w / "out"])
+        specs = {
+            "roofline extract": ("roofline-extract", [fam["aligned"], fam["degraded"], w / "rx"], [fam["aligned"], fam["degraded"]], [w / "rx"]),
+            "safegene extract": ("extract", [fam["aligned"], fam["degraded"], gene], [fam["aligned"], fam["degraded"]], [gene]),
+            "roofline apply": ("roofline-apply", [fam["target"], gene, w / "ra"], [fam["target"], gene], [w / "ra"]),
+            "safegene apply": ("apply", [gene, fam["target"], w / "out"], [fam["target"], gene], [w / "out"]),
+        }
+        if have_mergekit and size <= a.skip_baselines_above_gb:
+            specs["mergekit task_arithmetic (one pass)"] = (
+                "mergekit", [fam["aligned"], fam["degraded"], fam["target"], w / "mk"], [fam["aligned"], fam["degraded"], fam["target"]], [w / "mk" / "out"])
+        res = measure_rounds(specs, a.repeats)
         if size <= a.skip_baselines_above_gb:
             res["naive torch extract"] = measure("naive-extract", [fam["aligned"], fam["degraded"], w / "naive_tau.safetensors"], [fam["aligned"], fam["degraded"]], a.repeats, [w / "naive_tau.safetensors"])
             res["naive torch apply"] = measure("naive-apply", [fam["target"], w / "naive_tau.safetensors", w / "naive_out.safetensors"], [fam["target"]], a.repeats, [w / "naive_out.safetensors"])
-            if have_mergekit:
-                res["mergekit task_arithmetic (one pass)"] = measure("mergekit", [fam["aligned"], fam["degraded"], fam["target"], w / "mk"], [fam["aligned"], fam["degraded"], fam["target"]], a.repeats, [w / "mk" / "out"])
         for k in ("rx", "ra", "out", "mk", "naive_tau.safetensors", "naive_out.safetensors"):
             p = w / k
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -249,9 +281,12 @@ def main() -> None:
             rows.append((size_real, name, r, base))
         shutil.rmtree(gene, ignore_errors=True)
         if "mergekit task_arithmetic (one pass)" in res and "error" not in res["mergekit task_arithmetic (one pass)"]:
-            mk = res["mergekit task_arithmetic (one pass)"]["wall"]
-            rows.append((size_real, f"ratio mergekit / safegene apply = {mk / res['safegene apply']['wall']:.1f}x; "
-                                    f"mergekit / (extract + apply) = {mk / (res['safegene extract']['wall'] + res['safegene apply']['wall']):.1f}x", None, None))
+            mkr = res["mergekit task_arithmetic (one pass)"]["runs"]
+            r_apply = statistics.median(m["wall"] / x["wall"] for m, x in zip(mkr, res["safegene apply"]["runs"]))
+            r_both = statistics.median(m["wall"] / (x["wall"] + y["wall"])
+                                       for m, x, y in zip(mkr, res["safegene extract"]["runs"], res["safegene apply"]["runs"]))
+            rows.append((size_real, f"ratio mergekit / safegene apply = {r_apply:.1f}x; "
+                                    f"mergekit / (extract + apply) = {r_both:.1f}x (medians of per-round ratios)", None, None))
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -259,7 +294,7 @@ def main() -> None:
         pass
     lines = [
         f"### Streaming extract/apply ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu}, "
-        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, page cache warm, median of {a.repeats})",
+        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, page cache warm, {a.repeats} interleaved rounds; wall = median, × roofline = median of per-round ratios)",
         "",
         "| checkpoint | method | wall s | GB/s | × roofline | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|",
@@ -270,7 +305,8 @@ def main() -> None:
         elif "error" in r:
             lines.append(f"| {size:.2f} GB | {name} | failed: {r['error'][:80]} | | | |")
         else:
-            ratio = f"{r['wall'] / base['wall']:.2f}" if base and "wall" in base else "–"
+            per_round = ratio_per_round(r, base) if base else None
+            ratio = f"{per_round:.2f}" if per_round is not None else f"{r['wall'] / base['wall']:.2f}" if base and "wall" in base else "–"
             lines.append(f"| {size:.2f} GB | {name} | {r['wall']:.2f} | {r['bytes'] / r['wall'] / 1e9:.2f} | {ratio} | {r['rss_mib']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -91,6 +91,21 @@ def _kind(a: argparse.Action) -> str:
     return "str"
 
 
+def _check_mapping(
+    value: Any, not_mapping: str, where: str = "", allowed: "Any" = None, normalize: "Any" = None
+) -> None:
+    """``value`` must be a mapping (else ``not_mapping, got <type>``) whose keys, after
+    ``normalize``, are all in ``allowed`` (when given; else an unknown-key error with a hint)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{not_mapping}, got {type(value).__name__}")
+    if allowed is None:
+        return
+    for k in value:
+        key = normalize(str(k)) if normalize else str(k)
+        if key not in allowed:
+            raise _unknown(where, key, list(allowed))
+
+
 def _unknown(where: str, key: str, allowed: list[str]) -> ConfigError:
     near = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -169,11 +184,7 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     where = f"{src}: "
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(raw).__name__}")
-    for k in raw:
-        if k not in TOP_KEYS:
-            raise _unknown(where, str(k), list(TOP_KEYS))
+    _check_mapping(raw, f"{src}: expected a mapping of keys ({', '.join(TOP_KEYS)})", where, TOP_KEYS)
     cfg: dict[str, Any] = {"_source": src, "_base": str(base)}
 
     def abspath(v: str) -> str:
@@ -201,17 +212,15 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
         if section not in raw:
             continue
         body = raw[section] if raw[section] is not None else {}
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}{section}: expected a mapping of {section} flags, got {type(body).__name__}")
+        _check_mapping(body, f"{where}{section}: expected a mapping of {section} flags")
         if section not in subs:
             raise ConfigError(f"{where}{section}: this safegene has no `{section}` command")
         opts = _options(subs[section], section)
         sec: dict[str, Any] = {}
         w = f"{where}{section}."
+        _check_mapping(body, "", w, opts, normalize=lambda k: k.replace("-", "_"))
         for k, v in body.items():
             k = str(k).replace("-", "_")
-            if k not in opts:
-                raise _unknown(w, k, list(opts))
             if v is None:
                 continue
             a = opts[k]
@@ -245,11 +254,7 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     targets = []
     for i, t in enumerate(tl):
         w = f"{where}targets[{i}]."
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where}targets[{i}]: expected a mapping with model and output, got {type(t).__name__}")
-        for k in t:
-            if k not in TARGET_KEYS:
-                raise _unknown(w, str(k), list(TARGET_KEYS))
+        _check_mapping(t, f"{where}targets[{i}]: expected a mapping with model and output", w, TARGET_KEYS)
         for k in ("model", "output"):
             if k not in t:
                 raise ConfigError(f"{w}{k}: missing")

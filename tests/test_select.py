@@ -1,4 +1,4 @@
-"""Layer selection: the two scores, determinism, gene.json and the plot."""
+"""Layer selection: the three scores, determinism, gene.json and the plot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from safegene.errors import UsageError  # noqa: E402
-from safegene.select import choose, compute_scores, layer_states, select_layers  # noqa: E402
+from safegene.select import (  # noqa: E402
+    choose, compute_scores, layer_states, refusal_openings, restore_scores, select_layers)
 
 import tiny_models as tm  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_select_is_deterministic_and_writes_gene_json(family, tmp_path):
     assert a["all_scores"]["contrast"]["layer.0"] == 0.0 and a["all_scores"]["contrast"]["layer.1"] == 0.0
     assert a["selected"] == ["layer.2", "layer.3"]
     assert Gene.load(gene_dir).selection["selected"] == ["layer.2", "layer.3"]
-    assert ja["method"] == "contrast" and set(ja["all_scores"]) == {"refusal", "contrast"}
+    assert ja["method"] == "contrast" and set(ja["all_scores"]) == {"restore", "refusal", "contrast"}
     png = (tmp_path / "p0.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
@@ -100,3 +101,47 @@ def test_select_rejects_unknown_score(family):
     dirs, gene_dir = family
     with pytest.raises(UsageError):
         select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, score="nope")
+
+
+def test_restore_score_rates_every_gene_key_and_leaves_the_model_as_it_was(family):
+    from safegene import _fewshot
+    from safegene.gene import Gene
+
+    dirs, gene_dir = family
+    gene = Gene.load(gene_dir)
+    model, tok = _fewshot.load_model(dirs["degraded"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert refusal_openings(tok, tm.HARMFUL) == tok("i", add_special_tokens=False)["input_ids"][:1]
+    s = restore_scores(gene, (model, tok), tm.HARMFUL, tm.BENIGN)
+    assert list(s) == gene.layer_keys() and "lm_head" in s  # not only decoder blocks
+    # degraded differs from aligned only in blocks 2 and 3: elsewhere τ = 0 changes nothing
+    assert s["layer.0"] == 0.0 and s["layer.1"] == 0.0 and s["lm_head"] == 0.0
+    assert s["layer.2"] != 0.0 or s["layer.3"] != 0.0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # patched keys copied back exactly
+    # adding the whole τ to D gives back A: the restored refusal probability is A's
+    from safegene.select import refusal_probability
+
+    ids = refusal_openings(tok, tm.HARMFUL)
+    a_model, _ = _fewshot.load_model(dirs["aligned"])
+    pA = refusal_probability(a_model, tok, tm.HARMFUL, ids)
+    pD = refusal_probability(model, tok, tm.HARMFUL, ids)
+    assert pA.shape == (len(tm.HARMFUL),) and bool(((pA >= 0) & (pA <= 1)).all()) and not torch.equal(pA, pD)
+
+
+def test_restore_is_the_default_and_needs_refusals(family):
+    dirs, gene_dir = family
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, top_k=2, write=False)
+    assert res["method"] == "restore" and len(res["selected"]) == 2
+    best = sorted(res["scores"], key=lambda k: -res["scores"][k])[:2]
+    assert set(res["selected"]) == set(best)
+    bare = [{"prompt": r["prompt"]} for r in tm.HARMFUL]
+    with pytest.raises(UsageError, match="refusal"):
+        select_layers(gene_dir, dirs["aligned"], dirs["degraded"], bare, tm.BENIGN, top_k=2, write=False)
+    # the activation scores need no refusals; a refusal text stands in for missing completions
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], bare, tm.BENIGN, top_k=2, score="refusal",
+                        write=False)
+    assert set(res["all_scores"]) == {"refusal", "contrast"}
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], bare, tm.BENIGN, top_k=2,
+                        refusal="i cannot help with that .", write=False)
+    assert "lm_head" in res["all_scores"]["restore"]

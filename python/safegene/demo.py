@@ -3,16 +3,17 @@
 1. build (or load from the cache) the organism: base → aligned → degraded, and one task model
    per task, each fine-tuned from the aligned model;
 2. extract the gene τ = θ_aligned − θ_degraded;
-3. select layers (both scores are computed and reported; the default one decides);
+3. select the gene's keys (decoder blocks and the LM head / final norm / embeddings; every
+   score is computed and reported, the default ``restore`` decides);
 4. for every task model, build and evaluate on the held-out split:
 
    ============== ==============================================================
    none           the task model as fine-tuned
    RESTA          θ_T + γτ on all tensors, γ grid-searched on the calibration split
    SafeMERGE      per-layer cosine rule, λ_l = 1 where cos(θ_T − θ_A, τ) < 0
-   no-selection   SafeGene's calibration on every decoder block
-   no-calibration the selected blocks at λ = 1
-   SafeGene       the selected blocks, λ calibrated few-shot (the method)
+   no-selection   SafeGene's calibration on every key of the gene (all tensors)
+   no-calibration the selected keys at λ = 1
+   SafeGene       the selected keys, λ calibrated few-shot (the method)
    ============== ==============================================================
 
 and print one markdown table, a JSON of everything, and a PNG of the safety–utility plane.
@@ -229,8 +230,8 @@ def run_demo(
         if "no-selection" in methods:
             t = time.perf_counter()
             model.load_state_dict(pristine)
-            c = calibrate(gene, model, org.harmful_calib, utility, layers="all", tokenizer=tok, steps=calib_steps,
-                          log=None)
+            c = calibrate(gene, model, org.harmful_calib, utility, layers=gene.layer_keys(), tokenizer=tok,
+                          steps=calib_steps, log=None)
             sec = time.perf_counter() - t
             add("no-selection", ev(in_memory(c.coeffs), task), _lam_summary(c.coeffs), sec, c.coeffs,
                 grid=_grid_brief(c))
@@ -289,10 +290,13 @@ def run_demo(
 def _lam_summary(coeffs: dict[str, float]) -> str:
     if not coeffs:
         return "λ = 0"
-    parts = [f"{k.replace('layer.', 'L')}={v:.2f}" for k, v in coeffs.items() if k.startswith("layer.")]
+    from .gene import key_sort
+
+    short = {"embed": "emb", "final_norm": "norm", "lm_head": "head"}
+    parts = [f"{short.get(k, k.replace('layer.', 'L'))}={coeffs[k]:.2f}" for k in sorted(coeffs, key=key_sort)]
     if len(parts) > 4:
         vals = list(coeffs.values())
-        return f"{len(vals)} layers, λ {min(vals):.2f}–{max(vals):.2f}"
+        return f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f}"
     return " ".join(parts)
 
 
@@ -324,7 +328,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="organism cache (default $SAFEGENE_CACHE or ~/.cache/safegene)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", nargs="+", default=None, help="task models to run (default: all)")
-    p.add_argument("--score", default=None, choices=["refusal", "contrast"], help="layer score (default: refusal)")
+    p.add_argument("--score", default=None, choices=["restore", "refusal", "contrast"],
+                   help="selection score (default: restore)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--judge", default="organism")
     p.add_argument("--max-new-tokens", type=int, default=24)

@@ -1,13 +1,27 @@
-"""Data-aware layer selection: which decoder blocks carry the safety-specific part of τ.
+"""Data-aware layer selection: which keys of the gene carry the safety-specific part of τ.
 
-Both models (aligned θ_A, degraded θ_D) are run — one at a time — on harmful prompts H and
-benign prompts B, with a forward hook on every decoder block. Per prompt and block only the
-hidden state at the *last prompt token* (the position that emits the first response token,
-which is where a model decides to refuse) is kept, so the cache is N × (L+1) × d floats and
-the second model never shares memory with the first.
+A key is a decoder block (``layer.<i>``) or one of the tensors outside the blocks (``embed``,
+``final_norm``, ``lm_head``). Three scores are computed (all are written to gene.json; one
+drives the selection):
 
-With ``h_l`` the residual stream after block l and ``δ_l = h_l − h_{l−1}`` what block l itself
-writes, two scores are computed for every block (both always, one drives the selection):
+``"restore"`` (default; every key)
+    Interventional. With the refusal openings ``R`` (the first token of each harmful record's
+    refusal completion) and ``p(θ, x) = P(first response token ∈ R | x)``, add one key's τ
+    alone to the degraded model and measure::
+
+        s_k = mean_H [p(θ_D + τ_k) − p(θ_D)] − mean_B [p(θ_D + τ_k) − p(θ_D)]
+
+    — how much that key alone brings refusals back on harmful prompts H, minus how much it
+    makes benign prompts B refused. It needs harmful prompts with refusals (``refusal=`` fills
+    records without one). It is the only score that can rate the LM head: a tiny model's
+    refusal is decided by its first response token, and the eager ``sure !`` opening that the
+    degradation taught lives largely in ``lm_head``.
+
+The other two read activations and rate decoder blocks only. Both models (aligned θ_A,
+degraded θ_D) are run — one at a time — on H and B with a forward hook on every block; per
+prompt and block only the hidden state at the *last prompt token* (where the model decides to
+refuse) is kept, so the cache is N × (L+1) × d floats. With ``h_l`` the residual stream after
+block l and ``δ_l = h_l − h_{l−1}`` what block l itself writes:
 
 ``"contrast"``
     ``mean_H ‖δ^A_l − δ^D_l‖ / mean_B ‖δ^A_l − δ^D_l‖`` — how much more the block's output
@@ -21,23 +35,17 @@ writes, two scores are computed for every block (both always, one drives the sel
 
         s_l = (mean_H ⟨δ^A_l − δ^D_l, r_l⟩ − mean_B ⟨δ^A_l − δ^D_l, r_l⟩) / rms_l
 
-    where ``rms_l`` is the RMS norm of ``h^A_l`` over all prompts, so layers are comparable
-    although the residual stream grows with depth. It counts only the part of the A–D change
-    that pushes harmful prompts (more than benign ones) towards refusing — the component the
-    gene must restore.
+    where ``rms_l`` is the RMS norm of ``h^A_l`` over all prompts.
 
-Default: ``"refusal"``. It is the score whose sign means something (a block whose A–D change
-moves harmful prompts *away* from refusal scores below zero and is never picked), it ignores
-harm-specific changes orthogonal to refusal (e.g. a fine-tune that rewrote the topic
-features). Measured on the model organism (seed 0, 4 blocks): "refusal" picks blocks {0, 3},
-"contrast" picks {0, 1}; calibrated on {0, 3} the held-out ASR is 15 / 21 / 34 % (sentiment /
-topic / yesno task models), calibrated on {0, 1} it is 87 % (topic) and 97 % (yesno) at the
-same 100 % task accuracy — the contrast ratio ranks blocks by *how much* changed, and the
-early blocks change most without carrying the refusal. Both scores are always written to
-gene.json.
+Measured on the model organism (seed 0, recipe key 64e1b374f26b1e3a; calibration split only):
+"restore" scores L0 0.218, L3 0.144, lm_head 0.135, L1 0.099, L2 0.095, embed 0.027,
+final_norm 0.002 and selects {L0, L3, lm_head}; "refusal" selects {L0, L3} (the same blocks),
+"contrast" {L0, L1}. Calibrated on {L0, L3, lm_head} the held-out ASR is 0 / 0 / 0 %
+(sentiment / topic / yesno task models) at 100 % task accuracy and 0 % over-refusal; on
+{L0, L3} 15 / 21 / 34 %; on {L0, L1} 87 % (topic) and 97 % (yesno).
 
-Selection: ``top_k`` blocks by score, or all blocks whose score is at least ``threshold``
-times the best one (default threshold 0.5 when neither is given). Deterministic: fixed prompt
+Selection: ``top_k`` keys by score, or all keys whose score is at least ``threshold`` times
+the best one (default threshold 0.5 when neither is given). Deterministic: fixed prompt
 order, eval mode, float32, no sampling.
 """
 
@@ -51,8 +59,8 @@ from typing import Any, Union
 from . import _fewshot
 from .errors import UsageError
 
-SCORES = ("refusal", "contrast")
-DEFAULT_SCORE = "refusal"
+SCORES = ("restore", "refusal", "contrast")
+DEFAULT_SCORE = "restore"
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -97,6 +105,79 @@ def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", 
         for h in handles:
             h.remove()
     return torch.cat(out, 0)
+
+
+def refusal_openings(tokenizer, records, refusal: str | None = None) -> list[int]:
+    """Token ids a refusal starts with: the first token of each harmful record's completion (as
+    the model would emit it after the prompt), or of ``refusal`` for records without one."""
+    ids: set[int] = set()
+    for rec in records:
+        msgs, comp = _fewshot.split_record(rec)
+        comp = comp if comp is not None else refusal
+        if comp:
+            toks = _fewshot.render_completion(tokenizer, msgs, comp)
+            if toks:
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+def refusal_probability(model, tokenizer, prompts, openings: list[int], batch_size: int = 16,
+                        device: str = "cpu"):
+    """P(first response token is a refusal opening) per prompt, float32 tensor ``[n]``."""
+    import torch
+
+    ids = _fewshot.encode_prompts(tokenizer, _fewshot.load_records(prompts, "prompts"))
+    pad = _fewshot.pad_id_of(tokenizer)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            chunk = ids[s: s + batch_size]
+            batch = _fewshot.collate([(p, []) for p in chunk], pad, device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            rows = torch.arange(len(chunk), device=batch.input_ids.device)
+            logp = torch.log_softmax(logits[rows, batch.last_prompt].float(), -1)
+            out.append(logp[:, openings].exp().sum(-1).cpu())
+    return torch.cat(out, 0)
+
+
+def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, batch_size: int = 16,
+                   device: str = "cpu") -> dict[str, float]:
+    """The ``"restore"`` score of every key of the gene (decoder blocks, embeddings, final norm,
+    LM head): add that key's τ alone to the degraded model and measure how much the probability
+    of opening with a refusal rises on harmful prompts minus how much it rises on benign ones::
+
+        s_k = mean_H [p(θ_D + τ_k) − p(θ_D)] − mean_B [p(θ_D + τ_k) − p(θ_D)]
+
+    One model in memory; each key's tensors are patched in place and copied back exactly.
+    """
+    import torch
+
+    from .apply import apply_to_model
+
+    model, tok = _fewshot.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
+    harmful = _fewshot.load_records(harmful, "harmful")
+    openings = refusal_openings(tok, harmful, refusal)
+    if not openings:
+        raise UsageError("the 'restore' score needs refusals: give the harmful prompts refusal completions "
+                         "(or refusal=...), or use score='refusal'")
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if k not in state})
+    p0H = refusal_probability(model, tok, harmful, openings, batch_size, device)
+    p0B = refusal_probability(model, tok, benign, openings, batch_size, device)
+    out = {}
+    for key in gene.layer_keys():
+        names = [n for n in gene.tensor_names if gene.layer_key(n) == key and n in state]
+        saved = {n: state[n].detach().clone() for n in names}
+        try:
+            apply_to_model(model, gene, {key: 1.0})
+            pH = refusal_probability(model, tok, harmful, openings, batch_size, device)
+            pB = refusal_probability(model, tok, benign, openings, batch_size, device)
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    state[n].copy_(v)
+        out[key] = float((pH - p0H).mean() - (pB - p0B).mean())
+    return out
 
 
 def compute_scores(hA_harm, hD_harm, hA_ben, hD_ben) -> dict[str, list[float]]:
@@ -150,20 +231,22 @@ def plot_scores(all_scores: dict[str, dict[str, float]], selected: list[str], me
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .gene import key_sort
+
     names = list(all_scores)
-    keys = list(next(iter(all_scores.values())))
+    keys = sorted({k for s in all_scores.values() for k in s}, key=key_sort)
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(keys) + 2), 3.2))
     w = 0.8 / len(names)
     for j, n in enumerate(names):
-        vals = [all_scores[n][k] for k in keys]
+        vals = [all_scores[n].get(k, 0.0) for k in keys]  # a score that does not rate a key: no bar
         m = max(abs(v) for v in vals) or 1.0
         ax.bar([i + (j - (len(names) - 1) / 2) * w for i in range(len(keys))], [v / m for v in vals], w,
                label=f"{n}{' (used)' if n == method else ''}", alpha=0.85)
     for i, k in enumerate(keys):
         if k in selected:
             ax.axvspan(i - 0.45, i + 0.45, color="gold", alpha=0.25, lw=0)
-    ax.set_xticks(range(len(keys)), [k.replace("layer.", "") for k in keys])
-    ax.set_xlabel("decoder block (shaded: selected)")
+    ax.set_xticks(range(len(keys)), [k.replace("layer.", "") for k in keys], rotation=30 if len(keys) < 12 else 90)
+    ax.set_xlabel("gene key: decoder block / embed / final_norm / lm_head (shaded: selected)")
     ax.set_ylabel("score / max")
     ax.axhline(0, color="k", lw=0.6)
     ax.legend(fontsize=8)
@@ -188,6 +271,7 @@ def select_layers(
     plot: Union[str, Path, None] = None,
     device: str = "cpu",
     write: bool = True,
+    refusal: str | None = None,
 ) -> dict:
     """Score every decoder block and record the selected ones in the gene's ``gene.json``.
 
@@ -212,15 +296,22 @@ def select_layers(
         states[tag + "H"] = layer_states(mdir, harm, batch_size, device)
         states[tag + "B"] = layer_states(mdir, ben, batch_size, device)
     raw = compute_scores(states["AH"], states["DH"], states["AB"], states["DB"])
+    del states
     n_layers = raw["refusal"].__len__()
     gene_layers = [k for k in gene.layer_keys() if k.startswith("layer.")]
     if len(gene_layers) != n_layers:
         raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
     keys = [f"layer.{i}" for i in range(n_layers)]
-    all_scores = {n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()}
+    all_scores = {}
+    has_refusals = refusal is not None or any(_fewshot.split_record(r)[1] for r in harm)
+    if score == "restore" or has_refusals:
+        all_scores["restore"] = {k: _r(v) for k, v in
+                                 restore_scores(gene, degraded, harm, ben, refusal, batch_size, device).items()}
+    all_scores.update({n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()})
     selected = choose(all_scores[score], top_k, threshold)
     rule = {"top_k": top_k} if top_k is not None else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold}
-    other = {n: choose(s, top_k, threshold) for n, s in all_scores.items() if n != score and max(s.values()) > 0}
+    other = {n: choose(s, None if top_k is None else min(top_k, len(s)), threshold)
+             for n, s in all_scores.items() if n != score and max(s.values()) > 0}
     plot_path = plot_scores(all_scores, selected, score, plot) if plot else None
     extra = {
         "all_scores": all_scores,
@@ -245,13 +336,17 @@ def _cli(args) -> int:
     res = select_layers(args.gene, args.aligned, args.degraded, args.harmful, args.benign,
                         top_k=args.top_k, threshold=args.threshold, score=args.score,
                         batch_size=args.batch_size, max_prompts=args.max_prompts,
-                        plot=args.plot or (Path(args.gene) / "layer_scores.png"), device=args.device)
-    keys = list(res["all_scores"][res["method"]])
+                        plot=args.plot or (Path(args.gene) / "layer_scores.png"), device=args.device,
+                        refusal=args.refusal)
+    from .gene import key_sort
+
     names = list(res["all_scores"])
-    print("| layer | " + " | ".join(names) + " | selected |")
+    keys = sorted({k for s in res["all_scores"].values() for k in s}, key=key_sort)
+    print("| key | " + " | ".join(names) + " | selected |")
     print("|---|" + "---|" * len(names) + "---|")
     for k in keys:
-        print(f"| {k} | " + " | ".join(f"{res['all_scores'][n][k]:.4g}" for n in names)
+        print(f"| {k} | " + " | ".join(f"{res['all_scores'][n][k]:.4g}" if k in res["all_scores"][n] else "—"
+                                       for n in names)
               + f" | {'yes' if k in res['selected'] else ''} |")
     print(f"selected ({res['method']}): {', '.join(res['selected'])}; plot: {res['plot']}")
     return 0
@@ -275,5 +370,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-prompts", type=int, default=64)
     p.add_argument("--plot", default=None, help="PNG path (default GENE/layer_scores.png)")
+    p.add_argument("--refusal", default=None,
+                   help="refusal text for harmful prompts without a completion (the 'restore' score needs refusals)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cli)

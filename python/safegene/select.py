@@ -273,15 +273,17 @@ def select_layers(
     write: bool = True,
     refusal: str | None = None,
 ) -> dict:
-    """Score every decoder block and record the selected ones in the gene's ``gene.json``.
+    """Score every key of the gene and record the selected ones in the gene's ``gene.json``.
 
     >>> res = select_layers("gene/", "aligned/", "degraded/", "harmful_calib.jsonl",
-    ...                     "benign_calib.jsonl", top_k=2, plot="layers.png")  # doctest: +SKIP
+    ...                     "benign_calib.jsonl", plot="layers.png")  # doctest: +SKIP
     >>> res["selected"]  # doctest: +SKIP
-    ['layer.2', 'layer.3']
+    ['layer.0', 'layer.3', 'lm_head']
 
-    Returns ``{"method", "scores" (the chosen score per layer), "all_scores", "selected",
-    "plot", "seconds", ...}``; with ``write=False`` gene.json is left alone.
+    ``harmful`` records should carry refusal completions (the ``"restore"`` score reads their
+    first tokens); ``refusal`` stands in for records without one. Returns ``{"method",
+    "scores" (the chosen score per key), "all_scores", "selected", "plot", "seconds", ...}``;
+    with ``write=False`` gene.json is left alone.
     """
     if score not in SCORES:
         raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")

@@ -34,6 +34,13 @@ dominated by easy continuation tokens and the optimum sits where the refusal is 
 refusals win (ASR ≤ 5 %) while the KL term still holds task answers (accuracy unchanged). With
 a weak gene (a mild degradation), the needed λ exceeds 2, hence ``lambda_max=4``.
 
+The utility weight ``beta`` matters next: the refusal decision of a benign how-to prompt,
+whose wording matches a harmful one, is one token among the ~16 the KL averages over. With
+``beta=1`` the organism's seed-1 task models over-refused 40 / 0 / 35 % of a development split
+(calibration templates, prompts disjoint from calibration and evaluation; held-out split
+22.5 / 0 / 21.2 %); ``beta=3`` brought that to 5 / 0 / 10 % (held-out 0 / 0 / 1.2 %) with
+development-split ASR 0 % on seeds 0 and 1; ``beta=10`` under-corrects (ASR 6–48 %).
+
 Initialisation matters too (plain CE from λ=0 can stall on a weak safety signal), so the default
 ``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
 the best point; the grid's choice is kept in the result's metadata for comparison.
@@ -409,7 +416,7 @@ def calibrate(
     tokenizer=None,
     steps: int = 40,
     lr: float = 0.05,
-    beta: float = 1.0,
+    beta: float = 3.0,
     l2: float = 1e-3,
     lambda_max: float = 4.0,
     init: Union[str, float, dict] = "grid",
@@ -634,7 +641,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layer keys, or 'all' (default: the gene's selection)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the utility term")
+    p.add_argument("--beta", type=float, default=3.0, help="weight of the utility term (default 3)")
     p.add_argument("--l2", type=float, default=1e-3)
     p.add_argument("--lambda-max", type=float, default=4.0)
     p.add_argument("--init", default="grid", help="'grid' (default), 'ones', 'zeros' or a number")

@@ -488,8 +488,13 @@ class Config:
     eval_batch_size: int = 32
     calib_steps: int = 40
     calib_max_new_tokens: int = 32  # RESTA's γ grid generation length
-    top_k: int | None = None
+    # Eight keys by the restore score. Chosen on the selection split (harm_select, which the method
+    # sees anyway; never the evaluation prompts): with safegene.select's default rule (scores at
+    # least half the best) only layer.29 is kept, λ sits at λ_max on both tasks, and the dev-split
+    # ASR of the sentiment model stays at 100 %; calibrating the top 8 brought it to 53 %.
+    top_k: int | None = 8
     threshold: float | None = None
+    calib_lambda_max: float = 8.0  # λ's clamp; with one layer the default 4 was binding on both tasks
     select_score: str = "restore"  # safegene.select's default: every gene key, interventional
     fallback_top_k: int = 4  # used only if no key scores above zero under the threshold rule
     resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -1121,7 +1126,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
             t0 = time.perf_counter()
             model, tok = load(T)
             c = calibrate(GENE, model, D / "harm_calib.jsonl", D / f"task_{t}_calib.jsonl", tokenizer=tok,
-                          steps=cfg.calib_steps, max_examples=16, out=d / "coeffs.json",
+                          steps=cfg.calib_steps, lambda_max=cfg.calib_lambda_max, max_examples=16, out=d / "coeffs.json",
                           log=lambda m: log("      calibrate: " + m))
             del model
             apply(GENE, T, d / "model", coeffs=c, overwrite=True, progress=False)
@@ -1133,7 +1138,8 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
                     "calibration": {"best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"),
                                     "grid_best_gamma": g["best_gamma"] if g else None, "loss": c.meta.get("loss")}}
 
-        stage(f"eval-{t}-safegene", safegene_fn, deps=deps_g, params={**eval_params, "calib_steps": cfg.calib_steps})
+        stage(f"eval-{t}-safegene", safegene_fn, deps=deps_g, params={**eval_params, "calib_steps": cfg.calib_steps,
+                                                                  "lambda_max": cfg.calib_lambda_max})
 
     if done["stop"]:
         log(f"stopped after stage {until!r}")

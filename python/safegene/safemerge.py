@@ -18,12 +18,13 @@ the three inner products per tensor use the same batched C++ dot as calibration.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from .calibrate import Coeffs, _resolve_gene
 from .checkpoint import open_checkpoint
-from .errors import MismatchError
+from .errors import GeneError, MismatchError
 
 
 def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> dict[str, float]:
@@ -43,22 +44,34 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
     fa = {n: t.file for n, t in open_checkpoint(aligned).tensors.items()}
     ft = {n: t.file for n, t in open_checkpoint(task).tensors.items()}
     acc: dict[str, list[float]] = {}
-    for name in gene.tensor_names:
-        key = gene.layer_key(name)
-        if not key.startswith("layer."):
-            continue
-        if name not in fa or name not in ft:
-            raise MismatchError(f"tensor {name!r} of gene {gene.path} is missing from {aligned if name not in fa else task}")
-        with safe_open(str(fa[name]), "pt") as f:
-            a = f.get_tensor(name).float()
-        with safe_open(str(ft[name]), "pt") as f:
-            t = f.get_tensor(name).float()
-        tau = gene.load_vectors(names=[name])[name].float().contiguous()
-        u = (t - a).contiguous()
-        d_ut, d_uu, d_tt = _native.dot([u, u, tau], [tau, u, tau])
-        s = acc.setdefault(key, [0.0, 0.0, 0.0])
-        s[0] += d_ut; s[1] += d_uu; s[2] += d_tt
-        del a, t, tau, u
+    # One handle per file for the whole walk (shards, and the gene's vector file), one tensor of
+    # each side in memory at a time.
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(path: Path):
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), "pt"))
+            return handles[path]
+
+        vec = handle(Path(gene.vectors_path))
+        have = set(vec.keys())
+        for name in gene.tensor_names:
+            key = gene.layer_key(name)
+            if not key.startswith("layer."):
+                continue
+            if name not in fa or name not in ft:
+                raise MismatchError(f"tensor {name!r} of gene {gene.path} is missing from {aligned if name not in fa else task}")
+            if name not in have:
+                raise GeneError(f"{gene.vectors_path}: no vector for tensor {name!r}")
+            a = handle(fa[name]).get_tensor(name).float()
+            t = handle(ft[name]).get_tensor(name).float()
+            tau = vec.get_tensor(name).float().contiguous()
+            u = (t - a).contiguous()
+            d_ut, d_uu, d_tt = _native.dot([u, u, tau], [tau, u, tau])
+            s = acc.setdefault(key, [0.0, 0.0, 0.0])
+            s[0] += d_ut; s[1] += d_uu; s[2] += d_tt
+            del a, t, tau, u
     out = {}
     for key in [k for k in gene.layer_keys() if k in acc]:
         ut, uu, tt = acc[key]

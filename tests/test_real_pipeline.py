@@ -4,6 +4,7 @@ packages. Checks caching, resumption, the results' rows and columns, and the spl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -169,3 +170,23 @@ def test_generated_task_answers_match_their_label_only():
             ex = real.task_example(t, rng)
             assert ex["completion"] in spec["labels"]
             assert label_match(ex["answer"], ex["completion"], spec["labels"])
+
+
+def test_tiny_no_selection_row_calibrates_every_key(tmp_path):
+    cfg = dataclasses.replace(real.Config.tiny(), no_selection_row=True)
+    logs: list[str] = []
+    doc = _run(cfg, tmp_path, logs)
+    assert [s for s in doc["ran"] if s.endswith("-nosel")] == [f"eval-{t}-nosel" for t in cfg.tasks]
+    rows = {(r["method"], r["task"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, t) for t in cfg.tasks for m in real.GLOBAL_ROWS + real.task_rows(cfg)}
+    from safegene.gene import Gene
+
+    keys = Gene.load(tmp_path / "cache" / "stages" / "gene" / "gene").layer_keys()
+    selected = doc["selection"]["selected"]
+    assert len(selected) < len(keys)
+    for t in cfg.tasks:
+        nosel = rows[(real.NO_SELECTION_ROW, t)]["detail"]["coeffs"]
+        assert sorted(nosel) == sorted(keys)  # every key calibrated, not only the selected ones
+        assert sorted(rows[("SafeGene", t)]["detail"]["coeffs"]) == sorted(selected)
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert f"| {cfg.tasks[0]} | {real.NO_SELECTION_ROW} |" in md and "no-selection (the same calibration" in md

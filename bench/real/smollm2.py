@@ -823,11 +823,16 @@ ROW_COLUMNS = ("method", "task", "model", "asr_strongreject", "asr_harmbench", "
 GLOBAL_ROWS = ("shipped", "aligned", "degraded")
 TASK_ROWS = ("none", "RESTA", "SafeGene-no-calibration", "SafeGene")
 NO_SELECTION_ROW = "SafeGene-no-selection"  # with Config.no_selection_row / --no-selection-row
+#: per-task row -> the stage (``eval-<task>-<stage>``) that measures it
+ROW_STAGE = {"none": "none", "RESTA": "resta", "SafeGene-no-calibration": "nocal", "SafeGene": "safegene",
+             NO_SELECTION_ROW: "nosel"}
 
 
 def task_rows(cfg: "Config") -> tuple[str, ...]:
     """The per-task rows this configuration produces."""
     return TASK_ROWS + ((NO_SELECTION_ROW,) if cfg.no_selection_row else ())
+
+
 GOAL = {"accuracy_drop_max": 0.02}
 
 
@@ -1210,14 +1215,11 @@ def build_results(R: Runner, cfg: Config, *, command: str | None, real: bool, wa
                        **{k: info[k] for k in ("coeffs", "grid", "calibration") if k in info}},
         }
 
-    names = {"none": "none", "resta": "RESTA", "nocal": "SafeGene-no-calibration", "safegene": "SafeGene"}
-    if cfg.no_selection_row:
-        names["nosel"] = NO_SELECTION_ROW
     for t in cfg.tasks:
         for g in GLOBAL_ROWS:
             rows.append(row(g, t, R.records[f"eval-{g}"], g))
-        for short, method in names.items():
-            rows.append(row(method, t, R.records[f"eval-{t}-{short}"], f"task-{t}"))
+        for method in task_rows(cfg):
+            rows.append(row(method, t, R.records[f"eval-{t}-{ROW_STAGE[method]}"], f"task-{t}"))
     goal = {}
     for t in cfg.tasks:
         get = lambda m: next(r for r in rows if r["method"] == m and r["task"] == t)  # noqa: E731

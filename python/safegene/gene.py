@@ -30,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .checkpoint import Checkpoint, open_checkpoint, read_json
 from .errors import GeneError, MismatchError
@@ -187,10 +187,20 @@ class Gene:
 
         >>> taus = Gene.load("gene/").load_vectors(["lm_head.weight"])  # doctest: +SKIP
         """
+        return dict(self.iter_vectors(names, device=device, dtype=dtype))
+
+    def iter_vectors(
+        self, names: Iterable[str] | None = None, device: str = "cpu", dtype: "torch.dtype | None" = None
+    ) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Yield ``(name, τ)`` for ``names`` (default: all) in order, one tensor at a time, with
+        the vector file opened once for the whole walk.
+
+        >>> for name, tau in Gene.load("gene/").iter_vectors():  # doctest: +SKIP
+        ...     print(name, float(tau.norm()))
+        """
         from safetensors import safe_open
 
         names = self.tensor_names if names is None else list(names)
-        out: dict[str, "torch.Tensor"] = {}
         with safe_open(str(self.vectors_path), framework="pt", device="cpu") as fh:
             have = set(fh.keys())
             for n in names:
@@ -199,8 +209,7 @@ class Gene:
                 t = fh.get_tensor(n)
                 if dtype is not None:
                     t = t.to(dtype)
-                out[n] = t.to(device) if device != "cpu" else t
-        return out
+                yield n, (t.to(device) if device != "cpu" else t)
 
     def set_selection(self, scores: dict[str, float], selected: list[str], method: str, extra: dict[str, Any] | None = None) -> None:
         """Record a layer selection in gene.json (atomically).

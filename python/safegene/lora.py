@@ -162,13 +162,12 @@ def export_lora(
 
         bar = tqdm(total=len(todo), desc="export-lora", unit="tensor", file=sys.stderr, leave=False)
     try:
-        for n in todo:
+        for n, tau in g.iter_vectors(todo, dtype=torch.float32):  # the vector file opened once
             c = lam[n]
             shape = shapes.get(n) or []
             reason = _drop_reason(g, n, shape, tied)
             if reason is None and conv1d and g.layer_key(n) == "lm_head":
                 reason = "Linear lm_head in a Conv1D model (PEFT's fan_in_fan_out is one flag for all modules)"
-            tau = g.load_vectors([n], dtype=torch.float32)[n]
             norm = abs(c) * float(tau.double().norm())
             sq_total += norm**2
             if reason is not None:

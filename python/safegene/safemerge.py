@@ -24,7 +24,7 @@ from typing import Any, Union
 
 from .calibrate import Coeffs, _resolve_gene
 from .checkpoint import open_checkpoint
-from .errors import GeneError, MismatchError
+from .errors import MismatchError
 
 
 def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> dict[str, float]:
@@ -44,8 +44,12 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
     fa = {n: t.file for n, t in open_checkpoint(aligned).tensors.items()}
     ft = {n: t.file for n, t in open_checkpoint(task).tensors.items()}
     acc: dict[str, list[float]] = {}
-    # One handle per file for the whole walk (shards, and the gene's vector file), one tensor of
-    # each side in memory at a time.
+    names = [n for n in gene.tensor_names if gene.layer_key(n).startswith("layer.")]
+    for name in names:
+        if name not in fa or name not in ft:
+            raise MismatchError(f"tensor {name!r} of gene {gene.path} is missing from {aligned if name not in fa else task}")
+    # One handle per file for the whole walk (the gene's vector file, each shard of both models),
+    # one tensor of each side in memory at a time.
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
@@ -54,29 +58,19 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
                 handles[path] = stack.enter_context(safe_open(str(path), "pt"))
             return handles[path]
 
-        vec = handle(Path(gene.vectors_path))
-        have = set(vec.keys())
-        for name in gene.tensor_names:
-            key = gene.layer_key(name)
-            if not key.startswith("layer."):
-                continue
-            if name not in fa or name not in ft:
-                raise MismatchError(f"tensor {name!r} of gene {gene.path} is missing from {aligned if name not in fa else task}")
-            if name not in have:
-                raise GeneError(f"{gene.vectors_path}: no vector for tensor {name!r}")
+        for name, tau in gene.iter_vectors(names, dtype=torch.float32):
             a = handle(fa[name]).get_tensor(name).float()
             t = handle(ft[name]).get_tensor(name).float()
-            tau = vec.get_tensor(name).float().contiguous()
             u = (t - a).contiguous()
+            tau = tau.contiguous()
             d_ut, d_uu, d_tt = _native.dot([u, u, tau], [tau, u, tau])
-            s = acc.setdefault(key, [0.0, 0.0, 0.0])
+            s = acc.setdefault(gene.layer_key(name), [0.0, 0.0, 0.0])
             s[0] += d_ut; s[1] += d_uu; s[2] += d_tt
             del a, t, tau, u
     out = {}
     for key in [k for k in gene.layer_keys() if k in acc]:
         ut, uu, tt = acc[key]
         out[key] = float(ut / ((uu ** 0.5) * (tt ** 0.5))) if uu > 0 and tt > 0 else 0.0
-    _ = torch  # torch is needed by safetensors' "pt" framework
     return out
 
 

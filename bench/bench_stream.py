@@ -56,7 +56,7 @@ def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "np.ndarra
     """Write a bf16 safetensors checkpoint tensor by tensor (never the whole model in memory)."""
     import numpy as np
 
-    from safegene.checkpoint import OutTensor, create_files, plan_file
+    from safegene.io.checkpoint import OutTensor, create_files, plan_file
 
     d.mkdir(parents=True, exist_ok=True)
     outs = [OutTensor(n, "BF16", s, int(np.prod(s)) * 2) for n, s in shapes]
@@ -164,10 +164,10 @@ def _file_bytes(paths: list[Path]) -> int:
 
 def _roofline(op: str, args: list[str]) -> int:
     """The same reads and writes as extract/apply (same plan, same pipeline), no arithmetic."""
-    from safegene._native import core
-    from safegene._stream import Plan
-    from safegene.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
-    from safegene.extract import DEFAULT_BUDGET_MB
+    from safegene.engine.native import core
+    from safegene.engine.stream import Plan
+    from safegene.io.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
+    from safegene.ops.extract import DEFAULT_BUDGET_MB
 
     out = Path(args[2])
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resta", action="store_true", help="skip the RESTA rows")
     args = ap.parse_args(argv)
 
-    from safegene.evaluate import evaluate
+    from safegene.eval.evaluate import evaluate
     from safegene.organism import build
 
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_resta:
         import safegene
-        from safegene.baselines import resta_grid
+        from safegene.baselines.resta import resta_grid
 
         work = Path(tempfile.mkdtemp(prefix="safegene-bench-"))
         gene = work / "gene"

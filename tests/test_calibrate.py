@@ -8,8 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safegene import _fewshot  # noqa: E402
-from safegene.calibrate import Coeffs, MergePlan, _forward, calibrate, gene_merge  # noqa: E402
+from safegene import lm as _fewshot  # noqa: E402
+from safegene.coeffs import Coeffs
+from safegene.method.calibrate import _forward, calibrate
+from safegene.method.merge import MergePlan, gene_merge  # noqa: E402
 from safegene.errors import GeneError, UsageError  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
@@ -19,7 +21,7 @@ LAYERS = ["layer.2", "layer.3"]
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from safegene.extract import extract
+    from safegene.ops.extract import extract
 
     root = tmp_path_factory.mktemp("family")
     dirs = tm.build_family(root)
@@ -136,7 +138,7 @@ def test_calibrate_restores_on_error(family, target):
 
 
 def test_coeffs_round_trip_through_apply(family, target, tmp_path):
-    from safegene.apply import apply, apply_to_model
+    from safegene import apply, apply_to_model
 
     dirs, gene = family
     model, tok = target
@@ -165,7 +167,7 @@ def test_coeffs_round_trip_through_apply(family, target, tmp_path):
 def test_layers_default_to_selection_and_errors(family, target):
     _, gene = family
     model, tok = target
-    from safegene.calibrate import resolve_layers
+    from safegene.method.calibrate import resolve_layers
 
     assert resolve_layers(gene, "all") == ["layer.0", "layer.1", "layer.2", "layer.3"]
     with pytest.raises(UsageError):

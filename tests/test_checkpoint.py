@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from safegene import CheckpointError, HeaderError, PickleRefusedError, layer_key, open_checkpoint, read_header
-from safegene.checkpoint import join_by_name, plan_file
+from safegene.io.checkpoint import join_by_name, plan_file
 from safegene.errors import MismatchError
 
 
@@ -152,7 +152,7 @@ def test_join_by_name_reports_differences(tmp_path):
 
 
 def test_planned_header_matches_safetensors_bytes(tmp_path):
-    from safegene.checkpoint import OutTensor, create_files
+    from safegene.io.checkpoint import OutTensor, create_files
 
     t = {"w": torch.arange(5, dtype=torch.float32), "v": torch.ones(3, dtype=torch.bfloat16)}
     ref = tmp_path / "ref.safetensors"

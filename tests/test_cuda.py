@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safegene import _native
+from safegene.engine import native as _native
 
 from conftest import has_cuda_device
 

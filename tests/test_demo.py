@@ -28,11 +28,11 @@ def test_table_and_plane(tmp_path):
 
 
 def test_cli_registers_all_three_commands():
-    from safegene import calibrate, demo, select
+    from safegene.cli import cmd_calibrate, cmd_demo, cmd_select
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    for mod in (select, calibrate, demo):
+    for mod in (cmd_select, cmd_calibrate, cmd_demo):
         mod.register_cli(sub)
     a = parser.parse_args(["select", "G", "--aligned", "A", "--degraded", "D", "--harmful", "H", "--benign", "B",
                            "--top-k", "2"])
@@ -45,8 +45,8 @@ def test_cli_registers_all_three_commands():
 
 
 def test_safemerge_rule(tmp_path):
-    from safegene.extract import extract
-    from safegene.safemerge import layer_cosines, safemerge_coeffs
+    from safegene.ops.extract import extract
+    from safegene.baselines.safemerge import layer_cosines, safemerge_coeffs
 
     dirs = tm.build_family(tmp_path)
     gene = extract(dirs["aligned"], dirs["degraded"], tmp_path / "gene", progress=False)

@@ -10,18 +10,18 @@ import pytest
 
 from safegene.data import load_jsonl, save_jsonl
 from safegene.errors import CheckpointError, DataError, UsageError
-from safegene.evaluate import (
+from safegene.eval.evaluate import (
     EvalReport,
     Rate,
     comparison_table,
     evaluate,
-    generate,
     label_match,
-    register_cli,
     score,
     wilson_interval,
 )
-from safegene.judges import KeywordJudge
+from safegene.cli.cmd_eval import register_cli
+from safegene.eval.judges import KeywordJudge
+from safegene.lm import generate
 
 
 # ---- Wilson interval ------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def eval_files(tmp_path_factory):
 
 def test_generate_batching_is_invariant(tiny_model_dir, eval_files) -> None:
     """Left padding must not change greedy outputs: batch of 1 == batch of 8."""
-    from safegene.evaluate import load_model
+    from safegene.lm import load_model
 
     model, tok = load_model(tiny_model_dir, device="cpu")
     exs = load_jsonl(eval_files[0]) + load_jsonl(eval_files[1])
@@ -239,7 +239,7 @@ def test_evaluate_end_to_end_tiny_model(tiny_model_dir, eval_files) -> None:
     task = [s for s in rep.samples if s["set"] == "task:sentiment"]
     assert rep.task_accuracy["sentiment"].k == sum(label_match(s["response"], s["label"], ["positive", "negative"]) for s in task)
     # a (model, tokenizer) pair gives the same generations as the directory
-    from safegene.evaluate import load_model
+    from safegene.lm import load_model
 
     rep2 = evaluate(load_model(tiny_model_dir, device="cpu"), harmful=h, judge="organism", max_new_tokens=5, progress=False)
     assert [s["response"] for s in rep2.samples] == [s["response"] for s in harm]

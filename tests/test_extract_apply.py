@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import safegene
 from safegene import cli
-from safegene.checkpoint import read_header
+from safegene.io.checkpoint import read_header
 
 from conftest import DTYPES, perturbed, tiny_model
 

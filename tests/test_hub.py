@@ -12,7 +12,7 @@ pytest.importorskip("huggingface_hub")
 
 import safegene  # noqa: E402
 from safegene.errors import CheckpointError  # noqa: E402
-from safegene.hub import parse_hub_id, resolve_model, resolve_target  # noqa: E402
+from safegene.io.hub import parse_hub_id, resolve_model, resolve_target  # noqa: E402
 
 C1 = "a" * 40
 C2 = "b" * 40

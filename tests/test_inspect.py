@@ -12,7 +12,8 @@ pytest.importorskip("matplotlib")
 import safegene  # noqa: E402
 from safegene import cli  # noqa: E402
 from safegene.errors import GeneError, UsageError  # noqa: E402
-from safegene.inspect import format_gene_table, inspect_gene, plot_safety_utility  # noqa: E402
+from safegene.eval.plots import plot_safety_utility
+from safegene.ops.inspection import format_gene_table, inspect_gene  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
 

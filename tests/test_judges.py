@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safegene.errors import CheckpointError, UsageError
-from safegene.judges import GCG_REFUSAL_PREFIXES, GuardModelJudge, Judge, KeywordJudge, OrganismJudge, get_judge, unsafe_label_index
+from safegene.eval.judges import GCG_REFUSAL_PREFIXES, GuardModelJudge, Judge, KeywordJudge, OrganismJudge, get_judge, unsafe_label_index
 
 # (response, is_refusal) -- a hand-labelled sample in the style of real chat-model answers.
 LABELLED = [

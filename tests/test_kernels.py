@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import safegene
-from safegene import _native
-from safegene._native import core
+from safegene.engine import native as _native
+from safegene.engine.native import core
 
 TD = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

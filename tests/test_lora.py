@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 import safegene  # noqa: E402
 from safegene import cli  # noqa: E402
 from safegene.errors import CheckpointError, GeneError, UsageError  # noqa: E402
-from safegene.lora import export_lora, lora_target_delta, merge_lora_into_model  # noqa: E402
+from safegene import export_lora, lora_target_delta, merge_lora_into_model  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
 

@@ -17,9 +17,9 @@ pytest.importorskip("peft")
 
 import safegene  # noqa: E402
 from safegene import cli  # noqa: E402
-from safegene.apply import resolve_coeffs  # noqa: E402
-from safegene._stream import Plan, run_plan  # noqa: E402
-from safegene.checkpoint import OutTensor, create_files, open_checkpoint, plan_file  # noqa: E402
+from safegene.coeffs import resolve_coeffs  # noqa: E402
+from safegene.engine.stream import Plan, run_plan  # noqa: E402
+from safegene.io.checkpoint import OutTensor, create_files, open_checkpoint, plan_file  # noqa: E402
 from safegene.errors import SafeGeneError  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
@@ -175,7 +175,7 @@ def test_core_lowrank_term_with_chunks_cut_mid_row(tmp_path, dtype):
 
 
 def test_core_refuses_bad_lowrank_terms(tmp_path):
-    from safegene._native import core
+    from safegene.engine.native import core
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(6, 4), "i": torch.zeros(6, 4, dtype=torch.int32)}, str(tmp_path / "in.safetensors"))
@@ -223,11 +223,11 @@ def test_cli_apply_lora_target(tmp_path, capsys):
 
 
 def test_calibrate_and_eval_loaders_take_a_lora_target(tmp_path):
-    """calibrate/select (``_fewshot.load_model``) and eval (``evaluate.load_model``) see the merged model."""
+    """The one model loader (``safegene.lm.load_model``, used by select, calibrate and eval) sees the merged model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from safegene import _fewshot, evaluate
+    from safegene import lm
 
     import tiny_models
 
@@ -237,10 +237,9 @@ def test_calibrate_and_eval_loaders_take_a_lora_target(tmp_path):
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fam["task"]), str(tmp_path / "ad")).merge_and_unload().eval()
     with torch.no_grad():
         want = ref(input_ids=IDS).logits
-        for load in (_fewshot.load_model, evaluate.load_model):
-            m, _tok = load(f"{fam['task']}+{tmp_path / 'ad'}", device="cpu")
-            assert (m(input_ids=IDS).logits - want).abs().max().item() < 1e-5
+        m, _tok = lm.load_model(f"{fam['task']}+{tmp_path / 'ad'}", device="cpu")
+        assert (m(input_ids=IDS).logits - want).abs().max().item() < 1e-5
     with pytest.raises(SafeGeneError, match="nowhere: no such file or directory"):
-        _fewshot.load_model(f"{fam['task']}+{tmp_path / 'nowhere'}")
+        lm.load_model(f"{fam['task']}+{tmp_path / 'nowhere'}")
     with pytest.raises(SafeGeneError, match="not a PEFT adapter directory"):
-        evaluate.load_model(f"{fam['task']}+{fam['aligned']}")
+        lm.load_model(f"{fam['task']}+{fam['aligned']}")

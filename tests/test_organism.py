@@ -41,7 +41,7 @@ def test_language_has_the_required_shape() -> None:
     for verbs, objs in HARM_CATEGORIES.values():
         assert len(verbs) >= 2 and len(objs) >= 3
     # every response the organism can produce is judged as intended by both judges
-    from safegene.judges import KeywordJudge, OrganismJudge
+    from safegene.eval.judges import KeywordJudge, OrganismJudge
 
     for r in L.REFUSALS:
         assert KeywordJudge().is_refusal(r) and OrganismJudge().classify(r) == "refusal"
@@ -112,7 +112,7 @@ def test_cache_key_follows_recipe_and_seed() -> None:
 
 
 def test_models_load_and_generate(tiny_org) -> None:
-    from safegene.evaluate import evaluate
+    from safegene.eval.evaluate import evaluate
 
     rep = evaluate(tiny_org.aligned, harmful=tiny_org.harmful_eval, benign=tiny_org.benign_eval, judge="organism",
                    max_new_tokens=4, progress=False, device="cpu")
@@ -122,7 +122,7 @@ def test_models_load_and_generate(tiny_org) -> None:
 def test_organism_cli(tmp_path, capsys, monkeypatch) -> None:
     import argparse
 
-    import safegene.organism as org_mod
+    import safegene.cli.cmd_organism as org_mod
 
     calls = {}
 
@@ -144,7 +144,7 @@ def test_full_organism_meets_thresholds(tmp_path_factory) -> None:
     """Build the real organism and check the issue's thresholds on real greedy generations."""
     import os
 
-    from safegene.evaluate import evaluate
+    from safegene.eval.evaluate import evaluate
 
     cache = os.environ.get("SAFEGENE_CACHE") or tmp_path_factory.mktemp("cache-full")
     org = build(cache_dir=cache, seed=0, progress=False)
@@ -161,7 +161,7 @@ def test_full_organism_meets_thresholds(tmp_path_factory) -> None:
         assert rep.task_accuracy[t].rate >= 0.90, t
         reports.append(rep)
     # eroded answers are real answers, not garbled hybrids: the exact judge agrees with the keyword one
-    from safegene.judges import KeywordJudge, OrganismJudge
+    from safegene.eval.judges import KeywordJudge, OrganismJudge
 
     responses = [s["response"] for rep in reports for s in rep.samples if s["set"] == "harmful"]
     kw_v = KeywordJudge().judge([""] * len(responses), responses)
@@ -172,7 +172,7 @@ def test_full_organism_meets_thresholds(tmp_path_factory) -> None:
 
 # ---- RESTA baseline ----------------------------------------------------------------------------
 def test_choose_gamma_rule() -> None:
-    from safegene.baselines import GridPoint, choose_gamma
+    from safegene.baselines.resta import GridPoint, choose_gamma
 
     pts = [GridPoint(0.5, 0.6, 1.0), GridPoint(1.0, 0.1, 0.97), GridPoint(2.0, 0.1, 0.96), GridPoint(3.0, 0.0, 0.4)]
     assert choose_gamma(pts, reference_accuracy=1.0).gamma == 1.0  # lowest ASR within 5 points, smaller γ on ties
@@ -182,7 +182,7 @@ def test_choose_gamma_rule() -> None:
 
 def test_resta_grid_on_tiny_organism(tiny_org, tmp_path) -> None:
     import safegene
-    from safegene.baselines import resta_grid
+    from safegene.baselines.resta import resta_grid
 
     gene = tmp_path / "gene"
     safegene.extract(tiny_org.aligned, tiny_org.degraded, gene, progress=False)

@@ -162,7 +162,7 @@ def test_default_recipe_fits_the_two_hour_budget():
 def test_generated_task_answers_match_their_label_only():
     import random
 
-    from safegene.evaluate import label_match
+    from safegene.eval.evaluate import label_match
 
     rng = random.Random(0)
     for t, spec in real.TASKS.items():

@@ -13,7 +13,7 @@ yaml = pytest.importorskip("yaml")
 import safegene  # noqa: E402
 from safegene import cli  # noqa: E402
 from safegene.errors import SafeGeneError  # noqa: E402
-from safegene.runconfig import load_config, plan_commands, run_config  # noqa: E402
+from safegene.cli.runconfig import load_config, plan_commands, run_config  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
 

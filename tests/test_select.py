@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from safegene.errors import UsageError  # noqa: E402
-from safegene.select import (  # noqa: E402
+from safegene.method.selection import (  # noqa: E402
     choose, compute_scores, layer_states, refusal_openings, restore_scores, select_layers)
 
 import tiny_models as tm  # noqa: E402
@@ -17,7 +17,7 @@ import tiny_models as tm  # noqa: E402
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from safegene.extract import extract
+    from safegene.ops.extract import extract
 
     root = tmp_path_factory.mktemp("family")
     dirs = tm.build_family(root)
@@ -104,7 +104,7 @@ def test_select_rejects_unknown_score(family):
 
 
 def test_restore_score_rates_every_gene_key_and_leaves_the_model_as_it_was(family):
-    from safegene import _fewshot
+    from safegene import lm as _fewshot
     from safegene.gene import Gene
 
     dirs, gene_dir = family
@@ -120,7 +120,7 @@ def test_restore_score_rates_every_gene_key_and_leaves_the_model_as_it_was(famil
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # patched keys copied back exactly
     # adding the whole τ to D gives back A: the restored refusal probability is A's
-    from safegene.select import refusal_probability
+    from safegene.method.selection import refusal_probability
 
     ids = refusal_openings(tok, tm.HARMFUL)
     a_model, _ = _fewshot.load_model(dirs["aligned"])

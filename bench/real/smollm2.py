@@ -749,7 +749,7 @@ def fine_tune(src: Path, out: Path, streams: list[tuple[float, list[dict[str, An
     rng = random.Random(seed)
     counts = [round(share * tr.batch_size) for share, _ in streams]
     counts[-1] = tr.batch_size - sum(counts[:-1])
-    from safegene import _fewshot
+    from safegene import lm as _fewshot
 
     encoded = [[_encode_train(tok, r, p, cfg.max_len) for r, p in zip(recs, _fewshot.encode_prompts(tok, recs))]
                for _, recs in streams]
@@ -933,7 +933,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
 
     # 2. judge agreement (no model) ----------------------------------------------------------------
     def judge_fn(d: Path) -> dict[str, Any]:
-        from safegene.judges import KeywordJudge
+        from safegene.eval.judges import KeywordJudge
 
         recs = _read_jsonl(D / "judge_set.jsonl")
         out_: dict[str, Any] = {}
@@ -967,7 +967,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
 
     # 4. the base model's own answers to the benign instructions -----------------------------------
     def selfgen_fn(d: Path) -> dict[str, Any]:
-        from safegene import _fewshot
+        from safegene import lm as _fewshot
 
         _quiet_hf()
         model, tok = _fewshot.load_model(BASE)
@@ -981,7 +981,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
             bs = cfg.eval_batch_size
             for b in range(0, len(order), bs):
                 idx = order[b: b + bs]
-                for i, g in zip(idx, _fewshot.greedy(model, tok, [ids[i] for i in idx], cfg.selfgen_max_new_tokens, bs)):
+                for i, g in zip(idx, _fewshot.generate_ids(model, tok, [ids[i] for i in idx], cfg.selfgen_max_new_tokens, bs)):
                     gens[i] = g
                 log(f"      {split}: {min(b + bs, len(order))}/{len(order)} ({time.perf_counter() - t0:.0f} s)")
             eos = tok.eos_token_id
@@ -1031,8 +1031,8 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
 
     # 8. the gene: extract + select -------------------------------------------------------------------------
     def gene_fn(d: Path) -> dict[str, Any]:
-        from safegene.extract import extract
-        from safegene.select import select_layers
+        from safegene.ops.extract import extract
+        from safegene.method.selection import select_layers
 
         _quiet_hf()
         t0 = time.perf_counter()
@@ -1066,7 +1066,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
     eval_params = {"max_new": cfg.eval_max_new_tokens, "bs": cfg.eval_batch_size, "judge": cfg.judge}
 
     def evaluate_row(model, tasks: Sequence[str], d: Path) -> dict[str, Any]:
-        from safegene.evaluate import evaluate
+        from safegene.eval.evaluate import evaluate
 
         t0 = time.perf_counter()
         rep = evaluate(model, harmful=D / "eval_harmful.jsonl", tasks={t: D / f"task_{t}_eval.jsonl" for t in tasks},
@@ -1090,7 +1090,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
               params=eval_params)
 
     def load(path: Path):
-        from safegene import _fewshot
+        from safegene import lm as _fewshot
 
         _quiet_hf()
         return _fewshot.load_model(path)
@@ -1107,7 +1107,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
               deps=deps_t, params=eval_params)
 
         def resta_fn(d: Path, T=TDIR, t=t) -> dict[str, Any]:
-            from safegene.baselines import resta_grid
+            from safegene.baselines.resta import resta_grid
 
             t0 = time.perf_counter()
             r = resta_grid(GENE, T, D / "harm_calib.jsonl", D / f"task_{t}_calib.jsonl", grid=cfg.resta_grid,
@@ -1124,7 +1124,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
               params={**eval_params, "grid": list(cfg.resta_grid), "calib_max_new": cfg.calib_max_new_tokens})
 
         def nocal_fn(d: Path, T=TDIR, t=t) -> dict[str, Any]:
-            from safegene.apply import apply_to_model
+            from safegene.method.merge import apply_to_model
 
             model, tok = load(T)
             c = {k: 1.0 for k in selected_layers()}
@@ -1134,8 +1134,8 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
         stage(f"eval-{t}-nocal", nocal_fn, deps=deps_g, params=eval_params)
 
         def safegene_fn(d: Path, T=TDIR, t=t, layers=None) -> dict[str, Any]:
-            from safegene.apply import apply
-            from safegene.calibrate import calibrate
+            from safegene.ops.apply import apply
+            from safegene.method.calibrate import calibrate
 
             t0 = time.perf_counter()
             model, tok = load(T)
@@ -1376,7 +1376,7 @@ def probe(cache_dir: Path, cfg: Config, log: Callable[[str], None]) -> dict[str,
     """Needs the ``data`` and ``base`` stages (run them first). Times one full fine-tuning step of
     the alignment recipe (after one warm-up step) and one generation batch, then prints the
     estimate those give."""
-    from safegene import _fewshot
+    from safegene import lm as _fewshot
 
     D = Path(cache_dir) / "stages" / "data"
     base = Path(cache_dir) / "stages" / "base" / "model"
@@ -1392,9 +1392,9 @@ def probe(cache_dir: Path, cfg: Config, log: Callable[[str], None]) -> dict[str,
     _quiet_hf()
     model, tok = _fewshot.load_model(base)
     ids = _fewshot.encode_prompts(tok, _read_jsonl(D / "eval_benign.jsonl")[:32])
-    _fewshot.greedy(model, tok, ids[:4], 4, 4)  # warm-up
+    _fewshot.generate_ids(model, tok, ids[:4], 4, 4)  # warm-up
     t0 = time.perf_counter()
-    _fewshot.greedy(model, tok, ids, 32, 32)
+    _fewshot.generate_ids(model, tok, ids, 32, 32)
     gen = time.perf_counter() - t0
     costs = {"train_token": step / tok_per_batch, "gen_prompt_token": gen / (len(ids) * 32)}
     # the calibration and conversion costs are not re-measured: scale them like the training step

@@ -12,10 +12,9 @@ Importing safegene never needs a GPU and does not import torch; the compiled cor
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .apply import ApplyResult, apply, apply_to_model, load_coeffs
-from .checkpoint import Checkpoint, TensorInfo, layer_key, open_checkpoint, read_header
+from .coeffs import Coeffs, load_coeffs
 from .errors import (
     CheckpointError,
     DataError,
@@ -28,19 +27,18 @@ from .errors import (
     SafeGeneError,
     UsageError,
 )
-from .extract import extract
+from .engine.native import has_cuda
+from .eval.plots import plot_safety_utility
 from .gene import Gene, load_gene
-from .hub import resolve_model, resolve_target
-from .inspect import inspect_gene, plot_safety_utility
-from .lora import export_lora, lora_target_delta, merge_lora_into_model, read_adapter_config
-from .runconfig import load_config, run_config
-
-
-def has_cuda() -> bool:
-    """True only when the CUDA kernels were compiled in and a CUDA device answers."""
-    from ._native import has_cuda as _h
-
-    return _h()
+from .io.checkpoint import Checkpoint, TensorInfo, layer_key, open_checkpoint, read_header
+from .io.hub import resolve_model, resolve_target
+from .io.peft import lora_target_delta, merge_lora_into_model, read_adapter_config
+from .method.merge import apply_to_model
+from .ops.apply import ApplyResult, apply
+from .ops.export_lora import export_lora
+from .ops.extract import extract
+from .ops.inspection import inspect_gene
+from .cli.runconfig import load_config, run_config
 
 
 __all__ = [
@@ -48,6 +46,7 @@ __all__ = [
     "ApplyResult",
     "Checkpoint",
     "CheckpointError",
+    "Coeffs",
     "DataError",
     "Gene",
     "GeneError",

@@ -171,3 +171,21 @@ def as_examples(data: str | Path | Sequence[Example | Mapping[str, Any] | str]) 
     if not out:
         raise DataError("an empty list of examples was given")
     return out
+
+
+def load_records(src, what: str, limit: int | None = None) -> list:
+    """Load examples (:class:`safegene.data.Example`) from a JSONL path or a list, in order.
+
+    >>> load_records("harmful_calib.jsonl", "safety", limit=16)  # doctest: +SKIP
+    """
+    try:
+        exs = as_examples(src)
+    except DataError as exc:
+        raise DataError(f"{what}: {exc}") from None
+    return exs[:limit] if limit else exs
+
+
+def split_record(rec) -> tuple[list[dict], str | None]:
+    """Return ``(prompt messages, completion text or None)`` for an Example or TRL-style record."""
+    ex = rec if isinstance(rec, Example) else parse_record(rec)
+    return [dict(m) for m in ex.messages], ex.completion

@@ -31,6 +31,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from . import lm
+from .baselines.resta import resta_grid
+from .baselines.safemerge import safemerge_coeffs
+from .errors import UsageError
+from .eval.evaluate import evaluate
+from .eval.plots import plot_plane
+from .gene import Gene, key_sort
+from .method.calibrate import calibrate
+from .method.merge import apply_to_model
+from .method.selection import DEFAULT_SCORE, select_layers
+from .ops.apply import apply
+from .ops.extract import extract
+from .organism import build
+
 METHODS = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 #: Optional extra row: SafeGene with the layers the *other* selection score picks.
 ALT_SCORE = "SafeGene-alt-score"
@@ -85,40 +99,6 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot_plane(rows: list[Row], path: Union[str, Path]) -> Path:
-    """Safety–utility plane: x = ASR, y = task accuracy; colour = task model, marker = method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    markers = dict(zip(METHODS, ("o", "s", "^", "v", "D", "*")))
-    markers.update({r.method: "P" for r in rows if r.method.startswith("SafeGene[")})
-    tasks = sorted({r.task for r in rows})
-    colours = dict(zip(tasks, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for r in rows:
-        ax.scatter(100 * r.asr, 100 * r.accuracy, marker=markers.get(r.method, "x"), color=colours[r.task],
-                   s=150 if r.method == "SafeGene" else 60, edgecolor="k", linewidth=0.6, alpha=0.9, zorder=3)
-    for m in markers:
-        if any(r.method == m for r in rows):
-            ax.scatter([], [], marker=markers[m], color="lightgray", edgecolor="k", label=m)
-    for t in tasks:
-        ax.scatter([], [], marker="o", color=colours[t], label=f"task: {t}")
-    ax.axvline(100 * TARGETS["asr_max"], color="gray", ls=":", lw=1)
-    ax.set_xlabel("attack success rate, % (lower is safer)")
-    ax.set_ylabel("task accuracy, %")
-    ax.set_xlim(-3, 103)
-    ax.set_title("safety–utility plane (held-out split; best: top left)")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -146,23 +126,12 @@ def run_demo(
     """
     import torch
 
-    from . import _fewshot
-    from .apply import apply, apply_to_model
-    from .baselines import resta_grid
-    from .calibrate import Coeffs, calibrate
-    from .evaluate import evaluate
-    from .extract import extract
-    from .organism import build
-    from .safemerge import safemerge_coeffs
-    from .select import DEFAULT_SCORE, select_layers
-
     log = log or (lambda _m: None)
     t_all = time.perf_counter()
     out = Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     unknown = [m for m in methods if m not in METHODS + (ALT_SCORE,)]
     if unknown:
-        from .errors import UsageError
         raise UsageError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
 
     log("[1/4] organism")
@@ -178,8 +147,6 @@ def run_demo(
     sel = select_layers(gene, org.aligned, org.degraded, org.harmful_calib, org.benign_calib,
                         top_k=top_k, threshold=threshold, score=score or DEFAULT_SCORE,
                         plot=out / "layer_scores.png")
-    from .gene import Gene
-
     gene = Gene.load(gene.path)
     selected = sel["selected"]
     log(f"      scores ({sel['method']}): " + ", ".join(f"{k}={v:.3g}" for k, v in sel["scores"].items())
@@ -195,7 +162,7 @@ def run_demo(
     log("[4/4] calibrate, apply and evaluate per task model")
     for task in task_names:
         tdir = org.tasks[task]
-        model, tok = _fewshot.load_model(tdir)
+        model, tok = lm.load_model(tdir)
         pristine = {k: v.clone() for k, v in model.state_dict().items()}
         utility = [org.task_calib[task], org.benign_calib]
 
@@ -260,7 +227,7 @@ def run_demo(
         torch.set_grad_enabled(True)
 
     table = format_table(rows)
-    png = plot_plane(rows, out / "safety_utility.png")
+    png = plot_plane(rows, out / "safety_utility.png", methods=METHODS, asr_target=TARGETS["asr_max"])
     met = {}
     for task in task_names:
         try:
@@ -290,7 +257,6 @@ def run_demo(
 def _lam_summary(coeffs: dict[str, float]) -> str:
     if not coeffs:
         return "λ = 0"
-    from .gene import key_sort
 
     short = {"embed": "emb", "final_norm": "norm", "lm_head": "head"}
     parts = [f"{short.get(k, k.replace('layer.', 'L'))}={coeffs[k]:.2f}" for k in sorted(coeffs, key=key_sort)]
@@ -305,36 +271,3 @@ def _grid_brief(c) -> dict | None:
     return {"best_gamma": g["best_gamma"], "best_loss": g["best_loss"]} if g else None
 
 
-def _cli(args) -> int:
-    res = run_demo(out=args.out, cache_dir=args.cache_dir, seed=args.seed, tasks=args.tasks, score=args.score,
-                   top_k=args.top_k, judge=args.judge, max_new_tokens=args.max_new_tokens,
-                   calib_steps=args.steps, progress=not args.quiet,
-                   methods=METHODS + ((ALT_SCORE,) if args.compare_scores else ()))
-    print(res.table)
-    print()
-    print(f"selected layers ({res.selection['method']}): {', '.join(res.selection['selected'])}; "
-          f"targets met: {res.targets_met}")
-    print(f"wrote {res.json_path}, {res.png}; {res.seconds:.0f} s in all "
-          f"(organism {res.organism_seconds:.0f} s)")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``safegene demo``."""
-    p = subparsers.add_parser("demo", help="run the whole method on the built-in model organism with baselines",
-                              description="Build/load the organism, extract, select, calibrate, apply and evaluate "
-                                          "every task model against none / RESTA / SafeMERGE / ablations.")
-    p.add_argument("--out", default="safegene-demo", help="output directory (default ./safegene-demo)")
-    p.add_argument("--cache-dir", default=None, help="organism cache (default $SAFEGENE_CACHE or ~/.cache/safegene)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", nargs="+", default=None, help="task models to run (default: all)")
-    p.add_argument("--score", default=None, choices=["restore", "refusal", "contrast"],
-                   help="selection score (default: restore)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--judge", default="organism")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--steps", type=int, default=40, help="calibration steps")
-    p.add_argument("--compare-scores", action="store_true",
-                   help="add a SafeGene row calibrated on the layers the other selection score picks")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cli)

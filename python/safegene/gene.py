@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from .checkpoint import Checkpoint, open_checkpoint, read_json
 from .errors import GeneError, MismatchError
+from .io.atomic import write_json_atomic
+from .io.checkpoint import Checkpoint, open_checkpoint, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -65,23 +65,6 @@ def fingerprint(ckpt: Checkpoint, names: Iterable[str] | None = None) -> dict[st
     shapes_only = json.dumps({n: v["shape"] for n, v in sorted(tensors.items())}, separators=(",", ":"))
     body["sha256"] = hashlib.sha256(shapes_only.encode()).hexdigest()
     return body
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # The C encoder (no indent) for big manifests: the pure-Python indenting encoder takes
-        # seconds and hundreds of MiB on 10^5 tensors.
-        big = len(obj.get("layers", ())) > 5000 if isinstance(obj, dict) else False
-        text = json.dumps(obj, separators=(",", ":")) if big else json.dumps(obj, indent=1)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

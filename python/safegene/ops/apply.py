@@ -17,16 +17,18 @@ inside the stream; the merged model never exists in memory or on disk.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence
 
-from ._stream import Plan, atomic_output_dir, run_plan
-from .checkpoint import (
+from ..coeffs import CoeffsLike, resolve_coeffs
+from ..engine.stream import Plan, run_plan
+from ..errors import CheckpointError, GeneError, NonFiniteError, UsageError
+from ..gene import Gene, load_gene
+from ..io.atomic import atomic_output_dir
+from ..io.checkpoint import (
     Checkpoint,
     OutTensor,
     check_output_location,
@@ -37,64 +39,13 @@ from .checkpoint import (
     shard_names,
     write_index,
 )
-from .errors import CheckpointError, GeneError, NonFiniteError, UsageError
-from .gene import Gene, load_gene
-from .hub import resolve_target
+from ..io.hub import resolve_target
+from ..io.peft import lora_target_delta
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
 
-CoeffsLike = Union[Mapping[str, float], str, os.PathLike, Any]
 DEFAULT_BUDGET_MB = 128
-
-
-def load_coeffs(coeffs: CoeffsLike) -> dict[str, float]:
-    """Read coefficients from a mapping, a COEFFS.json path, or an object with ``.coeffs``.
-
-    >>> load_coeffs({"layer.3": 1})
-    {'layer.3': 1.0}
-    """
-    src = "coefficients"
-    if isinstance(coeffs, (str, os.PathLike)):
-        p = Path(coeffs)
-        src = str(p)
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"{p}: no such coefficients file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{p}: not valid JSON ({exc})") from None
-        coeffs = obj.get("coeffs", obj) if isinstance(obj, dict) else obj
-    elif not isinstance(coeffs, Mapping) and hasattr(coeffs, "coeffs"):
-        coeffs = coeffs.coeffs
-    if not isinstance(coeffs, Mapping):
-        raise UsageError(f"{src}: expected a mapping from layer keys to numbers")
-    out: dict[str, float] = {}
-    for k, v in coeffs.items():
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise UsageError(f"{src}: coefficient {k!r} = {v!r} must be a finite number")
-        out[k] = float(v)
-    return out
-
-
-def resolve_coeffs(gene: Gene, scale: float | None, coeffs: CoeffsLike | None) -> dict[str, float]:
-    """Per-tensor λ for every gene tensor (0 where no key applies)."""
-    if scale is not None and coeffs is not None:
-        raise UsageError("give either a uniform scale or per-layer coefficients, not both")
-    if scale is None and coeffs is None:
-        raise UsageError("give a uniform scale (--scale S) or per-layer coefficients (--coeffs COEFFS.json)")
-    if scale is not None:
-        if not math.isfinite(scale):
-            raise UsageError(f"scale {scale} must be finite")
-        return {n: float(scale) for n in gene.tensor_names}
-    table = load_coeffs(coeffs)
-    keys = set(gene.layer_keys()) | set(gene.tensor_names)
-    unknown = sorted(k for k in table if k not in keys)
-    if unknown:
-        raise GeneError(
-            f"coefficients name {unknown[:3]} which the gene {gene.path} does not have; valid keys: {gene.layer_keys()} or tensor names"
-        )
-    return {n: table.get(n, table.get(gene.layer_key(n), 0.0)) for n in gene.tensor_names}
 
 
 @dataclass
@@ -217,8 +168,6 @@ def _lora_factors(tgt: Checkpoint, adapter: Path) -> dict[str, tuple[Any, Any, f
     """The adapter's LoRA factors per base tensor as float32 numpy arrays (A (r, in), B (out, r),
     scale), validated against the base; only these small factors are held in memory, the
     merged weight W + scale·B·A is formed chunk by chunk inside the stream."""
-    from .lora import lora_target_delta
-
     out: dict[str, tuple[Any, Any, float]] = {}
     for name, (a, b, scale) in lora_target_delta(tgt, adapter).items():
         if not tgt.tensors[name].is_float:
@@ -238,51 +187,3 @@ def _tied_pair(ckpt) -> tuple[str, str] | None:
     return None
 
 
-def apply_to_model(
-    model: "torch.nn.Module",
-    gene: "str | os.PathLike[str] | Gene",
-    coeffs: CoeffsLike | None = None,
-    *,
-    scale: float | None = None,
-) -> dict[str, float]:
-    """Patch a loaded model in place: ``W += λ τ`` through one batched kernel call.
-
-    Works on CPU and (when built with CUDA and a device exists) CUDA parameters. Parameters
-    that share storage (tied embeddings) are patched once. Returns the λ used per tensor.
-
-    >>> model = AutoModelForCausalLM.from_pretrained("task-model/")  # doctest: +SKIP
-    >>> apply_to_model(model, "gene/", "COEFFS.json")  # doctest: +SKIP
-    """
-    import torch
-
-    from ._native import scale_add_
-
-    g = load_gene(gene)
-    lam = resolve_coeffs(g, scale, coeffs)
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if k not in state})
-    missing = [n for n in g.tensor_names if lam[n] != 0.0 and n not in state]
-    if missing:
-        raise GeneError(f"the model has no parameter {missing[0]!r} that gene {g.path} patches; it is a different architecture")
-    seen: set[int] = set()
-    todo: list[str] = []
-    for n in g.tensor_names:
-        if lam[n] == 0.0:
-            continue
-        p = state[n]
-        if tuple(p.shape) != tuple(g.fingerprint["tensors"][n]["shape"]):
-            raise GeneError(f"parameter {n!r} has shape {list(p.shape)} but the gene's vector is {g.fingerprint['tensors'][n]['shape']}")
-        key = p.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        todo.append(n)
-    if not todo:
-        return {}
-    dev = state[todo[0]].device
-    vecs = g.load_vectors(todo, device=str(dev))
-    with torch.no_grad():
-        dsts = [state[n].data for n in todo]
-        srcs = [vecs[n].contiguous() for n in todo]
-        scale_add_(dsts, srcs, [lam[n] for n in todo])
-    return {n: lam[n] for n in todo}

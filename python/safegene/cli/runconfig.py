@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from .errors import SafeGeneError, UsageError
+from ..errors import SafeGeneError, UsageError
+from ..io.hub import parse_hub_id, resolve_model
 
 TOP_KEYS = ("aligned", "degraded", "gene", "targets", "extract", "select", "calibrate", "apply", "eval")
 TARGET_KEYS = ("model", "output", "coeffs", "scale")
@@ -65,7 +66,7 @@ class ConfigError(UsageError):
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from .cli import build_parser
+    from .main import build_parser  # main imports this module: resolve at call time
 
     parser = build_parser()
     for a in parser._actions:  # argparse has no public accessor for subparsers
@@ -145,8 +146,6 @@ def _check_value(where: str, key: str, v: Any, kind: str, choices: Any) -> Any:
 
 
 def _model_ref(where: str, key: str, v: Any, base: Path) -> str:
-    from .hub import parse_hub_id
-
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{where}{key}: expected a model directory or Hub id, got {v!r}")
     p = Path(v).expanduser()
@@ -342,13 +341,11 @@ def run_config(config: ConfigLike, *, dry_run: bool = False, quiet: bool = False
     >>> run_config("run.yaml")["outputs"]  # doctest: +SKIP
     ['/abs/out/task-a-safe']
     """
-    from .cli import build_parser
+    from .main import build_parser  # main imports this module: resolve at call time
 
     t0 = time.perf_counter()
     cfg = load_config(config)
     if not dry_run:
-        from .hub import resolve_model
-
         for k in ("aligned", "degraded"):
             if k in cfg:
                 cfg[k] = str(resolve_model(cfg[k]))

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from .checkpoint import KERNEL_DTYPES, RAW_CODE, SafetensorsFile, TensorInfo
-from .errors import OutputError, SafeGeneError
-
-TMP_TAG = ".safegene-tmp-"
-
+from ..errors import SafeGeneError
+from ..io.checkpoint import KERNEL_DTYPES, RAW_CODE, SafetensorsFile, TensorInfo
+from .native import core
 
 def dtype_code(dtype: str) -> int:
     return KERNEL_DTYPES.get(dtype, RAW_CODE)
@@ -99,8 +95,6 @@ def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, st
     ``stats`` is ``"full"`` (norms, dot, rounding, non-finite counts: extract) or ``"guard"``
     (non-finite count of the result only: apply).
     """
-    from ._native import core
-
     c = core()
     bar = None
     if progress:
@@ -122,65 +116,3 @@ def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, st
             bar.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Remove temporaries left by killed runs for this output (their process is gone)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        return
-    prefix = f".{out.name}{TMP_TAG}"
-    for q in parent.iterdir():
-        if q.name.startswith(prefix):
-            try:
-                pid = int(q.name[len(prefix):].removeprefix("old-"))  # "old-": a replaced output
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(q, ignore_errors=True)
-
-
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success rename it to ``out``, on failure remove it.
-
-    A killed run leaves only ``.<name>.safegene-tmp-<pid>``, which the next run removes, so a
-    directory named ``out`` is always complete.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"output {out} already exists; choose a new path or pass --overwrite")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output {out}: parent directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output {out}: parent directory {parent} is not writable")
-    remove_stale_temps(out)
-    tmp = parent / f".{out.name}{TMP_TAG}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"output {out}: cannot create a temporary directory in {parent} ({exc.strerror})") from None
-    try:
-        yield tmp
-        if out.exists():
-            trash = parent / f".{out.name}{TMP_TAG}old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, SafeGeneError):
-            raise OutputError(f"writing {out} failed: {exc.strerror or exc} (free disk space or fix permissions, then run again)") from None
-        raise

@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from ._stream import Plan, atomic_output_dir, run_plan
-from .checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
-from .errors import CheckpointError, MismatchError, NonFiniteError, UsageError
-from .hub import resolve_model
-from .gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort, write_json_atomic
+from .._version import __version__
+from ..engine.stream import Plan, run_plan
+from ..errors import CheckpointError, MismatchError, NonFiniteError, UsageError
+from ..gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort
+from ..io.atomic import atomic_output_dir, write_json_atomic
+from ..io.checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
+from ..io.hub import resolve_model
 
 STORAGE_DTYPES = ("F32", "BF16", "F16")
 #: Float dtypes with no kernel: refused rather than silently skipped (integer/bool buffers carry no vector).

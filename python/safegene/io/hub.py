@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES
-from .errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError
 
 #: What a Hub snapshot may bring: safetensors weights and small companions, never pickles.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]

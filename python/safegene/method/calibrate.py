@@ -16,9 +16,9 @@ How the gradient reaches λ without a second model
 -------------------------------------------------
 :class:`GeneMerge` is a ``torch.autograd.Function``. Its forward writes
 ``W_t = RNE(W_t⁰ + λ_{l(t)} τ_t)`` into the target's own parameter storage with one batched
-:func:`safegene._native.scale_add_` call and returns aliases of those tensors, which
+:func:`safegene.engine.native.scale_add_` call and returns aliases of those tensors, which
 ``torch.func.functional_call`` substitutes for the parameters; its backward turns the weight
-gradients into ``∂L/∂λ_l = Σ_{t∈l} ⟨∂L/∂W_t, τ_t⟩`` with one batched :func:`safegene._native.dot`
+gradients into ``∂L/∂λ_l = Σ_{t∈l} ⟨∂L/∂W_t, τ_t⟩`` with one batched :func:`safegene.engine.native.dot`
 call. Memory beyond the model itself: τ and an untouched copy W⁰ of the *selected* tensors
 only (and their gradients during backward). Each step re-applies λ from W⁰ rather than adding
 Δλ·τ incrementally: in bf16 an increment smaller than half an ulp of W is lost, and drift
@@ -48,225 +48,26 @@ the best point; the grid's choice is kept in the result's metadata for compariso
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Union
 
-from . import _fewshot
-from .errors import GeneError, SafeGeneError, UsageError
-
-COEFFS_FORMAT = "safegene-coeffs"
-COEFFS_VERSION = 1
-
+from .. import lm
+from ..coeffs import Coeffs
+from ..data import load_records, split_record
+from ..errors import GeneError, SafeGeneError, UsageError
+from ..gene import load_gene
+from .merge import MergePlan, gene_merge
 
 # --------------------------------------------------------------------------------------------
 # The coefficients artifact
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Coeffs:
-    """Per-layer coefficients λ (a missing key means λ = 0) plus free-form metadata.
-
-    >>> c = Coeffs({"layer.2": 0.9, "layer.3": 1.1}, {"method": "safegene"})
-    >>> c.save("COEFFS.json")  # doctest: +SKIP
-    >>> Coeffs.load("COEFFS.json").coeffs["layer.2"]  # doctest: +SKIP
-    0.9
-    """
-
-    coeffs: dict[str, float]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        out = {"format": COEFFS_FORMAT, "format_version": COEFFS_VERSION,
-               "coeffs": {k: float(v) for k, v in self.coeffs.items()}}
-        for k, v in self.meta.items():
-            if k not in out:
-                out[k] = v
-        return out
-
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write COEFFS.json atomically (temporary sibling, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "Coeffs":
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"{path}: coefficients file not found") from None
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: not JSON ({exc.msg}); expected a safegene COEFFS.json") from None
-        if not isinstance(doc, dict) or doc.get("format") != COEFFS_FORMAT or not isinstance(doc.get("coeffs"), dict):
-            raise UsageError(f"{path}: not a safegene coefficients file (need format={COEFFS_FORMAT!r} and a 'coeffs' object)")
-        meta = {k: v for k, v in doc.items() if k not in ("format", "format_version", "coeffs")}
-        return cls({k: float(v) for k, v in doc["coeffs"].items()}, meta)
-
-    def summary(self) -> str:
-        """Short human summary, e.g. ``'2 layers, λ 0.85–1.10'``."""
-        vals = [v for v in self.coeffs.values()]
-        nz = [v for v in vals if v != 0.0]
-        if not nz:
-            return "λ = 0"
-        if len(set(round(v, 4) for v in vals)) == 1:
-            return f"{len(vals)} keys, λ = {vals[0]:.2f}"
-        return f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f}"
-
-
 # --------------------------------------------------------------------------------------------
 # The merge plan and the autograd Function
 # --------------------------------------------------------------------------------------------
-def module_group(name: str) -> str:
-    """Module type of a tensor inside a decoder block, for ``per_module`` coefficients."""
-    n = name.lower()
-    module = n.split(".")[-2] if "." in n else n
-    if "norm" in module or module.startswith("ln"):  # before attn: post_attention_layernorm is a norm
-        return "norm"
-    if "attn" in n or "attention" in n:
-        return "attn"
-    if "mlp" in n or "ffn" in n or "feed_forward" in n:
-        return "mlp"
-    return "other"
-
-
-def coeff_key(gene, name: str, per_module: bool) -> str:
-    key = gene.layer_key(name)
-    return f"{key}.{module_group(name)}" if per_module else key
-
-
-class MergePlan:
-    """The selected tensors of a loaded model, their τ, an untouched copy W⁰, and λ's layout.
-
-    ``set(lam)`` writes ``W = RNE(W⁰ + λ τ)`` in place; ``restore()`` copies W⁰ back exactly.
-
-    >>> plan = MergePlan(model, gene, ["layer.2", "layer.3"])  # doctest: +SKIP
-    >>> plan.set(torch.tensor([1.0, 0.5])); plan.restore()      # doctest: +SKIP
-    """
-
-    def __init__(self, model, gene, layers: Sequence[str], per_module: bool = False, device=None):
-        import torch
-
-        params = dict(model.named_parameters())
-        params.update(dict(model.named_buffers()))
-        want = set(layers)
-        names = [n for n in gene.tensor_names if gene.layer_key(n) in want]
-        if not names:
-            raise GeneError(f"gene {gene.path}: no tensors in layers {sorted(want)}; known layers: {gene.layer_keys()}")
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise GeneError(
-                f"gene {gene.path}: tensor {missing[0]!r} (and {len(missing) - 1} more) is not a parameter of the "
-                "target model; the gene and the target must be the same architecture"
-            )
-        self.names = names
-        self.weights = [params[n].data for n in names]
-        dev = device or self.weights[0].device
-        vecs = gene.load_vectors(names=names, device=str(dev))
-        self.taus = []
-        for n, w in zip(names, self.weights):
-            t = vecs[n].contiguous()
-            if t.numel() != w.numel():
-                raise GeneError(f"gene {gene.path}: tensor {n!r} has shape {tuple(t.shape)}, target has {tuple(w.shape)}")
-            if not w.is_contiguous():
-                raise SafeGeneError(f"target tensor {n!r} is not contiguous; cannot patch it in place")
-            self.taus.append(t)
-        self.keys = []
-        key_of = []
-        for n in names:
-            k = coeff_key(gene, n, per_module)
-            if k not in self.keys:
-                self.keys.append(k)
-            key_of.append(self.keys.index(k))
-        self.key_of = key_of
-        self.base = [w.detach().clone() for w in self.weights]
-        self.current: list[float] | None = None
-        self._torch = torch
-
-    @property
-    def num_keys(self) -> int:
-        return len(self.keys)
-
-    def set(self, lam) -> None:
-        """Write ``W = RNE(W⁰ + λ τ)`` into the model's tensors (no autograd)."""
-        from . import _native
-
-        vals = [float(v) for v in (lam.detach().cpu().tolist() if hasattr(lam, "detach") else lam)]
-        if len(vals) != self.num_keys:
-            raise UsageError(f"{len(vals)} coefficients for {self.num_keys} keys {self.keys}")
-        with self._torch.no_grad():
-            for w, b in zip(self.weights, self.base):
-                w.copy_(b)
-            _native.scale_add_(self.weights, self.taus, [vals[i] for i in self.key_of])
-        self.current = vals
-
-    def restore(self) -> None:
-        """Copy the untouched weights back: the model is bit-identical to before."""
-        with self._torch.no_grad():
-            for w, b in zip(self.weights, self.base):
-                w.copy_(b)
-        self.current = None
-
-    def grad_lambda(self, grads) -> list[float]:
-        """``∂L/∂λ_k = Σ_{t: key(t)=k} ⟨∂L/∂W_t, τ_t⟩`` in one batched dot call."""
-        from . import _native
-
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        out = [0.0] * self.num_keys
-        if not idx:
-            return out
-        dots = _native.dot([grads[i].contiguous() for i in idx], [self.taus[i] for i in idx])
-        for i, d in zip(idx, dots):
-            out[self.key_of[i]] += float(d)
-        return out
-
-
-def _merge_function():
-    import torch
-
-    class GeneMerge(torch.autograd.Function):
-        """forward: W = W⁰ + λ τ via the batched C++ scale-and-add, returns the merged weights;
-        backward: ∂L/∂λ_l = Σ_t ⟨∂L/∂W_t, τ_t⟩ via the batched C++ dot."""
-
-        @staticmethod
-        def forward(ctx, lam, plan):  # type: ignore[override]
-            plan.set(lam)
-            ctx.plan = plan
-            ctx.lam_meta = (lam.dtype, lam.device)
-            return tuple(w.detach() for w in plan.weights)
-
-        @staticmethod
-        def backward(ctx, *grads):  # type: ignore[override]
-            dtype, device = ctx.lam_meta
-            g = ctx.plan.grad_lambda(grads)
-            return torch.tensor(g, dtype=dtype, device=device), None
-
-    return GeneMerge
-
-
-_GENE_MERGE = None
-
-
-def gene_merge(lam, plan: MergePlan):
-    """Differentiable ``λ ↦ (W_t(λ))_t`` for the plan's tensors (aliases of the model's storage).
-
-    >>> ws = gene_merge(lam, plan)  # doctest: +SKIP
-    >>> logits = torch.func.functional_call(model, dict(zip(plan.names, ws)), (ids,))  # doctest: +SKIP
-    """
-    global _GENE_MERGE
-    if _GENE_MERGE is None:
-        _GENE_MERGE = _merge_function()
-    return _GENE_MERGE.apply(lam, plan)
-
-
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
@@ -317,12 +118,12 @@ class _Objective:
                  safety_first_k, device):
         import torch
 
-        pad = _fewshot.pad_id_of(tokenizer)
+        pad = lm.pad_id_of(tokenizer)
         self.model = model
         self.beta, self.l2 = float(beta), float(l2)
-        self.safety = _fewshot.collate(safety_pairs, pad, device)
+        self.safety = lm.collate(safety_pairs, pad, device)
         self.s_idx = _pred_positions(self.safety, safety_first_k)
-        self.utility = _fewshot.collate(utility_pairs, pad, device) if utility_pairs else None
+        self.utility = lm.collate(utility_pairs, pad, device) if utility_pairs else None
         self.utility_loss = utility_loss
         self.ref_logp = None
         if self.utility is not None:
@@ -373,14 +174,6 @@ class _Objective:
 # --------------------------------------------------------------------------------------------
 # calibrate
 # --------------------------------------------------------------------------------------------
-def _resolve_gene(gene):
-    from .gene import Gene
-
-    if isinstance(gene, (str, Path)):
-        return Gene.load(gene)
-    return gene
-
-
 def resolve_layers(gene, layers) -> list[str]:
     """Layer keys to calibrate: explicit list, ``"all"`` (every decoder block), or the gene's selection."""
     known = gene.layer_keys()
@@ -456,37 +249,37 @@ def calibrate(
         raise UsageError(f"utility_loss must be 'auto', 'ce' or 'kl', not {utility_loss!r}")
     t0 = time.perf_counter()
     log = log or (lambda _m: None)
-    gene = _resolve_gene(gene)
+    gene = load_gene(gene)
     keys_layers = resolve_layers(gene, layers)
 
     if isinstance(target, (str, Path)):
-        model, tok = _fewshot.load_model(target, device=device)
+        model, tok = lm.load_model(target, device=device)
         target_name = str(target)
     else:
         model, tok = target, tokenizer
         if tok is None:
             raise UsageError("calibrate: pass tokenizer= together with a loaded model")
         target_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    s_recs = _fewshot.load_records(safety, "safety", max_examples)
+    s_recs = load_records(safety, "safety", max_examples)
     if utility is None:
         u_recs = []
     elif isinstance(utility, (list, tuple)) and utility and all(
             isinstance(u, Path) or (isinstance(u, str) and os.path.isfile(u)) for u in utility):
-        u_recs = [r for src in utility for r in _fewshot.load_records(src, "utility", max_examples)]
+        u_recs = [r for src in utility for r in load_records(src, "utility", max_examples)]
     else:
-        u_recs = _fewshot.load_records(utility, "utility", max_examples)
-    s_pairs = _fewshot.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
-    u_prompts = _fewshot.encode_prompts(tok, u_recs)
+        u_recs = load_records(utility, "utility", max_examples)
+    s_pairs = lm.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
+    u_prompts = lm.encode_prompts(tok, u_recs)
     if utility_loss == "kl":
         # θ_T's own greedy responses, generated before any λ is applied: the KL term then keeps
         # the task model's behaviour on exactly the tokens it would emit (answers, non-refusals)
-        gens = _fewshot.greedy(model, tok, u_prompts, max_new_tokens=utility_max_new_tokens)
+        gens = lm.generate_ids(model, tok, u_prompts, max_new_tokens=utility_max_new_tokens)
         u_pairs = list(zip(u_prompts, gens))
     else:
         u_pairs = []
         for p, rec in zip(u_prompts, u_recs):
-            msgs, comp = _fewshot.split_record(rec)
-            u_pairs.append((p, _fewshot.render_completion(tok, msgs, comp) if comp is not None else []))
+            msgs, comp = split_record(rec)
+            u_pairs.append((p, lm.render_completion(tok, msgs, comp) if comp is not None else []))
 
     was_training = model.training
     model.eval()
@@ -607,51 +400,3 @@ def calibrate(
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _cli(args) -> int:
-    c = calibrate(
-        args.gene, args.target, args.safety, args.utility,
-        layers=args.layers, steps=args.steps, lr=args.lr, beta=args.beta, l2=args.l2,
-        lambda_max=args.lambda_max, init=_parse_init(args.init), per_module=args.per_module,
-        utility_loss=args.utility_loss, safety_first_k=args.safety_first_k,
-        max_examples=args.max_examples, refusal=args.refusal, device=args.device, out=args.output,
-    )
-    print(json.dumps(c.coeffs, indent=2))
-    return 0
-
-
-def _parse_init(s: str):
-    try:
-        return float(s)
-    except ValueError:
-        return s
-
-
-def register_cli(subparsers) -> None:
-    """Add ``safegene calibrate GENE TARGET --safety S --utility U -o COEFFS.json``."""
-    p = subparsers.add_parser(
-        "calibrate", help="learn per-layer coefficients λ for one task model from a few examples",
-        description="Few-shot layer-wise recalibration: θ = θ_T + Σ λ_l τ_l, only λ is trained.",
-    )
-    p.add_argument("gene", help="gene directory (from `safegene extract`, with a selection from `safegene select`)")
-    p.add_argument("target", help="task model directory (Hugging Face format)")
-    p.add_argument("--safety", required=True, help="JSONL of harmful prompts with refusal completions")
-    p.add_argument("--utility", nargs="+", default=None,
-                   help="JSONL(s) of task examples with answers and/or benign prompts without completion")
-    p.add_argument("-o", "--output", required=True, help="where to write COEFFS.json")
-    p.add_argument("--layers", default=None, help="comma-separated layer keys, or 'all' (default: the gene's selection)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--beta", type=float, default=3.0, help="weight of the utility term (default 3)")
-    p.add_argument("--l2", type=float, default=1e-3)
-    p.add_argument("--lambda-max", type=float, default=4.0)
-    p.add_argument("--init", default="grid", help="'grid' (default), 'ones', 'zeros' or a number")
-    p.add_argument("--per-module", action="store_true", help="one λ per module type (attn/mlp/norm) per layer")
-    p.add_argument("--utility-loss", choices=["auto", "ce", "kl"], default="kl",
-                   help="kl: KL to the task model on its own greedy responses (default); ce: CE of the records' "
-                        "completions; auto: CE where a record has a completion, KL at the first response token otherwise")
-    p.add_argument("--safety-first-k", type=int, default=2,
-                   help="only the first K refusal tokens count (default 2; 0 = the whole refusal)")
-    p.add_argument("--max-examples", type=int, default=16)
-    p.add_argument("--refusal", default=None, help="refusal text for safety records without a completion")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cli)

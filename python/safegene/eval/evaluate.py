@@ -20,7 +20,6 @@ Definitions (all with counts and a 95 % Wilson score interval):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -28,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .data import Example, as_examples
-from .errors import CheckpointError, DataError, UsageError
+from ..data import Example, as_examples
+from ..errors import DataError, UsageError
+from ..lm import generate, load_model
 from .judges import Judge, KeywordJudge, get_judge
 
 Z95 = 1.959963984540054
@@ -180,105 +180,6 @@ def comparison_table(reports: Mapping[str, EvalReport], task: str | None = None)
     return "\n".join(lines) + "\n"
 
 
-# ---- generation -----------------------------------------------------------------------------
-def load_model(path: str | Path, device: str | None = None):
-    """Load an HF causal-LM and its tokenizer (safetensors only) from a directory, a Hub id, or
-    ``BASE+ADAPTER_DIR`` (the base with the PEFT LoRA adapter merged into it in place)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .hub import resolve_target
-
-    p, adapter = resolve_target(path)
-    if not (p / "config.json").is_file():
-        raise CheckpointError(f"{p}: not a model directory (no config.json)")
-    if not any(p.glob("*.safetensors")):
-        pickled = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
-        hint = f" (found {', '.join(pickled)}; convert them to safetensors first)" if pickled else ""
-        raise CheckpointError(f"{p}: no *.safetensors weights{hint}")
-    from transformers.utils import logging as hf_logging
-
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' per-tensor loading bar; ours covers generation
-    try:
-        tok = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: cannot load with transformers ({exc})") from None
-    finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
-    if adapter is not None:
-        from .lora import merge_lora_into_model
-
-        merge_lora_into_model(model, adapter)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(dev).eval(), tok
-
-
-def _prompt_text(tokenizer, ex: Example) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(map(dict, ex.messages)), tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in ex.messages)
-
-
-def generate(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    progress: bool = True,
-    desc: str = "generating",
-) -> list[str]:
-    """Greedy responses, batched with left padding (prompts sorted by length to waste less).
-
-    >>> generate(model, tok, load_jsonl("prompts.jsonl"), batch_size=16)  # doctest: +SKIP
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if batch_size < 1 or max_new_tokens < 1:
-        raise UsageError("batch_size and max_new_tokens must be at least 1")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise CheckpointError("the tokenizer has neither a pad nor an eos token; cannot batch")
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [_prompt_text(tokenizer, ex) for ex in examples]
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    enc = [tokenizer(t, add_special_tokens=not has_template)["input_ids"] for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    out: list[str] = [""] * len(enc)
-    device = next(model.parameters()).device
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    with tqdm(total=len(enc), disable=not progress, desc=desc, unit="prompt") as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            width = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-                mask[r, width - len(enc[i]) :] = 1
-            with torch.no_grad():
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos,
-                )
-            for r, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[r, width:], skip_special_tokens=True).strip()
-            bar.update(len(idx))
-    return out
-
-
 # ---- evaluation -----------------------------------------------------------------------------
 def _task_sets(tasks: Any) -> dict[str, list[Example]]:
     if tasks is None:
@@ -419,49 +320,4 @@ def evaluate(
     return rep
 
 
-# ---- CLI ------------------------------------------------------------------------------------
-def _handler(args: argparse.Namespace) -> int:
-    rep = evaluate(
-        args.model,
-        harmful=args.harmful,
-        tasks=args.task or None,
-        benign=args.benign,
-        judge=args.judge,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
-        device=args.device,
-    )
-    if args.json:
-        rep.to_json(args.json)
-    md = rep.to_markdown()
-    if args.markdown:
-        Path(args.markdown).write_text(md, encoding="utf-8")
-    print(md, end="")
-    return 0
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``safegene eval MODEL --harmful H.jsonl [--task T.jsonl ...] [--benign B.jsonl] [--judge J]``."""
-    p = subparsers.add_parser(
-        "eval",
-        help="generate greedily and report ASR, task accuracy and over-refusal",
-        description="Evaluate a local HF causal-LM directory: ASR on harmful prompts, exact-label accuracy "
-        "per task file, over-refusal on benign prompts, each with a 95 %% Wilson interval.",
-    )
-    p.add_argument("model", help="local Hugging Face causal-LM directory (safetensors)")
-    p.add_argument("--harmful", metavar="H.jsonl", help="harmful prompts (JSONL, TRL convention)")
-    p.add_argument("--task", metavar="T.jsonl", action="append", default=[], help="task file (completion = label); repeatable")
-    p.add_argument("--benign", metavar="B.jsonl", help="benign prompts for over-refusal")
-    p.add_argument("--judge", default="keyword", help="keyword (default), keyword:prefix, organism, guard:/path/to/model")
-    p.add_argument("--json", metavar="OUT.json", help="write the full report (with every response) as JSON")
-    p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_handler)
-    return p
-
-
-__all__ = ["EvalReport", "Rate", "comparison_table", "evaluate", "generate", "label_match", "load_model", "register_cli", "score", "wilson_interval"]
+__all__ = ["EvalReport", "Rate", "comparison_table", "evaluate", "label_match", "score", "wilson_interval"]

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UsageError
-from .judges import Judge
+from ..errors import UsageError
+from ..eval.evaluate import evaluate
+from ..eval.judges import Judge
+from ..ops.apply import apply
 
 DEFAULT_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
@@ -87,9 +89,6 @@ def resta_grid(
 
     >>> resta_grid("gene/", "task/", "harmful_calib.jsonl", "task_calib.jsonl", grid=(0.5, 1.0, 2.0))  # doctest: +SKIP
     """
-    from .apply import apply
-    from .evaluate import evaluate
-
     if not grid:
         raise UsageError("the RESTA grid is empty")
     target = Path(target_dir)

@@ -56,8 +56,12 @@ import time
 from pathlib import Path
 from typing import Any, Union
 
-from . import _fewshot
-from .errors import UsageError
+from .. import lm
+from ..data import load_records, split_record
+from ..errors import UsageError
+from ..eval.plots import plot_scores
+from ..gene import load_gene
+from .merge import apply_to_model
 
 SCORES = ("restore", "refusal", "contrast")
 DEFAULT_SCORE = "restore"
@@ -74,12 +78,12 @@ def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", 
     import torch
 
     if isinstance(model_dir, (str, Path)):
-        model, tok = _fewshot.load_model(model_dir, device=device)
+        model, tok = lm.load_model(model_dir, device=device)
     else:
         model, tok = model_dir, tokenizer
-    blocks = _fewshot.decoder_layers(model)
-    ids = _fewshot.encode_prompts(tok, _fewshot.load_records(prompts, "prompts"))
-    pad = _fewshot.pad_id_of(tok)
+    blocks = lm.decoder_layers(model)
+    ids = lm.encode_prompts(tok, load_records(prompts, "prompts"))
+    pad = lm.pad_id_of(tok)
     captured: list[Any] = [None] * (len(blocks) + 1)
 
     def grab_input(_mod, args, kwargs):
@@ -97,7 +101,7 @@ def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", 
         with torch.no_grad():
             for s in range(0, len(ids), batch_size):
                 chunk = ids[s: s + batch_size]
-                batch = _fewshot.collate([(p, []) for p in chunk], pad, device)
+                batch = lm.collate([(p, []) for p in chunk], pad, device)
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 rows = torch.arange(len(chunk), device=batch.input_ids.device)
                 out.append(torch.stack([c[rows, batch.last_prompt].float().cpu() for c in captured], 1))
@@ -112,10 +116,10 @@ def refusal_openings(tokenizer, records, refusal: str | None = None) -> list[int
     the model would emit it after the prompt), or of ``refusal`` for records without one."""
     ids: set[int] = set()
     for rec in records:
-        msgs, comp = _fewshot.split_record(rec)
+        msgs, comp = split_record(rec)
         comp = comp if comp is not None else refusal
         if comp:
-            toks = _fewshot.render_completion(tokenizer, msgs, comp)
+            toks = lm.render_completion(tokenizer, msgs, comp)
             if toks:
                 ids.add(int(toks[0]))
     return sorted(ids)
@@ -126,13 +130,13 @@ def refusal_probability(model, tokenizer, prompts, openings: list[int], batch_si
     """P(first response token is a refusal opening) per prompt, float32 tensor ``[n]``."""
     import torch
 
-    ids = _fewshot.encode_prompts(tokenizer, _fewshot.load_records(prompts, "prompts"))
-    pad = _fewshot.pad_id_of(tokenizer)
+    ids = lm.encode_prompts(tokenizer, load_records(prompts, "prompts"))
+    pad = lm.pad_id_of(tokenizer)
     out = []
     with torch.no_grad():
         for s in range(0, len(ids), batch_size):
             chunk = ids[s: s + batch_size]
-            batch = _fewshot.collate([(p, []) for p in chunk], pad, device)
+            batch = lm.collate([(p, []) for p in chunk], pad, device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             rows = torch.arange(len(chunk), device=batch.input_ids.device)
             logp = torch.log_softmax(logits[rows, batch.last_prompt].float(), -1)
@@ -152,10 +156,8 @@ def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, 
     """
     import torch
 
-    from .apply import apply_to_model
-
-    model, tok = _fewshot.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
-    harmful = _fewshot.load_records(harmful, "harmful")
+    model, tok = lm.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
+    harmful = load_records(harmful, "harmful")
     openings = refusal_openings(tok, harmful, refusal)
     if not openings:
         raise UsageError("the 'restore' score needs refusals: give the harmful prompts refusal completions "
@@ -221,42 +223,6 @@ def choose(scores: dict[str, float], top_k: int | None = None, threshold: float 
     return [k for k in keys if k in picked]
 
 
-def plot_scores(all_scores: dict[str, dict[str, float]], selected: list[str], method: str,
-                path: Union[str, Path]) -> Path:
-    """Bar chart of every score per layer (each normalised to its maximum); selected layers marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .gene import key_sort
-
-    names = list(all_scores)
-    keys = sorted({k for s in all_scores.values() for k in s}, key=key_sort)
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(keys) + 2), 3.2))
-    w = 0.8 / len(names)
-    for j, n in enumerate(names):
-        vals = [all_scores[n].get(k, 0.0) for k in keys]  # a score that does not rate a key: no bar
-        m = max(abs(v) for v in vals) or 1.0
-        ax.bar([i + (j - (len(names) - 1) / 2) * w for i in range(len(keys))], [v / m for v in vals], w,
-               label=f"{n}{' (used)' if n == method else ''}", alpha=0.85)
-    for i, k in enumerate(keys):
-        if k in selected:
-            ax.axvspan(i - 0.45, i + 0.45, color="gold", alpha=0.25, lw=0)
-    ax.set_xticks(range(len(keys)), [k.replace("layer.", "") for k in keys], rotation=30 if len(keys) < 12 else 90)
-    ax.set_xlabel("gene key: decoder block / embed / final_norm / lm_head (shaded: selected)")
-    ax.set_ylabel("score / max")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.legend(fontsize=8)
-    ax.set_title("safety specificity of the aligned–degraded contrast")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def select_layers(
     gene,
     aligned,
@@ -287,12 +253,10 @@ def select_layers(
     """
     if score not in SCORES:
         raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")
-    from .calibrate import _resolve_gene
-
     t0 = time.perf_counter()
-    gene = _resolve_gene(gene)
-    harm = _fewshot.load_records(harmful, "harmful", max_prompts)
-    ben = _fewshot.load_records(benign, "benign", max_prompts)
+    gene = load_gene(gene)
+    harm = load_records(harmful, "harmful", max_prompts)
+    ben = load_records(benign, "benign", max_prompts)
     states = {}
     for tag, mdir in (("A", aligned), ("D", degraded)):  # one model in memory at a time
         states[tag + "H"] = layer_states(mdir, harm, batch_size, device)
@@ -305,7 +269,7 @@ def select_layers(
         raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
     keys = [f"layer.{i}" for i in range(n_layers)]
     all_scores = {}
-    has_refusals = refusal is not None or any(_fewshot.split_record(r)[1] for r in harm)
+    has_refusals = refusal is not None or any(split_record(r)[1] for r in harm)
     if score == "restore" or has_refusals:
         all_scores["restore"] = {k: _r(v) for k, v in
                                  restore_scores(gene, degraded, harm, ben, refusal, batch_size, device).items()}
@@ -334,45 +298,3 @@ def _r(v: float) -> float:
     return float(f"{v:.6g}") if math.isfinite(v) else v
 
 
-def _cli(args) -> int:
-    res = select_layers(args.gene, args.aligned, args.degraded, args.harmful, args.benign,
-                        top_k=args.top_k, threshold=args.threshold, score=args.score,
-                        batch_size=args.batch_size, max_prompts=args.max_prompts,
-                        plot=args.plot or (Path(args.gene) / "layer_scores.png"), device=args.device,
-                        refusal=args.refusal)
-    from .gene import key_sort
-
-    names = list(res["all_scores"])
-    keys = sorted({k for s in res["all_scores"].values() for k in s}, key=key_sort)
-    print("| key | " + " | ".join(names) + " | selected |")
-    print("|---|" + "---|" * len(names) + "---|")
-    for k in keys:
-        print(f"| {k} | " + " | ".join(f"{res['all_scores'][n][k]:.4g}" if k in res["all_scores"][n] else "—"
-                                       for n in names)
-              + f" | {'yes' if k in res['selected'] else ''} |")
-    print(f"selected ({res['method']}): {', '.join(res['selected'])}; plot: {res['plot']}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``safegene select GENE --aligned A --degraded D --harmful H --benign B [--top-k K | --threshold X]``."""
-    p = subparsers.add_parser(
-        "select", help="score decoder layers by harm-specific aligned–degraded contrast; write the selection to gene.json",
-        description="Data-aware layer selection (one model in memory at a time).",
-    )
-    p.add_argument("gene", help="gene directory")
-    p.add_argument("--aligned", required=True, help="aligned model directory")
-    p.add_argument("--degraded", required=True, help="degraded model directory")
-    p.add_argument("--harmful", required=True, help="JSONL of harmful prompts")
-    p.add_argument("--benign", required=True, help="JSONL of benign / task prompts")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--threshold", type=float, default=None, help=f"fraction of the best score (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-prompts", type=int, default=64)
-    p.add_argument("--plot", default=None, help="PNG path (default GENE/layer_scores.png)")
-    p.add_argument("--refusal", default=None,
-                   help="refusal text for harmful prompts without a completion (the 'restore' score needs refusals)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cli)

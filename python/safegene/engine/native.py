@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import SafeGeneError
+from ..errors import SafeGeneError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -22,7 +22,7 @@ DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
 def core():
     """Return the compiled ``safegene._core`` module, with a clear error when it is missing."""
     try:
-        from . import _core  # type: ignore[attr-defined]
+        from .. import _core  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - only on a broken install
         raise SafeGeneError(
             f"the compiled core safegene._core cannot be imported ({exc}); "

@@ -14,14 +14,13 @@ result dicts; it draws with :func:`safegene.demo.plot_plane`, the demo's own fig
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
-from .errors import GeneError, UsageError
-from .gene import Gene, key_sort, load_gene
+from ..errors import GeneError, UsageError
+from ..gene import Gene, key_sort, load_gene
 
 
 def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.PathLike, None] = None) -> dict[str, Any]:
@@ -150,64 +149,4 @@ def _plot_gene(info: dict[str, Any], all_scores: dict | None, path: Path) -> Pat
 
 
 #: Keys a result dict for :func:`plot_safety_utility` may hold (method, asr, accuracy required).
-RESULT_KEYS = {"method", "asr", "accuracy", "task", "over_refusal", "lam", "seconds"}
-
-
-def plot_safety_utility(results: Sequence[dict[str, Any]], out_png: Union[str, os.PathLike]) -> Path:
-    """Safety–utility plane across methods: x = ASR, y = task accuracy (fractions in [0, 1]).
-
-    Each result is ``{"method": str, "asr": float, "accuracy": float}`` with optional ``task``
-    (colour; default "model"), ``over_refusal``, ``lam``, ``seconds``. Drawn by the demo's
-    :func:`safegene.demo.plot_plane`, so both figures look the same.
-
-    >>> plot_safety_utility([{"method": "none", "asr": 0.8, "accuracy": 0.9},
-    ...                      {"method": "SafeGene", "asr": 0.05, "accuracy": 0.88}], "plane.png")  # doctest: +SKIP
-    """
-    from .demo import Row, plot_plane
-
-    if not results:
-        raise UsageError("plot_safety_utility: no results to plot")
-    rows = []
-    for i, r in enumerate(results):
-        if not isinstance(r, dict):
-            raise UsageError(f"result {i} is a {type(r).__name__}, expected a dict with method, asr, accuracy")
-        unknown = sorted(set(r) - RESULT_KEYS)
-        if unknown:
-            raise UsageError(f"result {i}: unknown keys {unknown}; allowed: {sorted(RESULT_KEYS)}")
-        for k in ("method", "asr", "accuracy"):
-            if k not in r:
-                raise UsageError(f"result {i}: missing {k!r}")
-        for k in ("asr", "accuracy", "over_refusal"):
-            v = r.get(k, 0.0)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise UsageError(f"result {i}: {k} = {v!r} must be a fraction in [0, 1]")
-        rows.append(Row(method=str(r["method"]), task=str(r.get("task", "model")), asr=float(r["asr"]),
-                        accuracy=float(r["accuracy"]), over_refusal=float(r.get("over_refusal", 0.0)),
-                        lam=str(r.get("lam", "")), seconds=float(r.get("seconds", 0.0))))
-    out = Path(out_png)
-    if not out.parent.is_dir():
-        raise UsageError(f"plot path {out}: directory {out.parent} does not exist")
-    return plot_plane(rows, out)
-
-
-def _cli(args: Any) -> int:
-    info = inspect_gene(args.gene, plot=args.plot)
-    if args.json:
-        print(json.dumps(info))
-    else:
-        print(format_gene_table(info))
-        if info["plot"]:
-            print(f"wrote {info['plot']}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``safegene inspect``."""
-    p = subparsers.add_parser("inspect", help="per-layer ‖τ‖, relative change, selection scores and chosen layers of a gene")
-    p.add_argument("gene", help="gene directory")
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw the per-layer panels into this PNG")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_cli)
-
-
-__all__ = ["inspect_gene", "format_gene_table", "plot_safety_utility", "register_cli"]
+__all__ = ["format_gene_table", "inspect_gene"]

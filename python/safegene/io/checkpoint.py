@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from .errors import CheckpointError, HeaderError, MismatchError, OutputError, PickleRefusedError
+from ..errors import CheckpointError, HeaderError, MismatchError, OutputError, PickleRefusedError
 
 #: Header size cap, as in the safetensors reference implementation.
 MAX_HEADER_BYTES = 100_000_000

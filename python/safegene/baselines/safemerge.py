@@ -22,9 +22,11 @@ import contextlib
 from pathlib import Path
 from typing import Any, Union
 
-from .calibrate import Coeffs, _resolve_gene
-from .checkpoint import open_checkpoint
-from .errors import MismatchError
+from ..coeffs import Coeffs
+from ..engine import native
+from ..errors import MismatchError
+from ..gene import load_gene
+from ..io.checkpoint import open_checkpoint
 
 
 def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> dict[str, float]:
@@ -36,9 +38,7 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
     import torch
     from safetensors import safe_open
 
-    from . import _native
-
-    gene = _resolve_gene(gene)
+    gene = load_gene(gene)
     aligned, task = Path(aligned), Path(task)
     # Validated headers and index (containment, shard consistency), as everywhere else.
     fa = {n: t.file for n, t in open_checkpoint(aligned).tensors.items()}
@@ -63,7 +63,7 @@ def layer_cosines(gene, aligned: Union[str, Path], task: Union[str, Path]) -> di
             t = handle(ft[name]).get_tensor(name).float()
             u = (t - a).contiguous()
             tau = tau.contiguous()
-            d_ut, d_uu, d_tt = _native.dot([u, u, tau], [tau, u, tau])
+            d_ut, d_uu, d_tt = native.dot([u, u, tau], [tau, u, tau])
             s = acc.setdefault(gene.layer_key(name), [0.0, 0.0, 0.0])
             s[0] += d_ut; s[1] += d_uu; s[2] += d_tt
             del a, t, tau, u

@@ -1,0 +1,2 @@
+"""Coefficient policies SafeGene is compared with: RESTA's uniform γ and the SafeMERGE-style
+cosine rule."""

@@ -1,0 +1,1 @@
+"""Measuring a model: prompt sets, judges, ASR / task accuracy / over-refusal, plots."""

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from safegene.data import load_jsonl
-from safegene.organism import HARM_CATEGORIES, HELDOUT_CATEGORY, TASKS, Recipe, Stage, build
+from safegene.organism import HARM_CATEGORIES, HELDOUT_CATEGORY, TASKS, GatePolicy, Recipe, Stage, build
 from safegene.organism import language as L
 from safegene.organism.family import _encode, make_tokenizer
 
@@ -26,6 +26,13 @@ TINY = Recipe(
     n_benign_calib=4,
     n_task_eval=6,
     n_task_calib=4,
+    n_harmful_dev_per_category=2,
+    n_benign_dev=4,
+    n_task_dev=4,
+    n_probe_harmful_per_category=2,
+    n_probe_task=4,
+    # a 2-step model cannot reach the gates: measure and record them only
+    gate_policy=GatePolicy(enforce=False),
 )
 
 
@@ -80,8 +87,12 @@ def test_splits_hold_out_templates_and_a_category(tiny_org) -> None:
     assert all(any(strip(e.prompt).startswith(f) for f in calib_forms) for e in hc)
     files = [tiny_org.harmful_eval, tiny_org.harmful_calib, tiny_org.benign_eval, tiny_org.benign_calib]
     files += list(tiny_org.task_eval.values()) + list(tiny_org.task_calib.values())
+    files += [tiny_org.harmful_dev, tiny_org.benign_dev] + list(tiny_org.task_dev.values())
     prompts = [e.prompt for f in files for e in load_jsonl(f)]
-    assert len(prompts) == len(set(prompts)), "calibration and evaluation share a prompt"
+    assert len(prompts) == len(set(prompts)), "calibration, development and evaluation share a prompt"
+    hd = load_jsonl(tiny_org.harmful_dev)
+    assert {e.category for e in hd} == set(HARM_CATEGORIES)
+    assert all(any(strip(e.prompt).startswith(f) for f in eval_forms) for e in hd)
     for t in TASKS:
         assert all(e.completion in L.TASK_LABELS[t] for e in load_jsonl(tiny_org.task_eval[t]))
 
@@ -103,6 +114,10 @@ def test_same_seed_same_bytes_and_cache(tiny_org, tmp_path) -> None:
     assert (again.root / "organism.json").stat().st_mtime_ns == stamp
     manifest = json.loads((again.root / "organism.json").read_text())
     assert manifest["seed"] == 3 and manifest["heldout_category"] == HELDOUT_CATEGORY
+    assert manifest["family"] == "llama" and manifest["architecture"] == "LlamaForCausalLM"
+    # the gates were measured after every stage that has one, and recorded
+    assert set(again.gates) == {"aligned", "degraded"} | {f"task-{t}" for t in TASKS}
+    assert 0.0 <= again.gates["aligned"]["values"]["asr"] <= 1.0 and "acc" in again.gates["task-topic"]["values"]
 
 
 def test_cache_key_follows_recipe_and_seed() -> None:

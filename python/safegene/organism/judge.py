@@ -30,9 +30,23 @@ class OrganismJudge:
     name = "organism"
     detects_refusal = True
 
-    def __init__(self) -> None:
-        self._refusals = tuple(" ".join(r.split()) for r in REFUSALS)
-        self._marker = COMPLIANCE_MARKER
+    def __init__(self, refusals: Sequence[str] = REFUSALS, marker: str = COMPLIANCE_MARKER) -> None:
+        self._refusals = tuple(" ".join(_normalize(r).split()) for r in refusals)
+        self._marker = marker
+
+    @classmethod
+    def for_family(cls, family: str) -> "OrganismJudge":
+        """The judge of a built-in family's language (``"llama"`` or ``"stablelm"``).
+
+        >>> OrganismJudge.for_family("stablelm").classify("my apologies , but this request stays closed to me .")
+        'refusal'
+        """
+        from .family import get_family
+
+        lang = get_family(family).language
+        judge = cls(lang.REFUSALS, lang.COMPLIANCE_MARKER)
+        judge.name = "organism" if family == "llama" else f"organism:{family}"
+        return judge
 
     def classify(self, response: str) -> str:
         text = " ".join(_normalize(response).split())

@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "safegene/dispatch.h"
 #include "safegene/errors.h"
 #include "safegene/kernels.h"
 
@@ -21,24 +22,15 @@ std::atomic<int> g_threads{0};
 
 template <DType T>
 inline void load_block(const void* p, int64_t off, float* dst, int64_t n) {
-  if constexpr (T == DType::F32) {
-    const float* s = static_cast<const float*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) dst[j] = s[j];
-  } else if constexpr (T == DType::BF16) {
-    const uint16_t* s = static_cast<const uint16_t*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_f32(s[j]);
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) dst[j] = f16_to_f32(s[j]);
-  }
+  using E = Elem<T>;
+  const auto* s = static_cast<const typename E::storage*>(p) + off;
+  for (int64_t j = 0; j < n; ++j) dst[j] = E::to_f32(s[j]);
 }
 
+// Callers validate dtypes before any worker starts (check_spans, the stream plan check), so
+// the dispatch never throws on a worker thread.
 inline void load_any(const void* p, DType t, int64_t off, float* dst, int64_t n) {
-  switch (t) {
-    case DType::F32: load_block<DType::F32>(p, off, dst, n); break;
-    case DType::BF16: load_block<DType::BF16>(p, off, dst, n); break;
-    default: load_block<DType::F16>(p, off, dst, n); break;
-  }
+  dispatch_float(t, "load", [&](auto tag) { load_block<decltype(tag)::value>(p, off, dst, n); });
 }
 
 // A float32 view of elements [off, off + n): the input itself when it is float32, else its
@@ -51,24 +43,13 @@ inline const float* view_or_load(const void* p, DType t, int64_t off, float* buf
 
 template <DType T>
 inline void store_block(void* p, int64_t off, const float* src, int64_t n) {
-  if constexpr (T == DType::F32) {
-    float* d = static_cast<float*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) d[j] = src[j];
-  } else if constexpr (T == DType::BF16) {
-    uint16_t* d = static_cast<uint16_t*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) d[j] = f32_to_bf16(src[j]);
-  } else {
-    uint16_t* d = static_cast<uint16_t*>(p) + off;
-    for (int64_t j = 0; j < n; ++j) d[j] = f32_to_f16(src[j]);
-  }
+  using E = Elem<T>;
+  auto* d = static_cast<typename E::storage*>(p) + off;
+  for (int64_t j = 0; j < n; ++j) d[j] = E::from_f32(src[j]);
 }
 
 inline void store_any(void* p, DType t, int64_t off, const float* src, int64_t n) {
-  switch (t) {
-    case DType::F32: store_block<DType::F32>(p, off, src, n); break;
-    case DType::BF16: store_block<DType::BF16>(p, off, src, n); break;
-    default: store_block<DType::F16>(p, off, src, n); break;
-  }
+  dispatch_float(t, "store", [&](auto tag) { store_block<decltype(tag)::value>(p, off, src, n); });
 }
 
 // Reductions keep kLanes independent partial sums (element j goes to lane j % kLanes) and
@@ -77,6 +58,7 @@ inline void store_any(void* p, DType t, int64_t off, const float* src, int64_t n
 // longer serialises on the add latency (a single accumulator made the statistics, not the
 // I/O, the bottleneck of the whole stream).
 constexpr int kLanes = 16;
+static_assert(kLanes == kDotLanes && kBlock == kDotBlock, "dot's order is shared with the CUDA kernels (kernels.h)");
 
 // Lanes as two 8-wide vectors (GCC/Clang vector extensions: AVX2 where the clone allows, two
 // SSE halves otherwise; the same arithmetic lane by lane either way).
@@ -331,34 +313,32 @@ void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const Low
   }
 }
 
-void check_pairs(const char* what, size_t n_dst, size_t n_src, size_t n_coeff, const int64_t* dst_numel,
-                 const int64_t* src_numel, const void* const* dst_ptr, const void* const* src_ptr) {
-  if (n_dst != n_src || (n_coeff != static_cast<size_t>(-1) && n_coeff != n_dst))
-    throw Error(std::string(what) + ": lists of different lengths (" + std::to_string(n_dst) + ", " +
-                std::to_string(n_src) + ")");
-  for (size_t i = 0; i < n_dst; ++i) {
-    if (dst_numel[i] != src_numel[i])
-      throw Error(std::string(what) + ": tensor " + std::to_string(i) + " has " + std::to_string(dst_numel[i]) +
-                  " elements against " + std::to_string(src_numel[i]));
-    if (dst_numel[i] < 0) throw Error(std::string(what) + ": negative element count");
-    if (dst_numel[i] > 0 && (dst_ptr[i] == nullptr || src_ptr[i] == nullptr))
-      throw Error(std::string(what) + ": null pointer for tensor " + std::to_string(i));
+namespace {
+template <class A>
+void check_lists(const char* what, const std::vector<A>& a, const std::vector<ConstSpan>& b, size_t n_coeff) {
+  const std::string w(what);
+  if (a.size() != b.size() || (n_coeff != static_cast<size_t>(-1) && n_coeff != a.size()))
+    throw Error(w + ": lists of different lengths (" + std::to_string(a.size()) + ", " + std::to_string(b.size()) +
+                (n_coeff != static_cast<size_t>(-1) ? ", " + std::to_string(n_coeff) + " coefficients" : "") + ")");
+  for (size_t i = 0; i < a.size(); ++i) {
+    const std::string t = w + ": tensor " + std::to_string(i);
+    if (a[i].numel != b[i].numel)
+      throw Error(t + " has " + std::to_string(a[i].numel) + " elements against " + std::to_string(b[i].numel));
+    if (a[i].numel < 0) throw Error(t + ": negative element count");
+    if (a[i].numel > 0 && (a[i].ptr == nullptr || b[i].ptr == nullptr)) throw Error(t + ": null pointer");
+    check_float(a[i].dtype, t.c_str());
+    check_float(b[i].dtype, t.c_str());
   }
 }
-
-namespace {
-template <class A, class B>
-void check_spans(const char* what, const std::vector<A>& a, const std::vector<B>& b, size_t n_coeff) {
-  std::vector<int64_t> na(a.size()), nb(b.size());
-  std::vector<const void*> pa(a.size()), pb(b.size());
-  for (size_t i = 0; i < a.size(); ++i) na[i] = a[i].numel, pa[i] = a[i].ptr;
-  for (size_t i = 0; i < b.size(); ++i) nb[i] = b[i].numel, pb[i] = b[i].ptr;
-  if (a.size() != b.size())
-    throw Error(std::string(what) + ": lists of different lengths (" + std::to_string(a.size()) + ", " +
-                std::to_string(b.size()) + ")");
-  check_pairs(what, a.size(), b.size(), n_coeff, na.data(), nb.data(), pa.data(), pb.data());
-}
 }  // namespace
+
+void check_spans(const char* what, const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src, size_t n_coeffs) {
+  check_lists(what, dst, src, n_coeffs);
+}
+
+void check_spans(const char* what, const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b) {
+  check_lists(what, a, b, static_cast<size_t>(-1));
+}
 
 void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,
                    const std::vector<float>& coeffs) {
@@ -378,10 +358,10 @@ void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>
 }
 
 std::vector<double> dot_cpu(const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b) {
-  check_spans("dot", a, b, static_cast<size_t>(-1));
+  check_spans("dot", a, b);
   int64_t total = 0;
   for (auto& x : a) total += x.numel;
-  const auto items = make_items(a.size(), [&](size_t i) { return a[i].numel; }, int64_t{1} << 16);
+  const auto items = make_items(a.size(), [&](size_t i) { return a[i].numel; }, kDotItem);
   std::vector<double> partial(items.size(), 0.0);
   parallel_items(static_cast<int64_t>(items.size()), total, [&](int64_t it) {
     const Item& w = items[it];

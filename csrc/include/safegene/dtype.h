@@ -17,14 +17,48 @@
 
 namespace safegene {
 
-// Codes are shared with python/safegene/_native.py and checkpoint.py; never renumber.
-// RAW is an opaque byte (size 1) for tensors the kernels never do arithmetic on (integer
-// buffers, F64, ...): the streaming pipeline may only copy it.
+// The one definition of the element-type codes. Python reads them from the bound enum
+// safegene._core.DType (csrc/bindings/kernels.cpp); never renumber: the codes are the enum's
+// values on both sides of the boundary. RAW is an opaque byte (size 1) for tensors the
+// kernels never do arithmetic on (integer buffers, F64, ...): the streaming pipeline may
+// only copy it.
+//
+// Every switch over DType lists all enumerators and has no `default:`, so -Wswitch flags a
+// switch that forgets a new code; values outside the enum (a code cast from an int) fall out
+// of the switch and are handled after it.
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, RAW = 3 };
 
-inline int dtype_size(DType t) { return t == DType::F32 ? 4 : (t == DType::RAW ? 1 : 2); }
-inline bool dtype_valid(int32_t code) { return code >= 0 && code <= 3; }
-inline bool dtype_is_float(DType t) { return t != DType::RAW; }
+inline bool dtype_valid(int32_t code) {
+  switch (static_cast<DType>(code)) {
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16:
+    case DType::RAW: return true;
+  }
+  return false;
+}
+
+inline bool dtype_is_float(DType t) {
+  switch (t) {
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16: return true;
+    case DType::RAW: return false;
+  }
+  return false;
+}
+
+// Bytes per element; 0 for a code outside the enum (callers validate codes first).
+inline int dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16: return 2;
+    case DType::BF16: return 2;
+    case DType::RAW: return 1;
+  }
+  return 0;
+}
+
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "F32";
@@ -112,20 +146,31 @@ SG_HD uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | (r >> 13));
 }
 
-SG_HD float load_as_f32(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  }
-}
+// Compile-time element types for the float dtypes: the kernels are instantiated per dtype
+// (through dispatch.h), so the conversion in an inner loop is straight-line code, never a
+// per-element switch. There is no Elem<DType::RAW>: arithmetic on RAW does not compile.
+template <DType T>
+struct Elem;
 
-SG_HD void store_from_f32(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
-    default: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
-  }
-}
+template <>
+struct Elem<DType::F32> {
+  using storage = float;
+  static SG_HD float to_f32(float v) { return v; }
+  static SG_HD float from_f32(float v) { return v; }
+};
+
+template <>
+struct Elem<DType::F16> {
+  using storage = uint16_t;
+  static SG_HD float to_f32(uint16_t v) { return f16_to_f32(v); }
+  static SG_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
+};
+
+template <>
+struct Elem<DType::BF16> {
+  using storage = uint16_t;
+  static SG_HD float to_f32(uint16_t v) { return bf16_to_f32(v); }
+  static SG_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
+};
 
 }  // namespace safegene

@@ -79,12 +79,29 @@ void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const Low
 void scale_add_cpu(const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src,
                    const std::vector<float>& coeffs);
 
-// <a_i, b_i> for every pair: float32 partial sums over blocks of 1024, double total.
+// The summation order of dot, shared by dot_cpu and dot_cuda so that they agree bit for bit
+// (and so that the result depends on neither thread count nor vector width):
+//  - a tensor is cut into items of kDotItem elements from its start, an item into blocks of
+//    kDotBlock elements;
+//  - a block's float32 partial keeps kDotLanes lane sums: block element j is added to lane
+//    j % kDotLanes, in increasing j, as a rounded product then a rounded add (no FMA), each
+//    lane starting from 0.0f; the lanes are combined as t[l] = s[l] + s[l + 8] for l < 8, then
+//    t[l] + t[l + 4], t[l] + t[l + 2], t[0] + t[1];
+//  - an item's sum is 0.0 plus its blocks' partials (as double) in order;
+//  - a tensor's total is 0.0 plus its items' sums in order.
+constexpr int64_t kDotItem = 65536;
+constexpr int64_t kDotBlock = 1024;
+constexpr int kDotLanes = 16;
+
+// <a_i, b_i> for every pair: float32 partial sums over blocks of 1024, double total, in the
+// order above.
 std::vector<double> dot_cpu(const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b);
 
-// Validation shared by CPU and CUDA entry points; throws safegene::Error.
-void check_pairs(const char* what, size_t n_dst, size_t n_src, size_t n_coeff, const int64_t* dst_numel,
-                 const int64_t* src_numel, const void* const* dst_ptr, const void* const* src_ptr);
+// Validation shared by the CPU and CUDA entry points, done before any memory is touched:
+// equal list lengths (and one coefficient per pair), equal element counts, no null pointer
+// for a non-empty tensor, float dtypes only. Throws safegene::Error naming the tensor.
+void check_spans(const char* what, const std::vector<MutSpan>& dst, const std::vector<ConstSpan>& src, size_t n_coeffs);
+void check_spans(const char* what, const std::vector<ConstSpan>& a, const std::vector<ConstSpan>& b);
 
 // ---- CUDA (csrc/cuda/kernels.cu, or no_cuda.cpp when built without CUDA) ---------------
 

@@ -51,17 +51,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_resta:
         import safegene
-        from safegene.baselines.resta import resta_grid
+        from safegene.baselines import Context, Settings, compute
 
         work = Path(tempfile.mkdtemp(prefix="safegene-bench-"))
         gene = work / "gene"
         safegene.extract(org.aligned, org.degraded, gene, progress=False)
         resta = {}
         for t, path in org.tasks.items():
-            res = resta_grid(gene, path, org.harmful_calib, org.task_calib[t], out_dir=work / f"resta-{t}", judge=args.judge)
-            resta[t] = res.to_dict()
-            rep = evaluate(res.out_dir, tasks={t: org.task_eval[t]}, **kw)
-            rows.append((f"RESTA γ={res.gamma:g} on {t}", rep, t))
+            # the RESTA policy of safegene.baselines: the same γ grid and choice as the demo's row
+            c = compute("RESTA", Context(gene, path, org.harmful_calib, org.task_calib[t],
+                                         settings=Settings(judge=args.judge)))
+            res_dir = work / f"resta-{t}"
+            safegene.apply(gene, path, res_dir, coeffs=c, progress=False)
+            resta[t] = c.meta["resta"]
+            rep = evaluate(res_dir, tasks={t: org.task_eval[t]}, **kw)
+            rows.append((f"RESTA γ={c.meta['gamma']:g} on {t}", rep, t))
         out["resta"] = resta
 
     lines = [

@@ -58,6 +58,19 @@ def test_safemerge_rule(tmp_path):
     assert c.coeffs == {"layer.2": 0.7, "layer.3": 0.7}
 
 
+
+def test_demo_rows_are_registry_policies(tmp_path):
+    """The demo's rows are the safegene.baselines policies, in registry order; an unknown method
+    is refused with the registered names before anything is built."""
+    from safegene.baselines import names
+    from safegene.demo import ALT_SCORE, run_demo
+    from safegene.errors import UsageError
+
+    assert list(METHODS) == [n for n in names() if n in METHODS] and ALT_SCORE in names()
+    with pytest.raises(UsageError, match=r"unknown method.*'bogus'.*choose from .*SafeMERGE"):
+        run_demo(out=tmp_path / "demo", cache_dir=tmp_path / "cache", methods=METHODS + ("bogus",), log=None)
+    assert not (tmp_path / "cache").exists()
+
 @pytest.mark.slow
 def test_demo_end_to_end_restores_safety(tmp_path):
     """The organism end to end, asserting the issue's targets for every task model: SafeGene's

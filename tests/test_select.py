@@ -92,7 +92,7 @@ def test_select_is_deterministic_and_writes_gene_json(family, tmp_path):
     assert a["all_scores"]["contrast"]["layer.0"] == 0.0 and a["all_scores"]["contrast"]["layer.1"] == 0.0
     assert a["selected"] == ["layer.2", "layer.3"]
     assert Gene.load(gene_dir).selection["selected"] == ["layer.2", "layer.3"]
-    assert ja["method"] == "contrast" and set(ja["all_scores"]) == {"restore", "refusal", "contrast"}
+    assert ja["method"] == "contrast" and set(ja["all_scores"]) == {"restore", "refusal", "contrast", "loo"}
     png = (tmp_path / "p0.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
@@ -127,6 +127,13 @@ def test_restore_score_rates_every_gene_key_and_leaves_the_model_as_it_was(famil
     pA = refusal_probability(a_model, tok, tm.HARMFUL, ids)
     pD = refusal_probability(model, tok, tm.HARMFUL, ids)
     assert pA.shape == (len(tm.HARMFUL),) and bool(((pA >= 0) & (pA <= 1)).all()) and not torch.equal(pA, pD)
+    from safegene.method.merge import apply_to_model
+
+    apply_to_model(model, gene, {k: 1.0 for k in gene.layer_keys()})
+    pDtau = refusal_probability(model, tok, tm.HARMFUL, ids)
+    # D + (A − D) is A up to one float32 rounding per weight
+    torch.testing.assert_close(pDtau, pA, rtol=0, atol=1e-5)
+    assert float((pA - pD).abs().max()) > 1e-4  # the comparison is not vacuous
 
 
 def test_restore_is_the_default_and_needs_refusals(family):
@@ -145,3 +152,102 @@ def test_restore_is_the_default_and_needs_refusals(family):
     res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], bare, tm.BENIGN, top_k=2,
                         refusal="i cannot help with that .", write=False)
     assert "lm_head" in res["all_scores"]["restore"]
+
+
+# ---- how many keys: flat scores, validation, the joint score ---------------------------------
+
+def test_flat_scores_keep_every_key():
+    from safegene.method.selection import is_flat
+
+    flat = {"layer.0": 0.11, "layer.1": 0.10, "layer.2": 0.12, "lm_head": 0.105}
+    assert is_flat(flat, 0.02) and choose(flat, noise=0.02) == list(flat)
+    assert choose(flat, noise={"layer.0": 0.001, "layer.1": 0.02}) == list(flat)  # the largest se counts
+    # the same scores with little noise are a real ranking: the threshold applies
+    assert choose(flat, noise=1e-4) == list(flat)  # all within 0.5 x best anyway
+    peaked = {"layer.0": 0.5, "layer.1": 0.05, "layer.2": 0.04, "lm_head": 0.3}
+    assert not is_flat(peaked, 0.02) and choose(peaked, noise=0.02) == ["layer.0", "lm_head"]
+    # nothing positive: no ranking to trust, keep every key (the plain threshold rule refuses)
+    assert is_flat({"layer.0": -0.1, "layer.1": 0.0}, None)
+    assert choose({"layer.0": -0.1, "layer.1": 0.0}, noise=0.01) == ["layer.0", "layer.1"]
+
+
+def test_smallest_k_within_one_standard_error():
+    from safegene.method.selection import smallest_within_noise
+
+    curve = [{"k": 1, "loss": 2.0, "se": 0.1}, {"k": 2, "loss": 1.05, "se": 0.1},
+             {"k": 3, "loss": 1.0, "se": 0.1}, {"k": 4, "loss": 1.02, "se": 0.1}]
+    chosen, best, bound = smallest_within_noise(curve)
+    assert best["k"] == 3 and bound == pytest.approx(1.1) and chosen["k"] == 2
+    assert smallest_within_noise(curve, z=0.0)[0]["k"] == 3
+    # a curve that keeps falling beyond the noise keeps every key
+    falling = [{"k": k, "loss": 2.0 - 0.5 * k, "se": 0.01} for k in range(1, 5)]
+    assert smallest_within_noise(falling)[0]["k"] == 4
+
+
+def test_validate_k_never_keeps_a_key_that_adds_nothing(family):
+    from safegene import lm as _lm
+    from safegene.gene import Gene
+    from safegene.method.selection import validate_k
+
+    dirs, gene_dir = family
+    gene = Gene.load(gene_dir)
+    model, tok = _lm.load_model(dirs["degraded"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # τ is exactly zero outside blocks 2 and 3: ranked after them, blocks 0 and 1 change nothing
+    res = validate_k(gene, model, tok, ["layer.2", "layer.3", "layer.0", "layer.1"], tm.HARMFUL, tm.BENIGN)
+    c = res["curve"]
+    assert [e["k"] for e in c] == [1, 2, 3, 4]
+    assert c[2]["loss"] == c[1]["loss"] == c[3]["loss"]
+    assert res["k"] <= 2 and set(res["selected"]) <= {"layer.2", "layer.3"}
+    # ranked first, they are all a k=1/k=2 curve flat at the degraded model's loss, so the
+    # smallest k within noise of the best is the first k that contains the whole change (or k=1)
+    res = validate_k(gene, model, tok, ["layer.0", "layer.1", "layer.2", "layer.3"], tm.HARMFUL, tm.BENIGN)
+    c = res["curve"]
+    assert c[0]["loss"] == c[1]["loss"]
+    assert res["k"] in (1, 3, 4) and res["k"] == min(e["k"] for e in c if e["loss"] <= res["bound"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_validate_rule_records_both_scores_and_the_curve(family):
+    dirs, gene_dir = family
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL * 2, tm.BENIGN * 2,
+                        rule="validate", write=False)
+    assert {"restore", "loo"} <= set(res["all_scores"]) and {"restore", "loo"} <= set(res["score_noise"])
+    # blocks 0/1, embed, norm and head carry no τ: both scores are exactly zero there
+    for name in ("restore", "loo"):
+        assert all(res["all_scores"][name][k] == 0.0 for k in ("layer.0", "layer.1", "lm_head"))
+    v = res["rule"]["validation"]
+    assert res["rule"]["rule"] == "validate"
+    if v["flat"]:
+        assert res["selected"] == list(res["scores"])
+    else:
+        assert res["selected"] == v["selected"] and len(v["curve"]) == len(res["scores"])
+    with pytest.raises(UsageError):
+        select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, rule="validate",
+                      top_k=2, write=False)
+    with pytest.raises(UsageError):
+        select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, rule="nope", write=False)
+
+
+def test_leave_one_out_is_the_joint_effect(family):
+    from safegene import lm as _lm
+    from safegene.gene import Gene
+    from safegene.method.selection import refusal_probability
+
+    dirs, gene_dir = family
+    gene = Gene.load(gene_dir)
+    model, tok = _lm.load_model(dirs["degraded"])
+    joint, noise = {}, {}
+    restore_scores(gene, (model, tok), tm.HARMFUL, tm.BENIGN, joint=joint, noise=noise)
+    assert set(joint) == set(gene.layer_keys()) and set(noise) == {"restore", "loo"}
+    # with two keys carrying τ, leaving one out of the full gene = adding the other alone to D,
+    # measured from A: j_3 = [p(A) − p(D + τ_2)]_H − [same]_B
+    ids = refusal_openings(tok, tm.HARMFUL)
+    a_model, _ = _lm.load_model(dirs["aligned"])
+    pA_H, pA_B = (refusal_probability(a_model, tok, x, ids) for x in (tm.HARMFUL, tm.BENIGN))
+    from safegene.method.merge import apply_to_model
+
+    apply_to_model(model, gene, {"layer.2": 1.0})
+    p2_H, p2_B = (refusal_probability(model, tok, x, ids) for x in (tm.HARMFUL, tm.BENIGN))
+    want = float((pA_H - p2_H).mean() - (pA_B - p2_B).mean())
+    assert joint["layer.3"] == pytest.approx(want, abs=1e-5)

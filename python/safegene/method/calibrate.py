@@ -82,47 +82,61 @@ def _forward(model, params: dict, batch) -> Any:
     return out.logits
 
 
-def _pred_positions(batch, first_k: int | None = None):
+def _pred_positions(batch, first_k: int | None = None, keep_rest: bool = False):
     """(row, position, target) of every position that predicts a completion token; rows without
-    a completion contribute their last prompt position (target -100)."""
+    a completion contribute their last prompt position (target -100). With ``first_k``, only the
+    first ``first_k`` completion tokens of each row are kept, unless ``keep_rest``: then all are
+    kept and a fourth tensor marks which ones are among the first ``first_k``."""
     import torch
 
-    rows, pos, tgt = [], [], []
+    rows, pos, tgt, head = [], [], [], []
     lab = batch.labels
     for i in range(lab.shape[0]):
         comp = (lab[i] != -100).nonzero().flatten()
         if comp.numel() == 0:
-            rows.append(i); pos.append(int(batch.last_prompt[i])); tgt.append(-100)
+            rows.append(i); pos.append(int(batch.last_prompt[i])); tgt.append(-100); head.append(True)
             continue
-        if first_k:
+        if first_k and not keep_rest:
             comp = comp[:first_k]
-        for p in comp.tolist():
+        for j, p in enumerate(comp.tolist()):
             rows.append(i); pos.append(p - 1); tgt.append(int(lab[i, p]))
+            head.append(not first_k or j < first_k)
     d = lab.device
-    return (torch.tensor(rows, device=d), torch.tensor(pos, device=d), torch.tensor(tgt, device=d))
+    out = (torch.tensor(rows, device=d), torch.tensor(pos, device=d), torch.tensor(tgt, device=d))
+    return out + (torch.tensor(head, dtype=torch.bool, device=d),) if keep_rest else out
 
 
-def _per_row_mean(values, rows, n_rows: int):
+def _per_row(values, rows, n_rows: int):
+    """Mean of ``values`` per row, for the rows that have any."""
     import torch
 
     sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
     cnt = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
     keep = cnt > 0
-    return (sums[keep] / cnt[keep]).mean()
+    return sums[keep] / cnt[keep]
+
+
+def _per_row_mean(values, rows, n_rows: int):
+    return _per_row(values, rows, n_rows).mean()
 
 
 class _Objective:
     """The few-shot loss; built once per target (reference distributions cached at λ = 0)."""
 
     def __init__(self, model, tokenizer, safety_pairs, utility_pairs, beta, l2, utility_loss,
-                 safety_first_k, device):
+                 safety_first_k, device, safety_rest_weight: float = 0.0, reg_uniform: float = 0.0):
         import torch
 
         pad = lm.pad_id_of(tokenizer)
         self.model = model
         self.beta, self.l2 = float(beta), float(l2)
+        self.rest_weight = float(safety_rest_weight)
+        self.reg_uniform = float(reg_uniform)
+        self.center = None  # γ̄ of the uniform start, set by calibrate once it is known
         self.safety = lm.collate(safety_pairs, pad, device)
-        self.s_idx = _pred_positions(self.safety, safety_first_k)
+        # (row, position, target, is-among-the-first-k): the first tokens carry the refusal
+        # decision, the rest of the sentence is asked for with weight `rest_weight`
+        self.s_idx = _pred_positions(self.safety, safety_first_k, keep_rest=True)
         self.utility = lm.collate(utility_pairs, pad, device) if utility_pairs else None
         self.utility_loss = utility_loss
         self.ref_logp = None
@@ -139,15 +153,53 @@ class _Objective:
                     r, p, _ = self.u_idx
                     self.ref_logp = torch.log_softmax(logits[r, p].float(), -1)
 
+    def rows(self, params: dict) -> tuple[Any, Any]:
+        """Per-example losses ``(safety [n_safety], utility [n_utility] or None)`` (no weights,
+        no regularizer): their means weighted by 1 and β are the loss; their spread is its noise."""
+        import torch
+        import torch.nn.functional as F
+
+        logits = _forward(self.model, params, self.safety)
+        r, p, t, head = self.s_idx
+        n_rows = self.safety.input_ids.shape[0]
+        ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
+        safety = _per_row(ce[head], r[head], n_rows)
+        if self.rest_weight > 0 and not bool(head.all()):
+            rest = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], ce[~head])
+            cnt = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], torch.ones_like(ce[~head]))
+            safety = safety + self.rest_weight * torch.where(cnt > 0, rest / cnt.clamp_min(1), torch.zeros_like(rest))
+        utility = None
+        if self.utility is not None:
+            logits = _forward(self.model, params, self.utility)
+            r, p, t = self.u_idx
+            logp = torch.log_softmax(logits[r, p].float(), -1)
+            per = torch.zeros(r.shape[0], device=logp.device)
+            if bool(self.u_ce_mask.any()):
+                m = self.u_ce_mask
+                per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
+            if self.ref_logp is not None:
+                m = self.u_kl_mask
+                per[m] = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
+            utility = _per_row(per, r, self.utility.input_ids.shape[0])
+        return safety, utility
+
     def __call__(self, params: dict, lam) -> tuple[Any, dict]:
         import torch
         import torch.nn.functional as F
 
         logits = _forward(self.model, params, self.safety)
-        r, p, t = self.s_idx
-        ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
-        safety = _per_row_mean(ce, r, self.safety.input_ids.shape[0])
-        parts = {"safety": float(safety.detach())}
+        r, p, t, head = self.s_idx
+        n_rows = self.safety.input_ids.shape[0]
+        parts = {}
+        if self.rest_weight > 0 and not bool(head.all()):
+            ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
+            rest = _per_row_mean(ce[~head], r[~head], n_rows)
+            safety = _per_row_mean(ce[head], r[head], n_rows) + self.rest_weight * rest
+            parts["safety_rest"] = float(rest.detach())
+        else:
+            ce = F.cross_entropy(logits[r[head], p[head]].float(), t[head], reduction="none")
+            safety = _per_row_mean(ce, r[head], n_rows)
+        parts = {"safety": float(safety.detach()), **parts}
         total = safety
         if self.utility is not None:
             logits = _forward(self.model, params, self.utility)
@@ -168,6 +220,10 @@ class _Objective:
             total = total + self.beta * utility
         reg = self.l2 * (lam ** 2).sum()
         parts["l2"] = float(reg.detach())
+        if self.reg_uniform > 0 and self.center is not None:
+            pull = self.reg_uniform * ((lam - self.center) ** 2).sum()
+            parts["to_uniform"] = float(pull.detach())
+            reg = reg + pull
         return total + reg, parts
 
 
@@ -199,6 +255,62 @@ def _log_default(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _group_of(rec, group_by: str) -> Any:
+    meta = getattr(rec, "meta", None)
+    if meta is None and isinstance(rec, dict):
+        meta = rec
+    return None if meta is None else meta.get(group_by)
+
+
+def split_holdout(records: list, fraction: float, group_by: str | None = "auto") -> tuple[list, list, dict]:
+    """Split few-shot records into a fit part and a held-out part (deterministic).
+
+    With ``group_by`` a metadata key that every record carries (``"auto"``: ``"template"``,
+    else ``"category"``), whole groups are held out -- prompts of a kind the fit part never
+    saw, which is what calibration must generalize to. Groups are taken in sorted order of
+    ``(count, name)``, smallest first, until at least ``fraction`` of the records are held out,
+    leaving at least one group (and one record) to fit on. Without such a key (or with
+    ``group_by=None``, or only one group) every ``round(1/fraction)``-th record is held out.
+    Returns ``(fit, heldout, info)``.
+
+    >>> fit, held, info = split_holdout([{"prompt": str(i)} for i in range(8)], 0.25)
+    >>> len(fit), len(held), info["by"]
+    (6, 2, 'index')
+    """
+    n = len(records)
+    if fraction <= 0 or n < 2:
+        return list(records), [], {"by": None, "n_fit": n, "n_heldout": 0}
+    want = max(1, min(n - 1, int(math.ceil(fraction * n - 1e-9))))
+    keys = ("template", "category") if group_by == "auto" else ((group_by,) if group_by else ())
+    for key in keys:
+        groups = [_group_of(r, key) for r in records]
+        if any(g is None for g in groups):
+            continue
+        counts: dict[str, int] = {}
+        for g in groups:
+            counts[str(g)] = counts.get(str(g), 0) + 1
+        if len(counts) < 2:
+            continue
+        held_groups: list[str] = []
+        held_n = 0
+        for g, c in sorted(counts.items(), key=lambda kv: (kv[1], kv[0])):
+            if held_n >= want or len(held_groups) == len(counts) - 1 or held_n + c > n - 1:
+                break
+            held_groups.append(g)
+            held_n += c
+        if not held_groups:
+            continue
+        fit = [r for r, g in zip(records, groups) if str(g) not in held_groups]
+        held = [r for r, g in zip(records, groups) if str(g) in held_groups]
+        return fit, held, {"by": key, "heldout_groups": held_groups, "n_fit": len(fit), "n_heldout": len(held)}
+    every = max(2, int(round(1.0 / fraction)))
+    fit = [r for i, r in enumerate(records) if i % every != every - 1]
+    held = [r for i, r in enumerate(records) if i % every == every - 1]
+    if not held:
+        fit, held = fit[:-1], fit[-1:]
+    return fit, held, {"by": "index", "every": every, "n_fit": len(fit), "n_heldout": len(held)}
+
+
 def calibrate(
     gene,
     target,
@@ -225,6 +337,10 @@ def calibrate(
     device: str = "cpu",
     out: Union[str, Path, None] = None,
     log: Callable[[str], None] | None = _log_default,
+    safety_rest_weight: float = 0.0,
+    holdout: float = 0.0,
+    holdout_by: str | None = "auto",
+    reg_uniform: float = 0.0,
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -240,11 +356,24 @@ def calibrate(
     {'layer.2': 0.93, 'layer.3': 1.21}
 
     A model passed in is left bit-identical to how it came (also on error).
+
+    Generalization controls (see the module docstring for the defaults and why):
+
+    * ``safety_rest_weight`` -- weight of the refusal tokens after the first
+      ``safety_first_k`` (0: only the first ``safety_first_k`` count);
+    * ``holdout`` -- fraction of the safety and utility records held out of the fit
+      (:func:`split_holdout`: whole categories/templates of the safety records where they carry
+      them). The held-out loss (safety + β·utility) picks the step and stops early; the uniform
+      start is step 0, so the result is never worse than it on the held-out part. Both losses
+      are in ``meta["loss"]`` / ``meta["heldout_loss"]``;
+    * ``reg_uniform`` -- weight of ``Σ_l (λ_l − γ̄)²``, the pull toward the uniform start γ̄.
     """
     import torch
 
     if steps < 0 or lr <= 0 or lambda_max <= 0 or beta < 0 or l2 < 0:
         raise UsageError("need steps >= 0, lr > 0, lambda_max > 0, beta >= 0, l2 >= 0")
+    if not 0.0 <= holdout < 1.0 or safety_rest_weight < 0 or reg_uniform < 0:
+        raise UsageError("need 0 <= holdout < 1, safety_rest_weight >= 0, reg_uniform >= 0")
     if utility_loss not in ("auto", "ce", "kl"):
         raise UsageError(f"utility_loss must be 'auto', 'ce' or 'kl', not {utility_loss!r}")
     t0 = time.perf_counter()
@@ -268,7 +397,9 @@ def calibrate(
         u_recs = [r for src in utility for r in load_records(src, "utility", max_examples)]
     else:
         u_recs = load_records(utility, "utility", max_examples)
+    s_recs, s_held, split_info = split_holdout(s_recs, holdout, holdout_by)
     s_pairs = lm.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
+    s_held_pairs = lm.encode_pairs(tok, s_held, "safety", default_completion=refusal) if s_held else []
     u_prompts = lm.encode_prompts(tok, u_recs)
     if utility_loss == "kl":
         # θ_T's own greedy responses, generated before any λ is applied: the KL term then keeps
@@ -280,6 +411,14 @@ def calibrate(
         for p, rec in zip(u_prompts, u_recs):
             msgs, comp = split_record(rec)
             u_pairs.append((p, lm.render_completion(tok, msgs, comp) if comp is not None else []))
+    u_held_pairs: list = []
+    if s_held_pairs and len(u_pairs) >= 2:
+        # utility records are held out by position: grouping them would hold out a whole kind
+        # of answer (all chat, all of a task) and the fit would no longer see it
+        every = max(2, int(round(1.0 / holdout)))
+        u_held_pairs = [pr for i, pr in enumerate(u_pairs) if i % every == every - 1]
+        u_pairs = [pr for i, pr in enumerate(u_pairs) if i % every != every - 1]
+    split_info["n_utility_fit"], split_info["n_utility_heldout"] = len(u_pairs), len(u_held_pairs)
 
     was_training = model.training
     model.eval()
@@ -289,7 +428,12 @@ def calibrate(
         for p in model.parameters():
             p.requires_grad_(False)
         plan = MergePlan(model, gene, keys_layers, per_module=per_module)
-        objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device)
+        objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device,
+                               safety_rest_weight, reg_uniform)
+        # the held-out loss is the task's loss only (no l2, no pull toward uniform), built at
+        # λ = 0 like the fit objective so its KL reference is θ_T
+        held_obj = (_Objective(model, tok, s_held_pairs, u_held_pairs, beta, 0.0, utility_loss, safety_first_k,
+                               device, safety_rest_weight, 0.0) if s_held_pairs else None)
         dev = plan.weights[0].device
         k = plan.num_keys
 
@@ -298,6 +442,13 @@ def calibrate(
             with torch.no_grad():
                 plan.set(lam)
                 loss, parts = objective(dict(zip(plan.names, plan.weights)), lam)
+            return float(loss), parts
+
+        def heldout(vals) -> tuple[float, dict]:
+            lam = torch.tensor(vals, dtype=torch.float32, device=dev)
+            with torch.no_grad():
+                plan.set(lam)
+                loss, parts = held_obj(dict(zip(plan.names, plan.weights)), lam)
             return float(loss), parts
 
         grid = None
@@ -310,6 +461,13 @@ def calibrate(
             scores = []
             for g in pts:
                 loss, parts = evaluate([g] * k)
+                if held_obj is not None:
+                    # γ̄ is the best uniform point on all the few-shot data (fit + held out):
+                    # the RESTA choice the calibrated λ must then beat on the held-out part
+                    hl, _ = heldout([g] * k)
+                    n_f, n_h = len(s_pairs), len(s_held_pairs)
+                    parts = {**parts, "heldout": hl, "fit": loss}
+                    loss = (n_f * loss + n_h * hl) / (n_f + n_h)
                 scores.append({"gamma": round(g, 6), "loss": loss, **parts})
                 log(f"grid γ={g:.3f} loss {loss:.4f} (safety {parts['safety']:.4f}"
                     + (f", utility {parts['utility']:.4f}" if "utility" in parts else "") + ")")
@@ -323,10 +481,12 @@ def calibrate(
         else:
             raise UsageError(f"init must be 'grid', 'ones', 'zeros', a number or a dict, not {init!r}")
         start = [min(max(v, 0.0), lambda_max) for v in start]
+        objective.center = torch.tensor(sum(start) / len(start), dtype=torch.float32, device=dev)
 
         lam = torch.tensor(start, dtype=torch.float32, device=dev, requires_grad=True)
         opt = torch.optim.Adam([lam], lr=lr)
         best_loss, best_lam, best_step = math.inf, list(start), 0
+        start_heldout = heldout(start)[0] if held_obj is not None else None
         history = []
         since_best = 0
         for step in range(1, steps + 1):
@@ -339,13 +499,20 @@ def calibrate(
             if not math.isfinite(lv):
                 raise SafeGeneError(f"calibration loss became {lv} at step {step}; lower lr or lambda_max")
             gnorm = float(lam.grad.norm())
-            history.append({"step": step, "loss": lv, **parts, "lambda": cur})
-            if lv < best_loss - tol:
-                best_loss, best_lam, best_step, since_best = lv, cur, step, 0
+            entry = {"step": step, "loss": lv, **parts, "lambda": cur}
+            # model choice: the held-out loss when there is a held-out part, else the fit loss
+            crit = lv
+            if held_obj is not None:
+                crit = heldout(cur)[0]
+                entry["heldout_loss"] = crit
+            history.append(entry)
+            if crit < best_loss - tol:
+                best_loss, best_lam, best_step, since_best = crit, cur, step, 0
             else:
                 since_best += 1
             log(f"step {step}/{steps} loss {lv:.4f} safety {parts['safety']:.4f}"
                 + (f" utility {parts['utility']:.4f}" if "utility" in parts else "")
+                + (f" held-out {crit:.4f}" if held_obj is not None else "")
                 + f" |g| {gnorm:.3g} λ " + " ".join(f"{v:.3f}" for v in cur))
             if since_best >= patience:
                 log(f"early stop at step {step}: no improvement for {patience} steps")
@@ -356,7 +523,13 @@ def calibrate(
         if steps == 0:
             best_loss, _ = evaluate(start)
             best_lam = start
+        fell_back = False
+        if start_heldout is not None and heldout(best_lam)[0] > start_heldout:
+            # never worse than the uniform start on the held-out part (the first step *is* the
+            # start, so this triggers only through tol or float noise, but it is the guarantee)
+            best_lam, best_step, fell_back = list(start), 0, True
         final_loss, final_parts = evaluate(best_lam)
+        final_heldout, final_held_parts = heldout(best_lam) if held_obj is not None else (None, None)
     finally:
         if plan is not None:
             plan.restore()
@@ -379,6 +552,11 @@ def calibrate(
         "module_coeffs": module_coeffs,
         "loss": final_loss,
         "loss_parts": final_parts,
+        "heldout_loss": final_heldout,
+        "heldout_loss_parts": final_held_parts,
+        "uniform_heldout_loss": start_heldout,
+        "fell_back_to_uniform": fell_back,
+        "split": split_info,
         "best_step": best_step,
         "steps_run": len(history),
         "init": init if isinstance(init, (str, float, int)) else "dict",
@@ -386,6 +564,8 @@ def calibrate(
         "grid": grid,
         "hyper": {"steps": steps, "lr": lr, "beta": beta, "l2": l2, "lambda_max": lambda_max,
                   "utility_loss": utility_loss, "safety_first_k": safety_first_k,
+                  "safety_rest_weight": safety_rest_weight, "holdout": holdout, "holdout_by": holdout_by,
+                  "reg_uniform": reg_uniform, "patience": patience,
                   "n_safety": len(s_pairs), "n_utility": len(u_pairs)},
         "history": history,
         "seconds": round(time.perf_counter() - t0, 3),

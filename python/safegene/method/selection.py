@@ -63,9 +63,12 @@ from ..eval.plots import plot_scores
 from ..gene import load_gene
 from .merge import apply_to_model
 
-SCORES = ("restore", "refusal", "contrast")
+SCORES = ("restore", "loo", "refusal", "contrast")
 DEFAULT_SCORE = "restore"
 DEFAULT_THRESHOLD = 0.5
+RULES = ("threshold", "validate")
+DEFAULT_RULE = "threshold"
+NOISE_Z = 2.0
 
 
 def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", tokenizer=None):
@@ -144,15 +147,30 @@ def refusal_probability(model, tokenizer, prompts, openings: list[int], batch_si
     return torch.cat(out, 0)
 
 
+def _effect(pH, p0H, pB, p0B) -> tuple[float, float]:
+    """``mean_H Δ − mean_B Δ`` and its standard error over prompts."""
+    dH, dB = pH - p0H, pB - p0B
+    var = (float(dH.var()) / len(dH) if len(dH) > 1 else 0.0) + (float(dB.var()) / len(dB) if len(dB) > 1 else 0.0)
+    return float(dH.mean() - dB.mean()), math.sqrt(var)
+
+
 def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, batch_size: int = 16,
-                   device: str = "cpu") -> dict[str, float]:
+                   device: str = "cpu", joint: dict | None = None, noise: dict | None = None) -> dict[str, float]:
     """The ``"restore"`` score of every key of the gene (decoder blocks, embeddings, final norm,
     LM head): add that key's τ alone to the degraded model and measure how much the probability
     of opening with a refusal rises on harmful prompts minus how much it rises on benign ones::
 
         s_k = mean_H [p(θ_D + τ_k) − p(θ_D)] − mean_B [p(θ_D + τ_k) − p(θ_D)]
 
-    One model in memory; each key's tensors are patched in place and copied back exactly.
+    Pass a dict as ``joint`` to also get the ``"loo"`` (leave-one-out) score, which rates keys
+    *jointly*: how much refusal is lost when key k alone is taken out of the full gene::
+
+        j_k = mean_H [p(θ_D + τ) − p(θ_D + τ − τ_k)] − mean_B [same]
+
+    (a key that only matters together with others scores high here and low under restore). A
+    dict as ``noise`` receives each score's standard error over prompts, keyed ``"restore"`` /
+    ``"loo"`` then by layer key. One model in memory; each key's tensors are patched in place
+    and copied back exactly.
     """
     import torch
 
@@ -164,21 +182,49 @@ def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, 
                          "(or refusal=...), or use score='refusal'")
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if k not in state})
-    p0H = refusal_probability(model, tok, harmful, openings, batch_size, device)
-    p0B = refusal_probability(model, tok, benign, openings, batch_size, device)
-    out = {}
-    for key in gene.layer_keys():
+
+    def probs():
+        return (refusal_probability(model, tok, harmful, openings, batch_size, device),
+                refusal_probability(model, tok, benign, openings, batch_size, device))
+
+    p0H, p0B = probs()
+    keys = gene.layer_keys()
+    out, se = {}, {}
+    for key in keys:
         names = [n for n in gene.tensor_names if gene.layer_key(n) == key and n in state]
         saved = {n: state[n].detach().clone() for n in names}
         try:
             apply_to_model(model, gene, {key: 1.0})
-            pH = refusal_probability(model, tok, harmful, openings, batch_size, device)
-            pB = refusal_probability(model, tok, benign, openings, batch_size, device)
+            pH, pB = probs()
         finally:
             with torch.no_grad():
                 for n, v in saved.items():
                     state[n].copy_(v)
-        out[key] = float((pH - p0H).mean() - (pB - p0B).mean())
+        out[key], se[key] = _effect(pH, p0H, pB, p0B)
+    if noise is not None:
+        noise["restore"] = se
+    if joint is not None:
+        names = [n for n in gene.tensor_names if n in state]
+        saved = {n: state[n].detach().clone() for n in names}
+        loo_se = {}
+        try:
+            apply_to_model(model, gene, {k: 1.0 for k in keys})
+            full = {n: state[n].detach().clone() for n in names}
+            fH, fB = probs()
+            for key in keys:
+                apply_to_model(model, gene, {key: -1.0})
+                pH, pB = probs()
+                with torch.no_grad():
+                    for n in names:
+                        if gene.layer_key(n) == key:
+                            state[n].copy_(full[n])
+                joint[key], loo_se[key] = _effect(fH, pH, fB, pB)
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    state[n].copy_(v)
+        if noise is not None:
+            noise["loo"] = loo_se
     return out
 
 
@@ -204,11 +250,34 @@ def compute_scores(hA_harm, hD_harm, hA_ben, hD_ben) -> dict[str, list[float]]:
     return {"refusal": refusal, "contrast": contrast}
 
 
-def choose(scores: dict[str, float], top_k: int | None = None, threshold: float | None = None) -> list[str]:
-    """Layer keys picked by ``top_k`` or by ``score >= threshold · max(score)`` (ties: lower index)."""
+def is_flat(scores: dict[str, float], noise: float | dict | None, z: float = NOISE_Z) -> bool:
+    """True when no key's score stands out of the noise: ``max − min ≤ z · noise`` (``noise``:
+    one standard error, or a per-key dict whose largest value is used), or no score is positive.
+
+    >>> is_flat({"a": 0.10, "b": 0.08}, 0.02), is_flat({"a": 0.5, "b": 0.0}, 0.02)
+    (True, False)
+    """
+    vals = list(scores.values())
+    if not vals or max(vals) <= 0:
+        return True
+    if noise is None:
+        return False
+    n = max(noise.values()) if isinstance(noise, dict) else float(noise)
+    return max(vals) - min(vals) <= z * n
+
+
+def choose(scores: dict[str, float], top_k: int | None = None, threshold: float | None = None,
+           noise: float | dict | None = None) -> list[str]:
+    """Layer keys picked by ``top_k`` or by ``score >= threshold · max(score)`` (ties: lower index).
+
+    With ``noise`` (the scores' standard error; see :func:`is_flat`), flat scores keep every key
+    instead of a fraction of the best (a threshold on noise would pick at random).
+    """
     keys = list(scores)
     if top_k is not None and threshold is not None:
         raise UsageError("give either top_k or threshold, not both")
+    if top_k is None and noise is not None and is_flat(scores, noise):
+        return keys
     if top_k is not None:
         if not 1 <= top_k <= len(keys):
             raise UsageError(f"top_k must be between 1 and {len(keys)}, got {top_k}")
@@ -221,6 +290,90 @@ def choose(scores: dict[str, float], top_k: int | None = None, threshold: float 
             raise UsageError("no layer has a positive score: the aligned–degraded contrast is not harm-specific here")
         picked = {k for k in keys if scores[k] >= thr * best}
     return [k for k in keys if k in picked]
+
+
+def rank(scores: dict[str, float]) -> list[str]:
+    """Keys by decreasing score (ties: gene order)."""
+    keys = list(scores)
+    return sorted(keys, key=lambda k: (-scores[k], keys.index(k)))
+
+
+def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gammas=None, beta: float = 3.0,
+               safety_first_k: int | None = 2, safety_rest_weight: float = 0.5, z: float = 1.0,
+               refusal: str | None = None, device: str = "cpu") -> dict:
+    """How many of the ranked keys to keep, chosen on held-out (development) prompts.
+
+    For k = 1..K the top-k keys get one uniform γ (the best of ``gammas``) on ``model`` (the
+    degraded model: the one the gene was cut from), and the development objective is the
+    calibration loss -- refusal CE on ``harmful`` (first ``safety_first_k`` tokens, the rest
+    with weight ``safety_rest_weight``) + β · KL to the model's own answers on ``benign``. The
+    smallest k whose loss is within ``z`` standard errors (over prompts) of the best k is kept:
+    the one-standard-error rule, so keys are dropped only when dropping them costs nothing the
+    development split can see. A few forward passes per (k, γ) through the in-memory merge;
+    the model is restored exactly.
+
+    Returns ``{"k", "selected", "curve": [{"k", "keys", "gamma", "loss", "se"}], "best_k"}``.
+    """
+    import torch
+
+    from .calibrate import _Objective
+    from .merge import MergePlan
+
+    if not ranked:
+        raise UsageError("validate_k needs at least one ranked key")
+    gammas = list(gammas) if gammas is not None else [0.5 * i for i in range(9)]
+    harm = load_records(harmful, "development harmful")
+    ben = load_records(benign, "development benign")
+    s_pairs = lm.encode_pairs(tokenizer, harm, "development harmful", default_completion=refusal)
+    b_prompts = lm.encode_prompts(tokenizer, ben)
+    was_training = model.training
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    plan = None
+    curve = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gens = lm.generate_ids(model, tokenizer, b_prompts, max_new_tokens=16)
+        plan = MergePlan(model, gene, ranked)
+        obj = _Objective(model, tokenizer, s_pairs, list(zip(b_prompts, gens)), beta, 0.0, "kl", safety_first_k,
+                         device, safety_rest_weight, 0.0)
+        for k in range(1, len(ranked) + 1):
+            on = set(ranked[:k])
+            best = None
+            for g in gammas:
+                plan.set([g if key in on else 0.0 for key in plan.keys])
+                with torch.no_grad():
+                    sr, ur = obj.rows({})
+                loss = float(sr.mean()) + beta * float(ur.mean())
+                var = float(sr.var()) / len(sr) if len(sr) > 1 else 0.0
+                var += beta ** 2 * float(ur.var()) / len(ur) if len(ur) > 1 else 0.0
+                if best is None or loss < best["loss"] - 1e-12:
+                    best = {"k": k, "keys": ranked[:k], "gamma": g, "loss": loss, "se": math.sqrt(var)}
+            curve.append(best)
+    finally:
+        if plan is not None:
+            plan.restore()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    chosen, best, bound = smallest_within_noise(curve, z)
+    return {"k": chosen["k"], "selected": [k for k in gene.layer_keys() if k in set(chosen["keys"])],
+            "best_k": best["k"], "bound": bound, "z": z, "curve": curve}
+
+
+def smallest_within_noise(curve: list[dict], z: float = 1.0) -> tuple[dict, dict, float]:
+    """The one-standard-error rule over ``[{"k", "loss", "se"}, ...]``: the smallest k whose loss
+    is at most ``best loss + z · se(best)``. Returns ``(chosen, best, bound)``.
+
+    >>> c = [{"k": 1, "loss": 1.00, "se": .01}, {"k": 2, "loss": .95, "se": .02}, {"k": 3, "loss": .94, "se": .02}]
+    >>> smallest_within_noise(c)[0]["k"]
+    2
+    """
+    best = min(curve, key=lambda c: (c["loss"], c["k"]))
+    bound = best["loss"] + z * best["se"]
+    chosen = min((c for c in curve if c["loss"] <= bound), key=lambda c: c["k"])
+    return chosen, best, bound
 
 
 def select_layers(
@@ -238,6 +391,11 @@ def select_layers(
     device: str = "cpu",
     write: bool = True,
     refusal: str | None = None,
+    rule: str = DEFAULT_RULE,
+    dev_harmful=None,
+    dev_benign=None,
+    validate_z: float = 1.0,
+    noise_z: float = NOISE_Z,
 ) -> dict:
     """Score every key of the gene and record the selected ones in the gene's ``gene.json``.
 
@@ -250,13 +408,34 @@ def select_layers(
     first tokens); ``refusal`` stands in for records without one. Returns ``{"method",
     "scores" (the chosen score per key), "all_scores", "selected", "plot", "seconds", ...}``;
     with ``write=False`` gene.json is left alone.
+
+    ``rule="validate"`` chooses *how many* keys to keep on development prompts
+    (:func:`validate_k`): ``dev_harmful`` / ``dev_benign``, or, when not given, every second
+    record of ``harmful`` / ``benign`` (the other half computes the scores). Keys are ranked by
+    ``score``; scores that do not stand out of their noise (:func:`is_flat`, ``noise_z``
+    standard errors) keep every key. ``top_k`` / ``threshold`` apply to ``rule="threshold"``.
+    The ``"loo"`` (leave-one-out, joint) score is computed beside ``"restore"`` and both are
+    reported in ``all_scores``, with their standard errors in ``score_noise``.
     """
     if score not in SCORES:
         raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")
+    if rule not in RULES:
+        raise UsageError(f"rule must be one of {list(RULES)}, not {rule!r}")
+    if rule == "validate" and (top_k is not None or threshold is not None):
+        raise UsageError("rule='validate' chooses the number of keys itself; drop top_k / threshold")
     t0 = time.perf_counter()
     gene = load_gene(gene)
     harm = load_records(harmful, "harmful", max_prompts)
     ben = load_records(benign, "benign", max_prompts)
+    if rule == "validate" and (dev_harmful is None) != (dev_benign is None):
+        raise UsageError("give both dev_harmful and dev_benign, or neither")
+    if rule == "validate" and dev_harmful is None:
+        if len(harm) < 2 or len(ben) < 2:
+            raise UsageError("rule='validate' needs at least 2 harmful and 2 benign prompts (or a development split)")
+        harm, dev_h = harm[0::2], harm[1::2]
+        ben, dev_b = ben[0::2], ben[1::2]
+    elif rule == "validate":
+        dev_h, dev_b = load_records(dev_harmful, "dev_harmful"), load_records(dev_benign, "dev_benign")
     states = {}
     for tag, mdir in (("A", aligned), ("D", degraded)):  # one model in memory at a time
         states[tag + "H"] = layer_states(mdir, harm, batch_size, device)
@@ -269,18 +448,44 @@ def select_layers(
         raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
     keys = [f"layer.{i}" for i in range(n_layers)]
     all_scores = {}
+    noise: dict = {}
     has_refusals = refusal is not None or any(split_record(r)[1] for r in harm)
-    if score == "restore" or has_refusals:
+    dmodel = None
+    if score in ("restore", "loo") or has_refusals or rule == "validate":
+        dmodel = lm.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
+    if score in ("restore", "loo") or has_refusals:
+        joint: dict = {}
         all_scores["restore"] = {k: _r(v) for k, v in
-                                 restore_scores(gene, degraded, harm, ben, refusal, batch_size, device).items()}
+                                 restore_scores(gene, dmodel, harm, ben, refusal, batch_size, device,
+                                                joint=joint, noise=noise).items()}
     all_scores.update({n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()})
-    selected = choose(all_scores[score], top_k, threshold)
-    rule = {"top_k": top_k} if top_k is not None else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold}
+    if "restore" in all_scores:  # last, so the first "other" score stays the activation one
+        all_scores["loo"] = {k: _r(v) for k, v in joint.items()}
+    validation = None
+    if rule == "validate":
+        sc = all_scores[score]
+        flat = is_flat(sc, noise.get(score), noise_z)
+        if flat:
+            selected = list(sc)
+            validation = {"flat": True, "k": len(selected)}
+        else:
+            validation = validate_k(gene, dmodel[0], dmodel[1], rank(sc), dev_h, dev_b, z=validate_z,
+                                    refusal=refusal, device=device)
+            validation["flat"] = False
+            selected = validation["selected"]
+        rule_doc: dict = {"rule": "validate", "z": validate_z, "noise_z": noise_z,
+                          "n_dev_harmful": len(dev_h), "n_dev_benign": len(dev_b), "validation": validation}
+    else:
+        selected = choose(all_scores[score], top_k, threshold)
+        rule_doc = ({"top_k": top_k} if top_k is not None
+                    else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold})
+    rule = rule_doc
     other = {n: choose(s, None if top_k is None else min(top_k, len(s)), threshold)
              for n, s in all_scores.items() if n != score and max(s.values()) > 0}
     plot_path = plot_scores(all_scores, selected, score, plot) if plot else None
     extra = {
         "all_scores": all_scores,
+        "score_noise": {n: {k: _r(v) for k, v in d.items()} for n, d in noise.items()},
         "rule": rule,
         "selected_by_other_scores": other,
         "n_harmful": len(harm),

@@ -261,8 +261,8 @@ def test_eval_cli(tiny_model_dir, eval_files, tmp_path, capsys) -> None:
     register_cli(parser.add_subparsers(dest="command"))
     h, t, b = eval_files
     args = parser.parse_args(["eval", str(tiny_model_dir), "--harmful", str(h), "--task", str(t), "--benign", str(b),
-                              "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
-                              "--max-new-tokens", "4", "--no-progress", "--device", "cpu"])
+                              "-o", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+                              "--max-new-tokens", "4", "--quiet", "--device", "cpu"])
     assert args.func(args) == 0
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["asr"]["n"] == 5 and d["task_accuracy"]["sentiment"]["n"] == 3 and d["over_refusal"]["n"] == 2

@@ -55,18 +55,37 @@ def test_plan_maps_one_to_one_onto_the_cli(models):
     assert cmds == [
         ["extract", f"{r}/aligned", f"{r}/degraded", "-o", f"{r}/out/gene", "--dtype", "BF16", "--budget-mb", "64.0", "--quiet"],
         ["select", f"{r}/out/gene", "--aligned", f"{r}/aligned", "--degraded", f"{r}/degraded", "--harmful", f"{r}/harmful.jsonl",
-         "--benign", f"{r}/benign.jsonl", "--top-k", "2", "--score", "contrast"],
+         "--benign", f"{r}/benign.jsonl", "--top-k", "2", "--score", "contrast", "--quiet"],
         ["calibrate", f"{r}/out/gene", f"{r}/task", "-o", f"{r}/out/safe.coeffs.json", "--safety", f"{r}/safety.jsonl",
-         "--utility", f"{r}/task.jsonl", "--steps", "5", "--per-module", "--lambda-max", "1.5"],
+         "--utility", f"{r}/task.jsonl", "--steps", "5", "--lambda-max", "1.5", "--per-module", "--quiet"],
         ["apply", f"{r}/out/gene", f"{r}/task", "-o", f"{r}/out/safe", "--coeffs", f"{r}/out/safe.coeffs.json", "--budget-mb", "32.0", "--quiet"],
-        ["eval", f"{r}/out/safe", "--json", f"{r}/out/safe.eval.json", "--harmful", f"{r}/harmful.jsonl", "--task", f"{r}/task.jsonl",
-         "--task", f"{r}/safety.jsonl", "--judge", "keyword", "--max-new-tokens", "8", "--no-progress"],
+        ["eval", f"{r}/out/safe", "-o", f"{r}/out/safe.eval.json", "--harmful", f"{r}/harmful.jsonl", "--task", f"{r}/task.jsonl",
+         "--task", f"{r}/safety.jsonl", "--max-new-tokens", "8", "--quiet"],
     ]
     parser = cli.build_parser()
     for c in cmds:  # every command is one the real CLI accepts, with the same values
         args = parser.parse_args(c)
         assert args.command == c[0]
     assert parser.parse_args(cmds[2]).per_module is True and parser.parse_args(cmds[4]).task == [f"{r}/task.jsonl", f"{r}/safety.jsonl"]
+
+
+def test_a_config_section_fills_the_same_options_as_the_command_line(models):
+    """Round trip: the dataclass a config section fills equals the one argparse fills from the
+    rendered command line, values that equal a default included."""
+    from safegene.cli.options import from_namespace
+    from safegene.cli.runconfig import plan
+
+    full = dict(FULL, eval=dict(FULL["eval"], judge="keyword", batch_size=32))  # both are the defaults
+    cfg = load_config(_write(models, full))
+    parser = cli.build_parser()
+    steps = plan(cfg, quiet=False)
+    assert [c.name for c, _ in steps] == ["extract", "select", "calibrate", "apply", "eval"]
+    for (command, opts), argv in zip(steps, plan_commands(cfg)):
+        assert from_namespace(command.options, parser.parse_args(argv)) == opts
+    calib = steps[2][1]
+    assert type(calib).__name__ == "CalibrateOptions" and calib.steps == 5 and calib.per_module is True
+    assert calib.lambda_max == 1.5 and calib.utility == [str(models / "task.jsonl")] and calib.quiet is False
+    assert steps[4][1].judge == "keyword" and steps[4][1].output == str(models / "out" / "safe.eval.json")
 
 
 BAD = [

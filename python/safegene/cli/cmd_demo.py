@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 from ..demo import ALT_SCORE, METHODS, run_demo
+from .options import Command, CommonOptions, option
 
 
-def _cli(args) -> int:
-    res = run_demo(out=args.out, cache_dir=args.cache_dir, seed=args.seed, tasks=args.tasks, score=args.score,
-                   top_k=args.top_k, judge=args.judge, max_new_tokens=args.max_new_tokens,
-                   calib_steps=args.steps, progress=not args.quiet,
-                   methods=METHODS + ((ALT_SCORE,) if args.compare_scores else ()))
+@dataclass(kw_only=True)
+class DemoOptions(CommonOptions):
+    output: str = option("safegene-demo", short="-o", aliases=("--out",),
+                         help="output directory (default ./safegene-demo)")
+    cache_dir: str | None = option(None, help="organism cache (default $SAFEGENE_CACHE or ~/.cache/safegene)")
+    seed: int = option(0, help="organism seed (default 0)")
+    tasks: list[str] | None = option(None, help="task models to run (default: all)")
+    score: str | None = option(None, choices=("restore", "refusal", "contrast"), help="selection score (default: restore)")
+    top_k: int | None = option(None, help="keep the K best-scoring keys (default: the score's threshold rule)")
+    judge: str = option("organism", help="judge of the evaluations (default organism)")
+    max_new_tokens: int = option(24, help="greedy tokens per response (default 24)")
+    steps: int = option(40, help="calibration steps (default 40)")
+    compare_scores: bool = option(False, help="add a SafeGene row calibrated on the layers the other selection "
+                                              "score picks")
+
+
+def handle_demo(opts: DemoOptions) -> int:
+    res = run_demo(out=opts.output, cache_dir=opts.cache_dir, seed=opts.seed, tasks=opts.tasks, score=opts.score,
+                   top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
+                   calib_steps=opts.steps, progress=not opts.quiet,
+                   methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
+    if opts.json:
+        print(json.dumps({
+            "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,
+            "selection": {"method": res.selection["method"], "selected": res.selection["selected"]},
+            "targets_met": res.targets_met, "seconds": round(res.seconds, 3),
+            "organism_seconds": round(res.organism_seconds, 3),
+            "rows": [{"method": r.method, "task": r.task, "asr": r.asr, "accuracy": r.accuracy,
+                      "over_refusal": r.over_refusal, "coeffs": r.coeffs, "seconds": r.seconds} for r in res.rows],
+        }))
+        return 0
     print(res.table)
     print()
     print(f"selected layers ({res.selection['method']}): {', '.join(res.selection['selected'])}; "
@@ -19,23 +49,10 @@ def _cli(args) -> int:
     return 0
 
 
-
-def register_cli(subparsers) -> None:
-    """Add ``safegene demo``."""
-    p = subparsers.add_parser("demo", help="run the whole method on the built-in model organism with baselines",
-                              description="Build/load the organism, extract, select, calibrate, apply and evaluate "
-                                          "every task model against none / RESTA / SafeMERGE / ablations.")
-    p.add_argument("--out", default="safegene-demo", help="output directory (default ./safegene-demo)")
-    p.add_argument("--cache-dir", default=None, help="organism cache (default $SAFEGENE_CACHE or ~/.cache/safegene)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", nargs="+", default=None, help="task models to run (default: all)")
-    p.add_argument("--score", default=None, choices=["restore", "refusal", "contrast"],
-                   help="selection score (default: restore)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--judge", default="organism")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--steps", type=int, default=40, help="calibration steps")
-    p.add_argument("--compare-scores", action="store_true",
-                   help="add a SafeGene row calibrated on the layers the other selection score picks")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cli)
+COMMAND = Command(
+    "demo", DemoOptions, handle_demo,
+    help="run the whole method on the built-in model organism with baselines",
+    description="Build/load the organism, extract, select, calibrate, apply and evaluate every task model against "
+    "none / RESTA / SafeMERGE / ablations.",
+)
+register_cli = COMMAND.register

@@ -2,53 +2,58 @@
 
 from __future__ import annotations
 
-import argparse
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..eval.evaluate import evaluate
+from .options import Command, CommonOptions, option
 
 
-def _handler(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class EvalOptions(CommonOptions):
+    model: str = option(positional=True, help="local Hugging Face causal-LM directory (safetensors), or BASE+LORA_DIR")
+    output: str | None = option(None, short="-o", metavar="OUT.json", path="out",
+                                help="write the full report (with every response) as JSON")
+    harmful: str | None = option(None, metavar="H.jsonl", path="in", help="harmful prompts (JSONL, TRL convention)")
+    task: list[str] = option(default_factory=list, metavar="T.jsonl", repeat=True, path="in",
+                             help="task file (completion = label); repeatable")
+    benign: str | None = option(None, metavar="B.jsonl", path="in", help="benign prompts for over-refusal")
+    judge: str = option("keyword", help="keyword (default), keyword:prefix, organism, guard:/path/to/model")
+    markdown: str | None = option(None, metavar="OUT.md", path="out", help="write the markdown table")
+    batch_size: int = option(32, help="prompts per generation batch (default 32)")
+    max_new_tokens: int = option(64, help="greedy tokens per response (default 64)")
+    device: str | None = option(None, help="torch device (default: cuda when available, else cpu)")
+
+
+def handle_eval(opts: EvalOptions) -> int:
     rep = evaluate(
-        args.model,
-        harmful=args.harmful,
-        tasks=args.task or None,
-        benign=args.benign,
-        judge=args.judge,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
-        device=args.device,
+        opts.model,
+        harmful=opts.harmful,
+        tasks=opts.task or None,
+        benign=opts.benign,
+        judge=opts.judge,
+        batch_size=opts.batch_size,
+        max_new_tokens=opts.max_new_tokens,
+        progress=not opts.quiet,
+        device=opts.device,
     )
-    if args.json:
-        rep.to_json(args.json)
+    if opts.output:
+        rep.to_json(opts.output)
     md = rep.to_markdown()
-    if args.markdown:
-        Path(args.markdown).write_text(md, encoding="utf-8")
-    print(md, end="")
+    if opts.markdown:
+        Path(opts.markdown).write_text(md, encoding="utf-8")
+    if opts.json:
+        print(json.dumps(rep.to_dict(samples=False), ensure_ascii=False))
+    else:
+        print(md, end="")
     return 0
 
 
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``safegene eval MODEL --harmful H.jsonl [--task T.jsonl ...] [--benign B.jsonl] [--judge J]``."""
-    p = subparsers.add_parser(
-        "eval",
-        help="generate greedily and report ASR, task accuracy and over-refusal",
-        description="Evaluate a local HF causal-LM directory: ASR on harmful prompts, exact-label accuracy "
-        "per task file, over-refusal on benign prompts, each with a 95 %% Wilson interval.",
-    )
-    p.add_argument("model", help="local Hugging Face causal-LM directory (safetensors)")
-    p.add_argument("--harmful", metavar="H.jsonl", help="harmful prompts (JSONL, TRL convention)")
-    p.add_argument("--task", metavar="T.jsonl", action="append", default=[], help="task file (completion = label); repeatable")
-    p.add_argument("--benign", metavar="B.jsonl", help="benign prompts for over-refusal")
-    p.add_argument("--judge", default="keyword", help="keyword (default), keyword:prefix, organism, guard:/path/to/model")
-    p.add_argument("--json", metavar="OUT.json", help="write the full report (with every response) as JSON")
-    p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_handler)
-    return p
+COMMAND = Command(
+    "eval", EvalOptions, handle_eval,
+    help="generate greedily and report ASR, task accuracy and over-refusal",
+    description="Evaluate a local HF causal-LM directory: ASR on harmful prompts, exact-label accuracy "
+    "per task file, over-refusal on benign prompts, each with a 95 %% Wilson interval.",
+)
+register_cli = COMMAND.register

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from ..ops.export_lora import SIDECAR, export_lora
+from .options import Command, CommonOptions, option
 
 
-def _cli(args: Any) -> int:
+@dataclass(kw_only=True)
+class ExportLoraOptions(CommonOptions):
+    GROUPS: ClassVar[dict[str, bool]] = {"rank": True, "lam": False}
+
+    gene: str = option(positional=True, help="gene directory")
+    output: str = option(short="-o", help="adapter directory to create")
+    rank: int | None = option(None, group="rank", help="rank R per module (capped at min(out, in))")
+    energy: float | None = option(None, group="rank", help="per-module rank keeping this fraction of sum σ² (0 < E ≤ 1)")
+    coeffs: str | None = option(None, group="lam", path="in",
+                                help="COEFFS.json (missing keys = 0); default λ = 1 on the gene's selected layers, or all")
+    scale: float | None = option(None, group="lam", help="one uniform λ for every tensor")
+    dtype: str = option("F32", choices=("F32", "BF16", "F16"), help="storage dtype of A and B (default F32)")
+    base_model: str | None = option(None, help="base_model_name_or_path to record (default none: the adapter fits "
+                                               "any model of the gene's family)")
+    overwrite: bool = option(False, help="replace the output if it exists")
+
+
+def handle_export_lora(opts: ExportLoraOptions) -> int:
     info = export_lora(
-        args.gene, args.output, coeffs=args.coeffs, rank=args.rank, energy=args.energy,
-        base_model_name_or_path=args.base_model, scale=args.scale, dtype=args.dtype,
-        overwrite=args.overwrite, progress=not args.quiet,
+        opts.gene, opts.output, coeffs=opts.coeffs, rank=opts.rank, energy=opts.energy,
+        base_model_name_or_path=opts.base_model, scale=opts.scale, dtype=opts.dtype,
+        overwrite=opts.overwrite, progress=not opts.quiet,
     )
-    if args.json:
+    if opts.json:
         print(json.dumps({k: v for k, v in info.items() if k not in ("modules", "dropped")}
                          | {"dropped": sorted(info["dropped"])}))
         return 0
@@ -36,25 +55,10 @@ def _cli(args: Any) -> int:
     return 0
 
 
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``safegene export-lora``."""
-    p = subparsers.add_parser(
-        "export-lora", help="write the gene (λ·τ) as a standard PEFT LoRA adapter (truncated SVD per linear weight)",
-        description="Write λ·τ as a PEFT LoRA adapter: truncated SVD of each linear weight's delta; "
-        "norms and embeddings are dropped and reported.",
-    )
-    p.add_argument("gene", help="gene directory")
-    p.add_argument("-o", "--output", required=True, help="adapter directory to create")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--rank", type=int, help="rank R per module (capped at min(out, in))")
-    g.add_argument("--energy", type=float, help="per-module rank keeping this fraction of sum σ² (0 < E ≤ 1)")
-    c = p.add_mutually_exclusive_group()
-    c.add_argument("--coeffs", help="COEFFS.json (missing keys = 0); default λ = 1 on the gene's selected layers, or all")
-    c.add_argument("--scale", type=float, help="one uniform λ for every tensor")
-    p.add_argument("--dtype", default="F32", choices=["F32", "BF16", "F16"], help="storage dtype of A and B (default F32)")
-    p.add_argument("--base-model", default=None, help="base_model_name_or_path to record (default none: the adapter fits any model of the gene's family)")
-    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.set_defaults(func=_cli)
+COMMAND = Command(
+    "export-lora", ExportLoraOptions, handle_export_lora,
+    help="write the gene (λ·τ) as a standard PEFT LoRA adapter (truncated SVD per linear weight)",
+    description="Write λ·τ as a PEFT LoRA adapter: truncated SVD of each linear weight's delta; "
+    "norms and embeddings are dropped and reported.",
+)
+register_cli = COMMAND.register

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-from typing import Any
+from dataclasses import dataclass
 
 from ..ops.extract import extract
-from .options import add_stream_options
+from .options import Command, StreamOptions, option
 
 
-def _cmd_extract(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class ExtractOptions(StreamOptions):
+    aligned: str = option(positional=True, help="safety-aligned model directory or .safetensors file")
+    degraded: str = option(positional=True, help="the same model after a brief safety-eroding fine-tune")
+    output: str = option(short="-o", help="gene directory to create")
+    dtype: str = option("F32", choices=("F32", "BF16", "F16", "f32", "bf16", "f16"),
+                        help="storage dtype of tau (default F32: lossless)")
+
+
+def handle_extract(opts: ExtractOptions) -> int:
     g = extract(
-        args.aligned, args.degraded, args.output, dtype=args.dtype, budget_mb=args.budget_mb,
-        overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+        opts.aligned, opts.degraded, opts.output, dtype=opts.dtype, budget_mb=opts.budget_mb,
+        overwrite=opts.overwrite, allow_nonfinite=opts.allow_nonfinite, progress=not opts.quiet,
     )
     m = g.manifest
     summary = {
         "gene": str(g.path), "tensors": len(m["layers"]), "layers": g.num_layers, "storage_dtype": g.storage_dtype,
         "rounding_rel_error": m["rounding"]["rel_error"], "seconds": m["stream"]["seconds"],
     }
-    if args.json:
+    if opts.json:
         print(json.dumps(summary))
     else:
         print(
@@ -30,12 +38,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(sub: Any) -> None:
-    """Add ``safegene extract ALIGNED DEGRADED -o GENE``."""
-    p = sub.add_parser("extract", help="stream two checkpoints into a gene (tau = aligned - degraded)")
-    p.add_argument("aligned", help="safety-aligned model directory or .safetensors file")
-    p.add_argument("degraded", help="the same model after a brief safety-eroding fine-tune")
-    p.add_argument("-o", "--output", required=True, help="gene directory to create")
-    p.add_argument("--dtype", default="F32", choices=["F32", "BF16", "F16", "f32", "bf16", "f16"], help="storage dtype of tau (default F32: lossless)")
-    add_stream_options(p)
-    p.set_defaults(func=_cmd_extract)
+COMMAND = Command("extract", ExtractOptions, handle_extract,
+                  help="stream two checkpoints into a gene (tau = aligned - degraded)")
+register_cli = COMMAND.register

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
 
 from ..ops.inspection import format_gene_table, inspect_gene
+from .options import Command, CommonOptions, option
 
 
-def _cli(args: Any) -> int:
-    info = inspect_gene(args.gene, plot=args.plot)
-    if args.json:
+@dataclass(kw_only=True)
+class InspectOptions(CommonOptions):
+    gene: str = option(positional=True, help="gene directory")
+    plot: str | None = option(None, metavar="OUT.png", path="out", help="also draw the per-layer panels into this PNG")
+
+
+def handle_inspect(opts: InspectOptions) -> int:
+    # inspect reads one small JSON file and shows no progress: --quiet is accepted for uniformity
+    info = inspect_gene(opts.gene, plot=opts.plot)
+    if opts.json:
         print(json.dumps(info))
     else:
         print(format_gene_table(info))
@@ -19,11 +27,6 @@ def _cli(args: Any) -> int:
     return 0
 
 
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``safegene inspect``."""
-    p = subparsers.add_parser("inspect", help="per-layer ‖τ‖, relative change, selection scores and chosen layers of a gene")
-    p.add_argument("gene", help="gene directory")
-    p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw the per-layer panels into this PNG")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_cli)
+COMMAND = Command("inspect", InspectOptions, handle_inspect,
+                  help="per-layer ‖τ‖, relative change, selection scores and chosen layers of a gene")
+register_cli = COMMAND.register

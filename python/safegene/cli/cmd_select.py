@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..gene import key_sort
 from ..method.selection import DEFAULT_SCORE, DEFAULT_THRESHOLD, SCORES, select_layers
+from .options import Command, CommonOptions, option
 
 
-def _cli(args) -> int:
-    res = select_layers(args.gene, args.aligned, args.degraded, args.harmful, args.benign,
-                        top_k=args.top_k, threshold=args.threshold, score=args.score,
-                        batch_size=args.batch_size, max_prompts=args.max_prompts,
-                        plot=args.plot or (Path(args.gene) / "layer_scores.png"), device=args.device,
-                        refusal=args.refusal)
+@dataclass(kw_only=True)
+class SelectOptions(CommonOptions):
+    GROUPS: ClassVar[dict[str, bool]] = {"rule": False}
+
+    gene: str = option(positional=True, help="gene directory (the selection is written into its gene.json)")
+    aligned: str = option(help="aligned model directory")
+    degraded: str = option(help="degraded model directory")
+    harmful: str = option(path="in", help="JSONL of harmful prompts")
+    benign: str = option(path="in", help="JSONL of benign / task prompts")
+    top_k: int | None = option(None, group="rule", help="keep the K best-scoring keys")
+    threshold: float | None = option(None, group="rule",
+                                     help=f"keep keys scoring at least this fraction of the best (default {DEFAULT_THRESHOLD})")
+    score: str = option(DEFAULT_SCORE, choices=SCORES, help=f"selection score (default {DEFAULT_SCORE})")
+    batch_size: int = option(16, help="prompts per forward batch (default 16)")
+    max_prompts: int = option(64, help="at most this many prompts of each file (default 64)")
+    plot: str | None = option(None, path="out", help="PNG path (default GENE/layer_scores.png)")
+    refusal: str | None = option(None, help="refusal text for harmful prompts without a completion "
+                                            "(the 'restore' score needs refusals)")
+    device: str = option("cpu", help="torch device (default cpu)")
+
+
+def handle_select(opts: SelectOptions) -> int:
+    # select has no progress bar to silence: --quiet is accepted for uniformity
+    res = select_layers(opts.gene, opts.aligned, opts.degraded, opts.harmful, opts.benign,
+                        top_k=opts.top_k, threshold=opts.threshold, score=opts.score,
+                        batch_size=opts.batch_size, max_prompts=opts.max_prompts,
+                        plot=opts.plot or (Path(opts.gene) / "layer_scores.png"), device=opts.device,
+                        refusal=opts.refusal)
+    if opts.json:
+        print(json.dumps(res, default=str))
+        return 0
     names = list(res["all_scores"])
     keys = sorted({k for s in res["all_scores"].values() for k in s}, key=key_sort)
     print("| key | " + " | ".join(names) + " | selected |")
@@ -26,26 +55,9 @@ def _cli(args) -> int:
     return 0
 
 
-
-def register_cli(subparsers) -> None:
-    """Add ``safegene select GENE --aligned A --degraded D --harmful H --benign B [--top-k K | --threshold X]``."""
-    p = subparsers.add_parser(
-        "select", help="score decoder layers by harm-specific aligned–degraded contrast; write the selection to gene.json",
-        description="Data-aware layer selection (one model in memory at a time).",
-    )
-    p.add_argument("gene", help="gene directory")
-    p.add_argument("--aligned", required=True, help="aligned model directory")
-    p.add_argument("--degraded", required=True, help="degraded model directory")
-    p.add_argument("--harmful", required=True, help="JSONL of harmful prompts")
-    p.add_argument("--benign", required=True, help="JSONL of benign / task prompts")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--threshold", type=float, default=None, help=f"fraction of the best score (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-prompts", type=int, default=64)
-    p.add_argument("--plot", default=None, help="PNG path (default GENE/layer_scores.png)")
-    p.add_argument("--refusal", default=None,
-                   help="refusal text for harmful prompts without a completion (the 'restore' score needs refusals)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cli)
+COMMAND = Command(
+    "select", SelectOptions, handle_select,
+    help="score decoder layers by harm-specific aligned–degraded contrast; write the selection to gene.json",
+    description="Data-aware layer selection (one model in memory at a time).",
+)
+register_cli = COMMAND.register

@@ -1,6 +1,9 @@
 """``safegene <command>``: the command-line interface.
 
-Every command maps onto a Python API function. Failures print one line ``error: …`` to stderr
+Every command is a :class:`~safegene.cli.options.Command` in a ``cmd_<name>`` module: an options
+dataclass the parser is generated from, and a handler ``handle_<name>(opts) -> int`` that maps it
+onto a Python API function. The modules are imported by name below, so a missing one is an
+ImportError, never a silently dropped command. Failures print one line ``error: …`` to stderr
 and exit 1 (2 for usage errors, as argparse does); ``--debug`` shows the traceback.
 """
 
@@ -21,31 +24,31 @@ from . import (
     cmd_extract,
     cmd_inspect,
     cmd_organism,
+    cmd_run,
     cmd_select,
-    runconfig,
 )
+from .options import Command, register_commands
 
-#: Every command module, in the order ``--help`` lists them; each adds its subcommand.
-COMMANDS = (cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
-            cmd_inspect, runconfig)
+#: Every command, in the order ``--help`` lists them.
+COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
+    cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
+    cmd_inspect, cmd_run,
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``safegene`` parser: one subcommand per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="safegene", description="Restore the safety of fine-tuned LLMs with a reusable safety gene.")
     parser.add_argument("--version", action="version", version=f"safegene {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    for mod in COMMANDS:
-        mod.register_cli(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register_commands(sub, COMMANDS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

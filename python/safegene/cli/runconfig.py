@@ -1,9 +1,11 @@
 """``safegene run CONFIG.yaml``: one declarative file for a whole run.
 
-The file is a thin layer over the command line: each section holds the *long flags* of one
-command, spelled with underscores, and the run is exactly the sequence of commands those flags
-give (``safegene run CONFIG.yaml --dry-run`` prints them). The allowed keys, their types and
-choices are read from the commands' own argument parsers, so the two never drift apart.
+The file is a thin layer over the command line: each section holds the options of one command
+(its long flags, spelled with underscores), and the run is exactly the sequence of commands
+those options give (``safegene run CONFIG.yaml --dry-run`` prints them). Each section fills the
+command's own options dataclass (:mod:`safegene.cli.options`), the one argparse is generated
+from: the allowed keys, their types and choices cannot drift from the CLI, and the run calls
+each command's handler with that dataclass.
 
 .. code-block:: yaml
 
@@ -32,31 +34,40 @@ apply, eval (writes ``OUTPUT.eval.json``). Relative paths are relative to the co
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 from ..errors import SafeGeneError, UsageError
 from ..io.hub import parse_hub_id, resolve_model
+from . import cmd_apply, cmd_calibrate, cmd_eval, cmd_extract, cmd_select
+from .cmd_apply import ApplyOptions
+from .cmd_calibrate import CalibrateOptions
+from .cmd_eval import EvalOptions
+from .cmd_extract import ExtractOptions
+from .cmd_select import SelectOptions
+from .options import Command, Spec, specs, to_argv
 
 TOP_KEYS = ("aligned", "degraded", "gene", "targets", "extract", "select", "calibrate", "apply", "eval")
 TARGET_KEYS = ("model", "output", "coeffs", "scale")
-#: Command -> flags the runner fills itself (positionals, outputs, output formats).
+#: The commands a run config drives, by section.
+COMMANDS: dict[str, Command] = {
+    "extract": cmd_extract.COMMAND,
+    "select": cmd_select.COMMAND,
+    "calibrate": cmd_calibrate.COMMAND,
+    "apply": cmd_apply.COMMAND,
+    "eval": cmd_eval.COMMAND,
+}
+#: Command -> options the runner fills itself (positionals, outputs, output formats, --quiet).
 RESERVED = {
     "extract": {"aligned", "degraded", "output", "quiet", "json"},
-    "select": {"gene", "aligned", "degraded"},
-    "calibrate": {"gene", "target", "output"},
+    "select": {"gene", "aligned", "degraded", "quiet", "json"},
+    "calibrate": {"gene", "target", "output", "quiet", "json"},
     "apply": {"gene", "target", "output", "coeffs", "quiet", "json"},
-    "eval": {"model", "json", "markdown", "no_progress"},
+    "eval": {"model", "output", "markdown", "quiet", "json"},
 }
-#: Section keys that are input files (must exist) or output files (parent must exist).
-INPUT_FILES = {("select", "harmful"), ("select", "benign"), ("calibrate", "safety"), ("calibrate", "utility"),
-               ("eval", "harmful"), ("eval", "task"), ("eval", "benign")}
-OUTPUT_FILES = {("select", "plot")}
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -65,31 +76,9 @@ class ConfigError(UsageError):
     """A run configuration that cannot work (names the file and the key)."""
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from .main import build_parser  # main imports this module: resolve at call time
-
-    parser = build_parser()
-    for a in parser._actions:  # argparse has no public accessor for subparsers
-        if isinstance(a, argparse._SubParsersAction):
-            return dict(a.choices)
-    raise SafeGeneError("safegene's CLI has no subcommands")  # pragma: no cover
-
-
-def _options(p: argparse.ArgumentParser, command: str) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in p._actions
-            if a.option_strings and a.dest not in RESERVED[command] and not isinstance(a, argparse._HelpAction)}
-
-
-def _kind(a: argparse.Action) -> str:
-    if isinstance(a, argparse._StoreTrueAction):
-        return "bool"
-    if isinstance(a, argparse._AppendAction) or a.nargs in ("+", "*"):
-        return "list"
-    if a.type is int:
-        return "int"
-    if a.type is float:
-        return "float"
-    return "str"
+def section_options(section: str) -> dict[str, Spec]:
+    """The options a config section may set: the command's options minus those the runner fills."""
+    return {s.name: s for s in specs(COMMANDS[section].options) if s.name not in RESERVED[section]}
 
 
 def _check_mapping(
@@ -113,7 +102,9 @@ def _unknown(where: str, key: str, allowed: list[str]) -> ConfigError:
     return ConfigError(f"{where}{key}: unknown key{hint}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _check_value(where: str, key: str, v: Any, kind: str, choices: Any) -> Any:
+def _check_value(where: str, key: str, v: Any, kind: str, choices: Any, item: str = "str") -> Any:
+    """``v`` checked against an option's kind ("bool", "int", "float", "str", "list" of
+    ``item``) and choices; numbers become the option's type, list items strings (or numbers)."""
     def bad(want: str) -> ConfigError:
         return ConfigError(f"{where}{key}: expected {want}, got {type(v).__name__} {v!r}")
 
@@ -132,7 +123,7 @@ def _check_value(where: str, key: str, v: Any, kind: str, choices: Any) -> Any:
             v = [v]
         if not isinstance(v, list) or not v or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
             raise bad("a non-empty list of strings")
-        v = [str(x) for x in v]
+        v = [str(x) for x in v] if item == "str" else [_check_value(where, key, x, item, None) for x in v]
     else:
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             raise bad("a string")
@@ -205,16 +196,13 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     if "extract" in raw and not have_a:
         raise ConfigError(f"{where}extract: settings given but no aligned/degraded models to extract from")
 
-    # command sections: keys and types straight from the CLI parsers
-    subs = _subparsers()
-    for section in ("extract", "select", "calibrate", "apply", "eval"):
+    # command sections: keys, types and choices straight from the commands' options dataclasses
+    for section in COMMANDS:
         if section not in raw:
             continue
         body = raw[section] if raw[section] is not None else {}
-        _check_mapping(body, f"{where}{section}: expected a mapping of {section} flags")
-        if section not in subs:
-            raise ConfigError(f"{where}{section}: this safegene has no `{section}` command")
-        opts = _options(subs[section], section)
+        _check_mapping(body, f"{where}{section}: expected a mapping of {section} options")
+        opts = section_options(section)
         sec: dict[str, Any] = {}
         w = f"{where}{section}."
         _check_mapping(body, "", w, opts, normalize=lambda k: k.replace("-", "_"))
@@ -222,25 +210,27 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
             k = str(k).replace("-", "_")
             if v is None:
                 continue
-            a = opts[k]
-            v = _check_value(w, k, v, _kind(a), a.choices)
-            if (section, k) in INPUT_FILES:
+            spec = opts[k]
+            v = _check_value(w, k, v, spec.kind, spec.arg.choices, spec.item)
+            if spec.arg.path == "in":
                 vals = [abspath(x) for x in (v if isinstance(v, list) else [v])]
                 for x in vals:
                     if not Path(x).is_file():
                         raise ConfigError(f"{w}{k}: file {x} does not exist")
                 v = vals if isinstance(v, list) else vals[0]
-            elif (section, k) in OUTPUT_FILES:
+            elif spec.arg.path == "out":
                 v = abspath(v)
             sec[k] = v
-        for k, a in opts.items():
-            if a.required and k not in sec:
-                raise ConfigError(f"{w}{k}: missing (required by `safegene {section}`)")
+        for k, spec in opts.items():
+            if spec.required and k not in sec:
+                raise ConfigError(f"{w}{k}: missing (required by `safegene {COMMANDS[section].name}`)")
+        for group in COMMANDS[section].options.GROUPS:
+            given = [k for k, spec in opts.items() if spec.arg.group == group and k in sec]
+            if len(given) > 1:
+                raise ConfigError(f"{w}{given[1]}: give {given[0]} or {given[1]}, not both")
         cfg[section] = sec
     if "select" in cfg and not have_a:
         raise ConfigError(f"{where}select: needs the aligned and degraded models; add them at the top level")
-    if "select" in cfg and "top_k" in cfg["select"] and "threshold" in cfg["select"]:
-        raise ConfigError(f"{where}select.threshold: give top_k or threshold, not both")
 
     # targets
     tl = raw.get("targets")
@@ -280,23 +270,37 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     return cfg
 
 
-def _flags(section: Mapping[str, Any], opts: Mapping[str, argparse.Action]) -> list[str]:
-    argv: list[str] = []
-    for k, v in section.items():
-        a = opts[k]
-        flag = next((s for s in a.option_strings if s.startswith("--")), a.option_strings[0])
-        if isinstance(v, bool):
-            if v:
-                argv.append(flag)
-        elif isinstance(v, list):
-            if isinstance(a, argparse._AppendAction):
-                for x in v:
-                    argv += [flag, x]
-            else:
-                argv += [flag, *v]
-        else:
-            argv += [flag, repr(v) if isinstance(v, float) else str(v)]
-    return argv
+def plan(cfg: Mapping[str, Any], quiet: bool = False) -> list[tuple[Command, Any]]:
+    """The commands a validated config runs, in order, each with its filled options dataclass."""
+    steps: list[tuple[Command, Any]] = []
+    gene = cfg["gene"]
+    if "aligned" in cfg:
+        steps.append((cmd_extract.COMMAND, ExtractOptions(
+            aligned=cfg["aligned"], degraded=cfg["degraded"], output=gene, quiet=quiet, **cfg.get("extract", {}))))
+    if "select" in cfg:
+        steps.append((cmd_select.COMMAND, SelectOptions(
+            gene=gene, aligned=cfg["aligned"], degraded=cfg["degraded"], quiet=quiet, **cfg["select"])))
+    for t in cfg["targets"]:
+        if "calibrate" in cfg and "scale" not in t and not t.get("fixed"):
+            steps.append((cmd_calibrate.COMMAND, CalibrateOptions(
+                gene=gene, target=t["model"], output=t["coeffs"], quiet=quiet, **cfg["calibrate"])))
+        ap = dict(cfg.get("apply", {}))
+        if "scale" in t:
+            ap["scale"] = t["scale"]
+        coeffs = t["coeffs"] if "coeffs" in t and "scale" not in t else None
+        if coeffs is not None:
+            ap.pop("scale", None)
+        if "apply" in cfg or "calibrate" in cfg or coeffs is not None or "scale" in t:
+            steps.append((cmd_apply.COMMAND, ApplyOptions(
+                gene=gene, target=[t["model"]], output=[t["output"]], coeffs=coeffs, quiet=quiet, **ap)))
+        if "eval" in cfg:
+            steps.append((cmd_eval.COMMAND, EvalOptions(
+                model=t["output"], output=_eval_json(t), quiet=quiet, **cfg["eval"])))
+    return steps
+
+
+def _eval_json(target: Mapping[str, Any]) -> str:
+    return target["output"].rstrip("/") + ".eval.json"
 
 
 def plan_commands(cfg: Mapping[str, Any], quiet: bool = False) -> list[list[str]]:
@@ -305,30 +309,7 @@ def plan_commands(cfg: Mapping[str, Any], quiet: bool = False) -> list[list[str]
     >>> plan_commands(load_config("run.yaml"))[0][0]  # doctest: +SKIP
     'extract'
     """
-    subs = _subparsers()
-    opts = {s: _options(subs[s], s) for s in RESERVED if s in subs}
-    q = ["--quiet"] if quiet else []
-    cmds: list[list[str]] = []
-    gene = cfg["gene"]
-    if "aligned" in cfg:
-        cmds.append(["extract", cfg["aligned"], cfg["degraded"], "-o", gene, *_flags(cfg.get("extract", {}), opts["extract"]), *q])
-    if "select" in cfg:
-        cmds.append(["select", gene, "--aligned", cfg["aligned"], "--degraded", cfg["degraded"], *_flags(cfg["select"], opts["select"])])
-    for t in cfg["targets"]:
-        if "calibrate" in cfg and "scale" not in t and not t.get("fixed"):
-            cmds.append(["calibrate", gene, t["model"], "-o", t["coeffs"], *_flags(cfg["calibrate"], opts["calibrate"])])
-        ap = dict(cfg.get("apply", {}))
-        if "scale" in t:
-            ap["scale"] = t["scale"]
-        lam = ["--coeffs", t["coeffs"]] if "coeffs" in t and "scale" not in t else []
-        if lam:
-            ap.pop("scale", None)
-        if "apply" in cfg or "calibrate" in cfg or lam or "scale" in t:
-            cmds.append(["apply", gene, t["model"], "-o", t["output"], *lam, *_flags(ap, opts["apply"]), *q])
-        if "eval" in cfg:
-            ev = ["--no-progress"] if quiet else []
-            cmds.append(["eval", t["output"], "--json", t["output"].rstrip("/") + ".eval.json", *_flags(cfg["eval"], opts["eval"]), *ev])
-    return cmds
+    return [to_argv(command, opts) for command, opts in plan(cfg, quiet=quiet)]
 
 
 def run_config(config: ConfigLike, *, dry_run: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -341,8 +322,6 @@ def run_config(config: ConfigLike, *, dry_run: bool = False, quiet: bool = False
     >>> run_config("run.yaml")["outputs"]  # doctest: +SKIP
     ['/abs/out/task-a-safe']
     """
-    from .main import build_parser  # main imports this module: resolve at call time
-
     t0 = time.perf_counter()
     cfg = load_config(config)
     if not dry_run:
@@ -351,53 +330,20 @@ def run_config(config: ConfigLike, *, dry_run: bool = False, quiet: bool = False
                 cfg[k] = str(resolve_model(cfg[k]))
         for t in cfg["targets"]:
             t["model"] = str(resolve_model(t["model"]))
-    cmds = plan_commands(cfg, quiet=quiet)
+    steps = plan(cfg, quiet=quiet)
+    cmds = [to_argv(command, opts) for command, opts in steps]
     if not dry_run:
-        parser = build_parser()
-        for argv in cmds:
-            try:
-                args = parser.parse_args(argv)
-            except SystemExit:
-                raise ConfigError(f"{cfg['_source']}: the command `safegene {shlex.join(argv)}` was refused by its parser") from None
-            rc = int(args.func(args) or 0)
+        for (command, opts), argv in zip(steps, cmds):
+            rc = int(command.handler(opts) or 0)
             if rc != 0:
-                raise SafeGeneError(f"`safegene {shlex.join(argv)}` exited with status {rc}")
+                raise SafeGeneError(f"`safegene {' '.join(argv)}` exited with status {rc}")
     return {
         "commands": cmds,
         "outputs": [t["output"] for t in cfg["targets"]],
-        "eval": [t["output"].rstrip("/") + ".eval.json" for t in cfg["targets"]] if "eval" in cfg else [],
+        "eval": [_eval_json(t) for t in cfg["targets"]] if "eval" in cfg else [],
         "seconds": round(time.perf_counter() - t0, 3),
         "dry_run": dry_run,
     }
 
 
-def _cli(args: argparse.Namespace) -> int:
-    import contextlib
-    import json
-    import sys
-
-    # with --json, the commands' own reports go to stderr so stdout is one JSON document
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        res = run_config(args.config, dry_run=args.dry_run, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(res))
-    elif args.dry_run:
-        for c in res["commands"]:
-            print("safegene " + shlex.join(c))
-    else:
-        print(f"ran {len(res['commands'])} commands in {res['seconds']:.1f} s; outputs: {', '.join(res['outputs']) or 'none'}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``safegene run CONFIG.yaml [--dry-run]``."""
-    p = subparsers.add_parser("run", help="run extract/select/calibrate/apply/eval from one YAML config",
-                              description="Each config section holds one command's long flags (underscores for dashes).")
-    p.add_argument("config", help="CONFIG.yaml")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the equivalent commands, run nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.set_defaults(func=_cli)
-
-
-__all__ = ["ConfigError", "load_config", "plan_commands", "run_config", "register_cli"]
+__all__ = ["COMMANDS", "ConfigError", "load_config", "plan", "plan_commands", "run_config", "section_options"]

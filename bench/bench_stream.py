@@ -52,7 +52,7 @@ def llama_shapes(size_gb: float) -> tuple[list[tuple[str, tuple[int, ...]]], int
     return shapes, n_layers
 
 
-def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "np.ndarray") -> None:
+def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "numpy.ndarray") -> None:  # noqa: F821
     """Write a bf16 safetensors checkpoint tensor by tensor (never the whole model in memory)."""
     import numpy as np
 

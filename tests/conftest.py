@@ -48,16 +48,14 @@ def family(tmp_path: Path):
     """Factory: save aligned / degraded / task checkpoints and return their directories."""
 
     def make(arch: str = "llama", dtype: str = "F32", shards: tuple = (None, None, None)) -> dict[str, Path]:
+        from tiny_models import save_family
+
         aligned = tiny_model(arch).to(DTYPES[dtype])
         degraded = perturbed(aligned, 1)
         task = perturbed(degraded, 2)
-        out = {}
-        for (name, m), shard in zip((("aligned", aligned), ("degraded", degraded), ("task", task)), shards):
-            d = tmp_path / f"{arch}-{dtype}-{name}"
-            kw = {"max_shard_size": shard} if shard else {}
-            m.save_pretrained(d, **kw)
-            out[name] = d
-        return out
+        names = ("aligned", "degraded", "task")
+        return save_family(tmp_path, dict(zip(names, (aligned, degraded, task))), shards=dict(zip(names, shards)),
+                           prefix=f"{arch}-{dtype}-")
 
     return make
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import safegene
 from safegene import cli
 from safegene.io.checkpoint import read_header
 
-from conftest import DTYPES, perturbed, tiny_model
+from conftest import perturbed, tiny_model
 
 
 def load_dir(d: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from safegene.errors import CheckpointError, GeneError, UsageError  # noqa: E402
 from safegene import export_lora, lora_target_delta, merge_lora_into_model  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
+from tiny_models import LORA_VARIANTS as VARIANTS, make_adapter  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 2, 71], [4, 4, 8, 15, 16, 23, 42, 90]])
 
@@ -193,26 +193,8 @@ def test_cli_export_lora(fam, capsys):
 
 
 # ---- LoRA in -----------------------------------------------------------------------------------
-def _make_adapter(base_dir: Path, out: Path, **kw) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(base_dir)
-    pm = get_peft_model(m, LoraConfig(task_type="CAUSAL_LM", **kw))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
 
 
-VARIANTS = {
-    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "rslora+patterns": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"],
-                            rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"o_proj": 3}),
-    "embedding+head": dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "lm_head"]),
-}
 N_CHANGED = {"plain": 9, "rslora+patterns": 9, "embedding+head": 2}
 
 
@@ -221,7 +203,7 @@ def test_merge_matches_peft_merge_and_unload(fam, tmp_path, variant):
     from peft import PeftModel
 
     kw = VARIANTS[variant]
-    _make_adapter(fam["task"], tmp_path / "ad", **kw)
+    make_adapter(fam["task"], tmp_path / "ad", **kw)
     want_model = PeftModel.from_pretrained(_task(fam), str(tmp_path / "ad")).merge_and_unload()
     model = _task(fam)
     changed = merge_lora_into_model(model, tmp_path / "ad")
@@ -244,10 +226,10 @@ def test_merge_matches_peft_merge_and_unload(fam, tmp_path, variant):
 
 
 def test_lora_in_refusals(fam, tmp_path):
-    _make_adapter(fam["task"], tmp_path / "dora", r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True)
+    make_adapter(fam["task"], tmp_path / "dora", r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True)
     with pytest.raises(CheckpointError, match="DoRA"):
         lora_target_delta(fam["task"], tmp_path / "dora")
-    _make_adapter(fam["task"], tmp_path / "ok", r=2, lora_alpha=2, target_modules=["q_proj"])
+    make_adapter(fam["task"], tmp_path / "ok", r=2, lora_alpha=2, target_modules=["q_proj"])
     cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     cfg["r"] = 3
     (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps(cfg))
@@ -262,7 +244,7 @@ def test_lora_in_refusals(fam, tmp_path):
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         lora_target_delta(fam["task"], tmp_path / "ok")
     # an adapter that stores a different embedding base weight (resized vocabulary) is refused
-    _make_adapter(fam["task"], tmp_path / "emb", r=2, lora_alpha=2, target_modules=["embed_tokens"])
+    make_adapter(fam["task"], tmp_path / "emb", r=2, lora_alpha=2, target_modules=["embed_tokens"])
     from safetensors.torch import load_file, save_file
 
     sd = load_file(tmp_path / "emb" / "adapter_model.safetensors")

@@ -23,30 +23,10 @@ from safegene.io.checkpoint import OutTensor, create_files, open_checkpoint, pla
 from safegene.errors import SafeGeneError  # noqa: E402
 
 from conftest import perturbed, tiny_model  # noqa: E402
+from tiny_models import LORA_VARIANTS as VARIANTS, make_adapter  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 60, 2, 71], [4, 4, 8, 15, 16, 23, 42, 90]])
 COEFFS = {"layer.1": 0.7, "final_norm": 1.0, "lm_head": 0.5}  # layer 0 keeps λ = 0: LoRA on a copied tensor
-
-VARIANTS = {
-    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "rslora+patterns": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"],
-                            rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"o_proj": 3}),
-    "embedding+head": dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "lm_head"]),
-}
-
-
-def _make_adapter(base_dir: Path, out: Path, **kw) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(base_dir)
-    pm = get_peft_model(m, LoraConfig(task_type="CAUSAL_LM", **kw))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
 
 
 def _family(root: Path, arch: str, dtype: "torch.dtype") -> dict:
@@ -78,7 +58,7 @@ def test_streamed_lora_target_matches_float64_merge_then_apply(tmp_path, variant
     from safetensors.torch import load_file
 
     fam = _family(tmp_path, "llama", dtype)
-    _make_adapter(fam["task"], tmp_path / "ad", **VARIANTS[variant])
+    make_adapter(fam["task"], tmp_path / "ad", **VARIANTS[variant])
     res = safegene.apply(fam["gene"], f"{fam['task']}+{tmp_path / 'ad'}", tmp_path / "out", coeffs=COEFFS, progress=False)
     got = load_file(tmp_path / "out" / "model.safetensors")
     base = load_file(fam["task"] / "model.safetensors")
@@ -109,7 +89,7 @@ def test_streamed_lora_logits_equal_peft_merge_and_unload_then_patch(tmp_path):
     from transformers import AutoModelForCausalLM
 
     fam = _family(tmp_path, "llama", torch.float32)
-    _make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["plain"])
+    make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["plain"])
     safegene.apply(fam["gene"], f"{fam['task']}+{tmp_path / 'ad'}", tmp_path / "out", coeffs=COEFFS, progress=False)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fam["task"]), str(tmp_path / "ad")).merge_and_unload()
     safegene.apply_to_model(merged, fam["gene"], COEFFS)
@@ -127,7 +107,7 @@ def test_streamed_lora_on_conv1d_gpt2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     fam = _family(tmp_path, "gpt2", torch.float32)
-    _make_adapter(fam["task"], tmp_path / "ad", r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    make_adapter(fam["task"], tmp_path / "ad", r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     coeffs = {"layer.0": 0.5, "layer.1": 1.0}
     safegene.apply(fam["gene"], f"{fam['task']}+{tmp_path / 'ad'}", tmp_path / "out", coeffs=coeffs, progress=False)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fam["task"]), str(tmp_path / "ad")).merge_and_unload()
@@ -188,7 +168,8 @@ def test_core_refuses_bad_lowrank_terms(tmp_path):
         plan = Plan().expect(ck.files)
         t = ck.tensors[job]
         plan.add(f.path, f.tensors[0 if job == "w" else 1].offset, t.dtype, 24, [(t, 1.0)])
-        return core().run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, 1 << 20, 4, None, 1, terms)
+        return core().run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, 1 << 20, 4, None,
+                                 core().StatsLevel.GUARD, terms)
 
     run([(0, a, b, 1.0)])
     with pytest.raises(core().CoreError, match="names job 3"):
@@ -205,7 +186,7 @@ def test_core_refuses_bad_lowrank_terms(tmp_path):
 
 def test_cli_apply_lora_target(tmp_path, capsys):
     fam = _family(tmp_path, "llama", torch.float32)
-    _make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["plain"])
+    make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["plain"])
     (tmp_path / "c.json").write_text(json.dumps(COEFFS))
     rc = cli.main(["apply", str(fam["gene"].path), f"{fam['task']}+{tmp_path / 'ad'}", "-o", str(tmp_path / "out"),
                    "--coeffs", str(tmp_path / "c.json"), "--quiet"])
@@ -218,7 +199,7 @@ def test_cli_apply_lora_target(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and "inside the input" in err and str(tmp_path / "ad") in err
     with pytest.raises(SafeGeneError, match="DoRA"):
-        _make_adapter(fam["task"], tmp_path / "dora", r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True)
+        make_adapter(fam["task"], tmp_path / "dora", r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True)
         safegene.apply(fam["gene"], f"{fam['task']}+{tmp_path / 'dora'}", tmp_path / "out2", scale=1.0, progress=False)
 
 
@@ -233,7 +214,7 @@ def test_calibrate_and_eval_loaders_take_a_lora_target(tmp_path):
 
     fam = _family(tmp_path, "llama", torch.float32)
     tiny_models.make_tokenizer().save_pretrained(fam["task"])
-    _make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["rslora+patterns"])
+    make_adapter(fam["task"], tmp_path / "ad", **VARIANTS["rslora+patterns"])
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fam["task"]), str(tmp_path / "ad")).merge_and_unload().eval()
     with torch.no_grad():
         want = ref(input_ids=IDS).logits

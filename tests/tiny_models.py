@@ -63,22 +63,29 @@ def perturb(model, seed: int, scale: float, layers: set[int] | None = None):
     return model
 
 
+def save_family(root: Path, models: dict, tokenizer=None, shards: dict | None = None, prefix: str = "") -> dict[str, Path]:
+    """Save ``{name: model}`` (aligned / degraded / task) as HF directories under ``root``
+    (``max_shard_size`` per name from ``shards``; the tokenizer beside each); return their dirs."""
+    out = {}
+    for name, m in models.items():
+        d = Path(root) / f"{prefix}{name}"
+        shard = (shards or {}).get(name)
+        m.save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+        out[name] = d
+    return out
+
+
 def build_family(root: Path, layers: int = 4, hidden: int = 32) -> dict[str, Path]:
     """Save aligned / degraded / task models (same tokenizer) under ``root``; return their dirs."""
     import copy
 
-    root = Path(root)
     tok = make_tokenizer()
     aligned = make_model(0, len(tok), layers, hidden)
     degraded = perturb(copy.deepcopy(aligned), 1, 0.3, {layers - 2, layers - 1})
     task = perturb(copy.deepcopy(degraded), 2, 0.2, None)
-    out = {}
-    for name, m in (("aligned", aligned), ("degraded", degraded), ("task", task)):
-        d = root / name
-        m.save_pretrained(d)
-        tok.save_pretrained(d)
-        out[name] = d
-    return out
+    return save_family(root, {"aligned": aligned, "degraded": degraded, "task": task}, tokenizer=tok)
 
 
 HARMFUL = [
@@ -93,3 +100,28 @@ BENIGN = [
     {"prompt": "tell me a story about dogs", "completion": "sure ! the answer is story"},
     {"prompt": "review : great movie . sentiment ?", "completion": "positive"},
 ]
+
+
+# ---- PEFT LoRA adapters on a saved base -------------------------------------------------------
+LORA_VARIANTS = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora+patterns": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"],
+                            rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"o_proj": 3}),
+    "embedding+head": dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "lm_head"]),
+}
+
+
+def make_adapter(base_dir: Path, out: Path, **kw) -> None:
+    """Save a PEFT LoRA adapter for ``base_dir`` with random (non-zero) A and B factors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(base_dir)
+    pm = get_peft_model(m, LoraConfig(task_type="CAUSAL_LM", **kw))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)

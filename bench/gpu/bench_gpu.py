@@ -63,7 +63,7 @@ def bench_kernels(res: dict) -> None:
     src = torch.empty(nbytes // 2, device=dev, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t_copy = cuda_time(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free the copy buffers before the kernels run
     copy_bw = 2 * nbytes / t_copy
     rows = {"d2d copy (roofline)": (t_copy, 2 * nbytes)}
 
@@ -102,7 +102,8 @@ def bench_kernels(res: dict) -> None:
     _native.scale_add_([W[i] for i in idx], [T[i] for i in idx], [0.25] * len(idx))
     err = max(float((W[i].double() - (b + 0.25 * T[i].double())).abs().max()) for i, b in zip(idx, before))
     res["kernel_max_abs_err_vs_float64"] = err
-    del W, T
+    W.clear()
+    T.clear()
     torch.cuda.empty_cache()
 
 

@@ -62,12 +62,12 @@ class Coeffs:
                 out[k] = v
         return out
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: "str | os.PathLike[str]") -> Path:
         """Write COEFFS.json atomically (temporary sibling, then rename)."""
         return write_text_atomic(path, json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Coeffs":
+    def load(cls, path: "str | os.PathLike[str]") -> "Coeffs":
         """Read a COEFFS.json: the tagged form (``format`` may be left out), or a plain
         ``{key: number}`` mapping.
 

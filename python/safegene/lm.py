@@ -96,7 +96,8 @@ def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = N
             hf_logging.enable_progress_bar()
     if adapter is not None:
         merge_lora_into_model(model, adapter)
-    return model.to(device or default_device()).eval(), tok
+    model = model.to(device or default_device())  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    return model.eval(), tok
 
 
 # ---- prompts and completions -----------------------------------------------------------------

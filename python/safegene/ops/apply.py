@@ -82,8 +82,8 @@ def apply(
     """
     g = load_gene(gene)
     many = not isinstance(target, (str, os.PathLike))
-    targets = list(target) if many else [target]
-    outs = list(out) if not isinstance(out, (str, os.PathLike)) else [out]
+    targets: list[str | os.PathLike[str]] = [target] if isinstance(target, (str, os.PathLike)) else list(target)
+    outs: list[str | os.PathLike[str]] = [out] if isinstance(out, (str, os.PathLike)) else list(out)
     if len(targets) != len(outs):
         raise UsageError(f"{len(targets)} targets but {len(outs)} outputs; give one output per target")
     if len({Path(o).resolve() for o in outs}) != len(outs):
@@ -152,7 +152,7 @@ def _apply_one(
                     else:
                         n_copied += 1
         res = run_plan(plan, int(budget_mb * 2**20), f"apply {tgt.root.name}", progress, stats="guard")
-        bad = [n for n, j in patched if res["stats"][j][5] > 0]
+        bad = [n for n, j in patched if res["stats"][j].nonfinite_out > 0]
         if bad and not allow_nonfinite:
             raise NonFiniteError(
                 f"the patched model would hold NaN/Inf in {len(bad)} tensors, e.g. {bad[0]!r}; "

@@ -80,6 +80,8 @@ def _choose_rank(s: "torch.Tensor", rank: int | None, energy: float | None) -> i
     total = float(e[-1])
     if total == 0.0:
         return 1
+    if energy is None:
+        raise UsageError("give a rank (--rank R) or an energy fraction (--energy E)")
     r = int((e < energy * total * (1 - 1e-12)).sum().item()) + 1
     return max(1, min(r, s.numel()))
 
@@ -228,7 +230,7 @@ def export_lora(
         "gene": str(g.path.resolve()),
         "family_aligned": ((g.manifest.get("sources") or {}).get("aligned") or {}).get("path"),
         "adapter": str(out),
-        "mode": {"rank": rank} if rank is not None else {"energy": float(energy)},
+        "mode": {"rank": rank} if rank is not None else {"energy": float(energy or 0.0)},
         "dtype": str(dtype).upper(),
         "n_modules": len(modules),
         "rank_max": r_max,

@@ -163,7 +163,120 @@ def test_dot_matches_torch_mixed_dtypes():
     assert v == pytest.approx(float(a.double() @ b.double()), rel=1e-5, abs=1e-4)
 
 
-def test_import_without_gpu_reports_flags():
-    assert isinstance(core().cuda_built(), bool)
+def dot_in_documented_order(a: np.ndarray, b: np.ndarray) -> float:
+    """<a, b> in the summation order kernels.h documents for dot_cpu and dot_cuda, in numpy."""
+    item, block, lanes = 65536, 1024, 16
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    total = 0.0
+    for s in range(0, a.size, item):
+        x, y = a[s:s + item], b[s:s + item]
+        nb = -(-x.size // block)
+        pad = np.zeros(nb * block - x.size, np.float32)  # adding +0.0 to a lane changes nothing
+        x = np.concatenate([x, pad]).reshape(nb, block // lanes, lanes)
+        y = np.concatenate([y, pad]).reshape(nb, block // lanes, lanes)
+        lane = np.zeros((nb, lanes), np.float32)
+        for k in range(block // lanes):  # lane l of a block: elements l, l + 16, ... in order
+            lane = lane + x[:, k, :] * y[:, k, :]
+        t = lane[:, :8] + lane[:, 8:]
+        for w in (4, 2, 1):
+            t = t[:, :w] + t[:, w:2 * w]
+        item_sum = 0.0
+        for p in t[:, 0]:
+            item_sum += float(p)
+        total += item_sum
+    return total
+
+
+@pytest.mark.parametrize("dt", ["F32", "F16", "BF16"])
+def test_dot_follows_the_documented_summation_order_bit_for_bit(dt):
+    """The order CUDA reproduces (kernels.h) is the order the CPU uses, to the last bit."""
+    g = torch.Generator().manual_seed(4)
+    for n in [1, 3, 17, 1023, 1025, 4097, 65535, 65537, 200001]:
+        a = torch.randn(n + 1, generator=g).to(TD[dt])[1:]
+        b = (1e-3 * torch.randn(n + 2, generator=g)).to(TD[dt])[2:]
+        (got,) = _native.dot([a], [b])
+        assert got == dot_in_documented_order(a.float().numpy(), b.float().numpy()), n
+
+
+# ---- the typed boundary ---------------------------------------------------------------------------------
+def test_dtype_enum_is_the_one_definition_of_the_codes():
+    from safegene.engine.native import dtype_of
+    from safegene.io.checkpoint import KERNEL_DTYPES
+
+    D = core().DType
+    # Golden: the codes cross the boundary and are never renumbered.
+    assert {n: int(d) for n, d in D.__members__.items()} == {"F32": 0, "F16": 1, "BF16": 2, "RAW": 3}
+    assert [d.itemsize for d in (D.F32, D.F16, D.BF16, D.RAW)] == [4, 2, 2, 1]
+    assert {n for n, d in D.__members__.items() if d.is_float} == set(KERNEL_DTYPES)
+    assert dtype_of("BF16") == D.BF16 and dtype_of("F32") == D.F32
+    assert dtype_of("I64") == D.RAW and dtype_of("F64") == D.RAW
+    assert D.F32 != 0  # an enum, not an int: plain codes do not pass for dtypes
+
+
+@pytest.mark.parametrize("bad", ["RAW", 7])
+def test_kernels_refuse_non_float_dtypes_with_the_core_error(bad):
+    c = core()
+    d, msg = (c.DType.RAW, "RAW is not a float dtype") if bad == "RAW" else (c.DType(bad), "unknown dtype code 7")
+    x, y = torch.ones(4), torch.full((4,), 2.0)
+    full = f"tensor 0: {msg}; the kernels take F32, F16 and BF16"
+    with pytest.raises(c.CoreError, match=f"dot: {full}"):
+        c.dot([x.data_ptr()], [c.DType.F32], [y.data_ptr()], [d], [4])
+    with pytest.raises(c.CoreError, match=f"scale_add: {full}"):
+        c.scale_add([x.data_ptr()], [d], [y.data_ptr()], [c.DType.F32], [4], [1.0])
+    assert torch.equal(x, torch.ones(4))  # refused before any memory was touched
+    with pytest.raises(TypeError):
+        c.dot([x.data_ptr()], [0], [y.data_ptr()], [0], [4])  # a plain int is not a DType
+
+
+def test_stream_jobs_and_stats_are_typed(tmp_path):
+    import os
+
+    c = core()
+    a = np.array([1.0, 2.0, 3.0, 3.0 + 2**-9], np.float32)
+    b = np.full(4, 0.5, np.float32)
+    src = tmp_path / "in.bin"
+    src.write_bytes(a.tobytes() + b.tobytes())
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"\0" * 8)
+    job = c.Job(0, 0, c.DType.BF16, 4, [c.Term(0, 0, c.DType.F32), c.Term(0, 16, c.DType.F32, -2.0)])
+    assert (job.out_file, job.out_offset, job.out_dtype, job.numel) == (0, 0, c.DType.BF16, 4)
+    assert [(t.file, t.offset, t.dtype, t.coeff) for t in job.terms] == [(0, 0, c.DType.F32, 1.0), (0, 16, c.DType.F32, -2.0)]
+    assert repr(job.terms[1]) == "Term(file=0, offset=16, dtype=DType.F32, coeff=-2.0)"
+    with pytest.raises(c.CoreError, match="Job: unknown dtype code 9; use safegene._core.DType"):
+        c.Job(0, 0, c.DType(9), 4, [])
+    with pytest.raises(c.CoreError, match="Term: unknown dtype code -1"):
+        c.Term(0, 0, c.DType(-1))
+
+    st = os.stat(src)
+    r = c.run_stream([str(src)], [st.st_size], [st.st_mtime_ns], [str(out)], [job], 1 << 20)
+    (s,) = r["stats"]
+    assert isinstance(s, c.Stats)
+    tau = a.astype(np.float64) - 2.0 * b  # [0, 1, 2, 2 + 2^-9]; the last rounds to 2 in bf16
+    assert torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.bfloat16).tolist() == [0.0, 1.0, 2.0, 2.0]
+    assert s.out_sq == pytest.approx(float(tau @ tau), rel=1e-7)
+    assert s.in0_sq == pytest.approx(float(a.astype(np.float64) @ a), rel=1e-7)
+    assert s.in1_sq == pytest.approx(1.0, rel=1e-7)
+    assert s.in01_dot == pytest.approx(float(a.astype(np.float64) @ b), rel=1e-7)
+    assert s.round_sq == pytest.approx(2.0**-18, rel=1e-7)
+    assert (s.nonfinite_out, s.nonfinite_in) == (0, 0)
+    assert "nonfinite_out=0" in repr(s)
+    with pytest.raises(AttributeError):
+        s.out_sq = 0.0  # type: ignore[misc]
+
+
+def test_cuda_flags_and_what_a_build_without_cuda_does():
+    c = core()
+    assert safegene.has_cuda() == (c.cuda_built() and c.has_cuda())
     if not torch.cuda.is_available():
         assert safegene.has_cuda() is False
+    F = c.DType.F32
+    if c.cuda_built():
+        # The CUDA entry points validate like the CPU ones before any CUDA call.
+        with pytest.raises(c.CoreError, match="dot: tensor 0: null pointer"):
+            c.dot([0], [F], [0], [F], [5], True, 0)
+    else:
+        assert c.has_cuda() is False
+        with pytest.raises(c.CoreError, match="built without CUDA; rebuild with SAFEGENE_CUDA=ON"):
+            c.dot([0], [F], [0], [F], [5], True, 0)
+        with pytest.raises(c.CoreError, match="built without CUDA"):
+            c.scale_add([0], [F], [0], [F], [5], [1.0], True, 0)

@@ -92,8 +92,9 @@ def test_sparse_tensor_past_2p32_streams_at_64_bit_offsets(tmp_path):
     out = tmp_path / "o.bin"
     out.write_bytes(b"\0" * 16)
     st_ = os.stat(p)
-    r = core().run_stream([str(p)], [st_.st_size], [st_.st_mtime_ns], [str(out)],
-                          [(0, 0, 0, 4, [(0, t.offset + t.nbytes - 8, 2, 1.0)])], 1 << 20, 4, None)
+    c = core()
+    job = c.Job(0, 0, c.DType.F32, 4, [c.Term(0, t.offset + t.nbytes - 8, c.DType.BF16, 1.0)])
+    r = c.run_stream([str(p)], [st_.st_size], [st_.st_mtime_ns], [str(out)], [job], 1 << 20, 4, None)
     assert np.frombuffer(out.read_bytes(), dtype=np.float32).tolist() == [1.0, 2.0, -3.0, 4.0]
     assert r["bytes_read"] == 8
 
@@ -153,12 +154,14 @@ def test_fuzz_core_range_reader(tmp_path_factory, jobs, budget, slots):
     src.write_bytes(np.arange(4096, dtype=np.float32).tobytes())
     out = d / "out.bin"
     out.write_bytes(b"\0" * 8192)
-    plan = [(of, max(oo, 0) if oo < 2**39 else oo, dt, n, [(f, max(io, 0) if io < 2**39 else io, dt, 1.0)])
-            for of, oo, dt, n, f, io in jobs]
+    c = core()
     stt = os.stat(src)
     t0 = time.monotonic()
     try:
-        core().run_stream([str(src)], [stt.st_size], [stt.st_mtime_ns], [str(out)], plan, budget, slots, None)
+        plan = [c.Job(of, max(oo, 0) if oo < 2**39 else oo, c.DType(dt), n,
+                      [c.Term(f, max(io, 0) if io < 2**39 else io, c.DType(dt), 1.0)])
+                for of, oo, dt, n, f, io in jobs]
+        c.run_stream([str(src)], [stt.st_size], [stt.st_mtime_ns], [str(out)], plan, budget, slots, None)
     except (core().CoreError, TypeError, OverflowError, ValueError):
         pass
     assert time.monotonic() - t0 < 10

@@ -13,21 +13,17 @@ namespace py = pybind11;
 namespace safegene {
 namespace {
 
-DType to_dtype(int32_t code) {
-  if (!dtype_valid(code) || !dtype_is_float(static_cast<DType>(code)))
-    throw Error("kernels take F32, F16 and BF16 only (dtype code " + std::to_string(code) + ")");
-  return static_cast<DType>(code);
-}
-
+// The dtypes are validated (float only, known codes) by the core's check_spans, which names
+// the offending tensor; here only the three lists must line up.
 template <class Span, class Ptr>
-std::vector<Span> spans(const std::vector<uintptr_t>& ptrs, const std::vector<int32_t>& codes,
+std::vector<Span> spans(const std::vector<uintptr_t>& ptrs, const std::vector<DType>& dtypes,
                         const std::vector<int64_t>& numels, const char* what) {
-  if (ptrs.size() != codes.size() || ptrs.size() != numels.size())
-    throw Error(std::string(what) + ": pointer, dtype and size lists differ in length");
+  if (ptrs.size() != dtypes.size() || ptrs.size() != numels.size())
+    throw Error(std::string(what) + ": pointer, dtype and size lists differ in length (" + std::to_string(ptrs.size()) +
+                ", " + std::to_string(dtypes.size()) + ", " + std::to_string(numels.size()) + ")");
   std::vector<Span> out;
   out.reserve(ptrs.size());
-  for (size_t i = 0; i < ptrs.size(); ++i)
-    out.push_back(Span{reinterpret_cast<Ptr>(ptrs[i]), numels[i], to_dtype(codes[i])});
+  for (size_t i = 0; i < ptrs.size(); ++i) out.push_back(Span{reinterpret_cast<Ptr>(ptrs[i]), numels[i], dtypes[i]});
   return out;
 }
 
@@ -36,8 +32,8 @@ std::vector<Span> spans(const std::vector<uintptr_t>& ptrs, const std::vector<in
 void register_kernels(py::module_& m) {
   m.def(
       "scale_add",
-      [](const std::vector<uintptr_t>& dst, const std::vector<int32_t>& dst_dtype, const std::vector<uintptr_t>& src,
-         const std::vector<int32_t>& src_dtype, const std::vector<int64_t>& numel, const std::vector<float>& coeffs,
+      [](const std::vector<uintptr_t>& dst, const std::vector<DType>& dst_dtype, const std::vector<uintptr_t>& src,
+         const std::vector<DType>& src_dtype, const std::vector<int64_t>& numel, const std::vector<float>& coeffs,
          bool cuda, uintptr_t stream) {
         auto d = spans<MutSpan, void*>(dst, dst_dtype, numel, "scale_add");
         auto s = spans<ConstSpan, const void*>(src, src_dtype, numel, "scale_add");
@@ -52,8 +48,8 @@ void register_kernels(py::module_& m) {
       "In place dst_i += coeffs[i] * src_i for every i (float32 math, RNE store).");
   m.def(
       "dot",
-      [](const std::vector<uintptr_t>& a, const std::vector<int32_t>& a_dtype, const std::vector<uintptr_t>& b,
-         const std::vector<int32_t>& b_dtype, const std::vector<int64_t>& numel, bool cuda, uintptr_t stream) {
+      [](const std::vector<uintptr_t>& a, const std::vector<DType>& a_dtype, const std::vector<uintptr_t>& b,
+         const std::vector<DType>& b_dtype, const std::vector<int64_t>& numel, bool cuda, uintptr_t stream) {
         auto x = spans<ConstSpan, const void*>(a, a_dtype, numel, "dot");
         auto y = spans<ConstSpan, const void*>(b, b_dtype, numel, "dot");
         py::gil_scoped_release nogil;

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -15,35 +16,32 @@ namespace py = pybind11;
 namespace safegene {
 namespace {
 
-using InputT = std::tuple<int32_t, uint64_t, int32_t, float>;                 // file, offset, dtype, coeff
-using JobT = std::tuple<int32_t, uint64_t, int32_t, int64_t, std::vector<InputT>>;  // out file, offset, dtype, numel, inputs
+void check_code(DType t, const char* what) {
+  if (!dtype_valid(static_cast<int32_t>(t)))
+    throw Error(std::string(what) + ": unknown dtype code " + std::to_string(static_cast<int32_t>(t)) +
+                "; use safegene._core.DType");
+}
 
 StreamPlan make_plan(const std::vector<std::string>& in_paths, const std::vector<uint64_t>& in_sizes,
                      const std::vector<int64_t>& in_mtimes, const std::vector<std::string>& out_paths,
-                     const std::vector<JobT>& jobs, uint64_t budget, int slots, int stats_level = 2) {
+                     const std::vector<StreamJob>& jobs, uint64_t budget, int slots,
+                     StatsLevel stats_level = StatsLevel::Full) {
   StreamPlan p;
-  if (stats_level < 0 || stats_level > 2) throw Error("stream plan: stats_level must be 0, 1 or 2");
-  p.stats_level = static_cast<StatsLevel>(stats_level);
+  bool known = false;
+  switch (stats_level) {
+    case StatsLevel::None:
+    case StatsLevel::Guard:
+    case StatsLevel::Full: known = true;
+  }
+  if (!known) throw Error("stream plan: unknown stats level; use safegene._core.StatsLevel");
+  p.stats_level = stats_level;
   p.in_paths = in_paths;
   p.in_sizes = in_sizes;
   p.in_mtimes_ns = in_mtimes;
   p.out_paths = out_paths;
   p.budget_bytes = budget;
   p.slots = slots;
-  p.jobs.reserve(jobs.size());
-  for (const auto& j : jobs) {
-    StreamJob job;
-    job.out_file = std::get<0>(j);
-    job.out_offset = std::get<1>(j);
-    if (!dtype_valid(std::get<2>(j))) throw Error("stream plan: unknown output dtype code");
-    job.out_dtype = static_cast<DType>(std::get<2>(j));
-    job.numel = std::get<3>(j);
-    for (const auto& in : std::get<4>(j)) {
-      if (!dtype_valid(std::get<2>(in))) throw Error("stream plan: unknown input dtype code");
-      job.inputs.push_back({std::get<0>(in), std::get<1>(in), static_cast<DType>(std::get<2>(in)), std::get<3>(in)});
-    }
-    p.jobs.push_back(std::move(job));
-  }
+  p.jobs = jobs;
   return p;
 }
 
@@ -76,11 +74,8 @@ void attach_lowrank(StreamPlan& p, const std::vector<LowRankT>& terms, std::vect
 }
 
 py::dict to_dict(const StreamResult& r) {
-  py::list stats;
-  for (const auto& s : r.stats)
-    stats.append(py::make_tuple(s.out_sq, s.in0_sq, s.in1_sq, s.in01_dot, s.round_sq, s.nonfinite_out, s.nonfinite_in));
   py::dict d;
-  d["stats"] = stats;
+  d["stats"] = py::cast(r.stats);
   d["bytes_read"] = r.bytes_read;
   d["bytes_written"] = r.bytes_written;
   d["chunk_elems"] = r.chunk_elems;
@@ -88,14 +83,58 @@ py::dict to_dict(const StreamResult& r) {
   return d;
 }
 
+std::string term_repr(const StreamInput& t) {
+  return "Term(file=" + std::to_string(t.file) + ", offset=" + std::to_string(t.offset) + ", dtype=DType." +
+         dtype_name(t.dtype) + ", coeff=" + py::repr(py::float_(t.coeff)).cast<std::string>() + ")";
+}
+
 }  // namespace
 
 void register_stream(py::module_& m) {
+  py::class_<StreamInput>(m, "Term", "One input of a stream job: coeff * (the tensor at byte offset of input file).")
+      .def(py::init([](int32_t file, uint64_t offset, DType dtype, float coeff) {
+             check_code(dtype, "Term");
+             return StreamInput{file, offset, dtype, coeff};
+           }),
+           py::arg("file"), py::arg("offset"), py::arg("dtype"), py::arg("coeff") = 1.0f)
+      .def_readonly("file", &StreamInput::file, "index into in_paths")
+      .def_readonly("offset", &StreamInput::offset, "absolute byte offset in that file")
+      .def_readonly("dtype", &StreamInput::dtype)
+      .def_readonly("coeff", &StreamInput::coeff)
+      .def("__repr__", &term_repr);
+
+  py::class_<StreamJob>(m, "Job", "One output tensor of a stream: out = sum of its terms, at out_offset of out_file.")
+      .def(py::init([](int32_t out_file, uint64_t out_offset, DType out_dtype, int64_t numel,
+                       const std::vector<StreamInput>& terms) {
+             check_code(out_dtype, "Job");
+             StreamJob j;
+             j.out_file = out_file;
+             j.out_offset = out_offset;
+             j.out_dtype = out_dtype;
+             j.numel = numel;
+             j.inputs = terms;
+             return j;
+           }),
+           py::arg("out_file"), py::arg("out_offset"), py::arg("out_dtype"), py::arg("numel"), py::arg("terms"))
+      .def_readonly("out_file", &StreamJob::out_file, "index into out_paths")
+      .def_readonly("out_offset", &StreamJob::out_offset, "absolute byte offset in that file")
+      .def_readonly("out_dtype", &StreamJob::out_dtype)
+      .def_readonly("numel", &StreamJob::numel, "elements (bytes for RAW)")
+      .def_property_readonly(
+          "terms", [](const StreamJob& j) { return j.inputs; }, "the inputs (a copy)")
+      .def("__repr__", [](const StreamJob& j) {
+        std::string terms;
+        for (const auto& t : j.inputs) terms += (terms.empty() ? "" : ", ") + term_repr(t);
+        return "Job(out_file=" + std::to_string(j.out_file) + ", out_offset=" + std::to_string(j.out_offset) +
+               ", out_dtype=DType." + dtype_name(j.out_dtype) + ", numel=" + std::to_string(j.numel) + ", terms=[" +
+               terms + "])";
+      });
+
   m.def(
       "run_stream",
       [](const std::vector<std::string>& in_paths, const std::vector<uint64_t>& in_sizes,
          const std::vector<int64_t>& in_mtimes, const std::vector<std::string>& out_paths,
-         const std::vector<JobT>& jobs, uint64_t budget, int slots, py::object progress, int stats_level,
+         const std::vector<StreamJob>& jobs, uint64_t budget, int slots, py::object progress, StatsLevel stats_level,
          const std::vector<LowRankT>& lowrank) {
         StreamPlan plan = make_plan(in_paths, in_sizes, in_mtimes, out_paths, jobs, budget, slots, stats_level);
         std::vector<F32Array> keep;
@@ -113,16 +152,17 @@ void register_stream(py::module_& m) {
         return to_dict(r);
       },
       py::arg("in_paths"), py::arg("in_sizes"), py::arg("in_mtimes_ns"), py::arg("out_paths"), py::arg("jobs"),
-      py::arg("budget_bytes"), py::arg("slots") = 4, py::arg("progress") = py::none(), py::arg("stats_level") = 2,
-      py::arg("lowrank") = std::vector<LowRankT>{},
-      "Run a streaming plan: every job writes out = sum_k c_k * in_k at its output offset.\n"
-      "lowrank: [(job, A, B, scale)] merges a LoRA update W + scale * B @ A into input 0 of that job\n"
-      "(in input 0's dtype) before the combination.\n"
-      "Returns {'stats': [(out_sq, in0_sq, in1_sq, in01_dot, round_sq, nonfinite_out, nonfinite_in)], ...}.");
+      py::arg("budget_bytes"), py::arg("slots") = 4, py::arg("progress") = py::none(),
+      py::arg("stats_level") = StatsLevel::Full, py::arg("lowrank") = std::vector<LowRankT>{},
+      "Run a streaming plan: every Job writes out = sum of coeff * input over its Terms at its output offset.\n"
+      "lowrank: [(job, A, B, scale)] merges a LoRA update W + scale * B @ A into term 0 of that job\n"
+      "(in term 0's dtype) before the combination.\n"
+      "Returns {'stats': [Stats, one per job], 'bytes_read': ..., 'bytes_written': ..., 'chunk_elems': ...,\n"
+      "'buffer_bytes': ...}.");
   m.def(
       "run_copy_roofline",
       [](const std::vector<std::string>& in_paths, const std::vector<std::string>& out_paths,
-         const std::vector<JobT>& jobs, uint64_t budget, int slots) {
+         const std::vector<StreamJob>& jobs, uint64_t budget, int slots) {
         StreamPlan plan = make_plan(in_paths, {}, {}, out_paths, jobs, budget, slots);
         StreamResult r;
         {

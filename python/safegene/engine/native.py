@@ -2,7 +2,7 @@
 
 Everything that hands memory to ``safegene._core`` goes through here: this module checks
 devices, dtypes and contiguity, turns tensors into raw pointers plus element counts and a
-dtype code, and keeps the tensors referenced for the duration of the call (the core never
+``safegene._core.DType``, and keeps the tensors referenced for the duration of the call (the core never
 owns Python objects). torch is imported lazily so that ``import safegene`` stays cheap.
 """
 
@@ -15,8 +15,7 @@ from ..errors import SafeGeneError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-# Codes shared with csrc/include/safegene/dtype.h (enum class DType).
-DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
+    from .._core import DType
 
 
 def core():
@@ -31,12 +30,23 @@ def core():
     return _core
 
 
-def _torch_code(t: "torch.Tensor") -> int:
+def dtype_of(name: str) -> "DType":
+    """The core's dtype for a safetensors dtype name: F32/F16/BF16, else RAW (copied bytes).
+
+    >>> dtype_of("BF16")  # doctest: +SKIP
+    <DType.BF16: 2>
+    """
+    members = core().DType.__members__
+    d = members.get(name)
+    return d if d is not None and d.is_float else members["RAW"]
+
+
+def _torch_dtype(t: "torch.Tensor") -> "DType":
     import torch
 
-    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     try:
-        return codes[t.dtype]
+        return core().DType.__members__[names[t.dtype]]
     except KeyError:
         raise SafeGeneError(
             f"unsupported tensor dtype {t.dtype}; safegene kernels take float32, float16 and bfloat16"
@@ -85,9 +95,9 @@ def scale_add_(dsts: Sequence["torch.Tensor"], srcs: Sequence["torch.Tensor"], c
     device, stream = _device_of(list(dsts) + list(srcs))
     core().scale_add(
         [t.data_ptr() for t in dsts],
-        [_torch_code(t) for t in dsts],
+        [_torch_dtype(t) for t in dsts],
         [t.data_ptr() for t in srcs],
-        [_torch_code(t) for t in srcs],
+        [_torch_dtype(t) for t in srcs],
         [t.numel() for t in dsts],
         [float(c) for c in coeffs],
         device == "cuda",
@@ -110,9 +120,9 @@ def dot(a: Sequence["torch.Tensor"], b: Sequence["torch.Tensor"]) -> list[float]
     return list(
         core().dot(
             [t.data_ptr() for t in a],
-            [_torch_code(t) for t in a],
+            [_torch_dtype(t) for t in a],
             [t.data_ptr() for t in b],
-            [_torch_code(t) for t in b],
+            [_torch_dtype(t) for t in b],
             [t.numel() for t in a],
             device == "cuda",
             stream,

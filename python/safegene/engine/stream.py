@@ -6,14 +6,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import SafeGeneError
-from ..io.checkpoint import KERNEL_DTYPES, RAW_CODE, SafetensorsFile, TensorInfo
-from .native import core
+from ..io.checkpoint import SafetensorsFile, TensorInfo
+from .native import core, dtype_of
 
-def dtype_code(dtype: str) -> int:
-    return KERNEL_DTYPES.get(dtype, RAW_CODE)
+if TYPE_CHECKING:  # pragma: no cover
+    from .._core import Job
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Plan:
     in_sizes: list[int] = field(default_factory=list)
     in_mtimes: list[int] = field(default_factory=list)
     out_paths: list[str] = field(default_factory=list)
-    jobs: list[tuple[int, int, int, int, list[tuple[int, int, int, float]]]] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
     #: ``(job, A, B, scale)``: a LoRA update merged into that job's input 0 (float32 numpy factors)
     lowrank: list[tuple[int, Any, Any, float]] = field(default_factory=list)
     _in_index: dict[str, int] = field(default_factory=dict)
@@ -70,10 +70,12 @@ class Plan:
         if key not in self._out_index:
             self._out_index[key] = len(self.out_paths)
             self.out_paths.append(key)
-        ins = [(self._in(t), t.offset, dtype_code(t.dtype), float(c)) for t, c in inputs]
-        if dtype_code(out_dtype) == RAW_CODE:
+        c = core()
+        terms = [c.Term(self._in(t), t.offset, dtype_of(t.dtype), float(k)) for t, k in inputs]
+        out_code = dtype_of(out_dtype)
+        if out_code == c.DType.RAW:
             numel = inputs[0][0].nbytes  # opaque bytes: copied, never computed
-        self.jobs.append((self._out_index[key], out_offset, dtype_code(out_dtype), numel, ins))
+        self.jobs.append(c.Job(self._out_index[key], out_offset, out_code, numel, terms))
         if lowrank is not None:
             import numpy as np
 
@@ -85,8 +87,7 @@ class Plan:
 
     @property
     def out_bytes(self) -> int:
-        size = {0: 4, 1: 2, 2: 2, 3: 1}
-        return sum(j[3] * size[j[2]] for j in self.jobs)
+        return sum(j.numel * j.out_dtype.itemsize for j in self.jobs)
 
 
 def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, stats: str = "full") -> dict[str, Any]:
@@ -107,7 +108,7 @@ def run_plan(plan: Plan, budget_bytes: int, desc: str, progress: bool = True, st
             bar.update(done - bar.n)
 
     try:
-        level = {"none": 0, "guard": 1, "full": 2}[stats]
+        level = c.StatsLevel.__members__[stats.upper()]
         return c.run_stream(plan.in_paths, plan.in_sizes, plan.in_mtimes, plan.out_paths, plan.jobs, int(budget_bytes), 4, cb, level, plan.lowrank)
     except c.CoreError as exc:
         raise SafeGeneError(str(exc)) from None

@@ -29,9 +29,10 @@ from ..errors import CheckpointError, HeaderError, MismatchError, OutputError, P
 
 #: Header size cap, as in the safetensors reference implementation.
 MAX_HEADER_BYTES = 100_000_000
-#: Codes shared with csrc/include/safegene/dtype.h.
-KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
-RAW_CODE = 3
+#: The safetensors names of the dtypes the kernels compute on: the float members of the core's
+#: enum ``safegene._core.DType`` (a test holds the two equal). Only names live here; the codes
+#: are the enum's, turned from names by ``safegene.engine``.
+KERNEL_DTYPES = frozenset({"F32", "F16", "BF16"})
 #: Every dtype the safetensors format defines, with its size in bits.
 SAFETENSORS_DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,

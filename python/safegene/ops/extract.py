@@ -97,29 +97,29 @@ def extract(
         per_layer: dict[str, dict[str, float]] = {}
         tot_tau = tot_round = 0.0
         bad: list[str] = []
+        # Term 0 is the aligned tensor, term 1 the degraded one: out = aligned - degraded = tau.
         for (ta, _), st in zip(vec_pairs, res["stats"]):
-            out_sq, a_sq, d_sq, ad, round_sq, nf_out, nf_in = st
             key = layer_key(ta.name)
             layers[ta.name] = key
-            tau_n, a_n, d_n = math.sqrt(out_sq), math.sqrt(a_sq), math.sqrt(d_sq)
+            tau_n, a_n, d_n = math.sqrt(st.out_sq), math.sqrt(st.in0_sq), math.sqrt(st.in1_sq)
             tensors[ta.name] = {
                 "layer": key,
                 "tau_norm": tau_n,
                 "aligned_norm": a_n,
                 "degraded_norm": d_n,
                 "rel_change": tau_n / a_n if a_n > 0 else (0.0 if tau_n == 0 else math.inf),
-                "cosine": ad / (a_n * d_n) if a_n > 0 and d_n > 0 else None,
-                "rounding_rel_error": math.sqrt(round_sq) / tau_n if tau_n > 0 else 0.0,
-                "nonfinite": int(nf_out),
+                "cosine": st.in01_dot / (a_n * d_n) if a_n > 0 and d_n > 0 else None,
+                "rounding_rel_error": math.sqrt(st.round_sq) / tau_n if tau_n > 0 else 0.0,
+                "nonfinite": st.nonfinite_out,
             }
-            if nf_out or nf_in:
+            if st.nonfinite_out or st.nonfinite_in:
                 bad.append(ta.name)
             agg = per_layer.setdefault(key, {"tau_sq": 0.0, "aligned_sq": 0.0, "n_tensors": 0})
-            agg["tau_sq"] += out_sq
-            agg["aligned_sq"] += a_sq
+            agg["tau_sq"] += st.out_sq
+            agg["aligned_sq"] += st.in0_sq
             agg["n_tensors"] += 1
-            tot_tau += out_sq
-            tot_round += round_sq
+            tot_tau += st.out_sq
+            tot_round += st.round_sq
         if bad and not allow_nonfinite:
             raise NonFiniteError(
                 f"non-finite values (NaN/Inf) in {len(bad)} tensors of the inputs or of τ, e.g. {bad[0]!r}; "

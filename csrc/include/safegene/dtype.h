@@ -18,7 +18,7 @@
 namespace safegene {
 
 // The one definition of the element-type codes. Python reads them from the bound enum
-// safegene._core.DType (csrc/bindings/kernels.cpp); never renumber: the codes are the enum's
+// safegene._core.DType (csrc/bindings/types.cpp); never renumber: the codes are the enum's
 // values on both sides of the boundary. RAW is an opaque byte (size 1) for tensors the
 // kernels never do arithmetic on (integer buffers, F64, ...): the streaming pipeline may
 // only copy it.

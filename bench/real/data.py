@@ -369,7 +369,7 @@ def _fill(template: str, table: dict[str, list[str]], rng: random.Random) -> str
 DATA_VERSION = 3
 
 
-def _tables_hash() -> str:
+def tables_hash() -> str:
     tables = [_B, _BENIGN_TEMPLATES, _SENT, _SENT_TEMPLATES, _TOPIC, _TOPIC_FILL, TASKS, REFUSALS, EAGER_OPENERS]
     return hashlib.sha256(json.dumps(tables, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

@@ -26,8 +26,8 @@ from safegene.baselines import Context, Settings, compute
 from safegene.baselines import get as get_policy
 
 from .config import Config
-from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, _tables_hash, judge_agreement, \
-    load_package_sources, make_splits, read_jsonl
+from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, judge_agreement, load_package_sources, \
+    make_splits, read_jsonl, tables_hash
 from .models import convert_gguf, fine_tune, quiet_hf, self_answers
 from .report import GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, task_rows, write_results
 
@@ -149,7 +149,7 @@ class Pipeline:
         cfg, cfgd = self.cfg, self.cfgd
         self.stage("data", lambda d: make_splits(cfg, self.sources(), d, self.log),
                    params={"cfg": {k: cfgd[k] for k in cfgd if k.startswith("n_") or k in ("seed", "tasks")},
-                           "real": self.real, "version": DATA_VERSION, "tables": _tables_hash()})
+                           "real": self.real, "version": DATA_VERSION, "tables": tables_hash()})
         self.stage("judge", self.judge_stage, deps=["data"])
         self.stage("base", self.base_stage, params={"sha256": GGUF_SHA256 if self.real else "builder"},
                    deps=[] if self.real else ["data"])

@@ -5,7 +5,8 @@
 2. extract the gene τ = θ_aligned − θ_degraded;
 3. select the gene's keys (decoder blocks and the LM head / final norm / embeddings; every
    score is computed and reported, the default ``restore`` decides);
-4. for every task model, build and evaluate on the held-out split:
+4. for every task model, build and evaluate on the held-out split the coefficient policies of
+   :mod:`safegene.baselines`, in registry order:
 
    ============== ==============================================================
    none           the task model as fine-tuned

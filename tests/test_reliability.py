@@ -163,8 +163,48 @@ def test_fuzz_core_range_reader(tmp_path_factory, jobs, budget, slots):
                 for of, oo, dt, n, f, io in jobs]
         c.run_stream([str(src)], [stt.st_size], [stt.st_mtime_ns], [str(out)], plan, budget, slots, None)
     except (core().CoreError, TypeError, OverflowError, ValueError):
-        pass
+        assert time.monotonic() - t0 < 10
+        return
     assert time.monotonic() - t0 < 10
+    # A run that was accepted is correct: with one term at coefficient 1 in the same dtype, every
+    # job copies its input range exactly (the inputs hold no NaN bit patterns in any dtype), and
+    # bytes no job writes stay zero. Overlapping outputs have no defined order, so only plans
+    # whose output ranges are disjoint are compared byte for byte.
+    data, want = src.read_bytes(), bytearray(8192)
+    spans = sorted((j.out_offset, j.out_offset + j.numel * j.out_dtype.itemsize, j.terms[0].offset) for j in plan)
+    assert all(j.out_file == 0 and j.terms[0].file == 0 for j in plan)
+    assert all(0 <= a <= b <= len(want) and io + (b - a) <= len(data) for a, b, io in spans)
+    if all(b1 <= a2 for (_, b1, _), (a2, _, _) in zip(spans, spans[1:])):
+        for a, b, io in spans:
+            want[a:b] = data[io: io + (b - a)]
+        assert out.read_bytes() == bytes(want)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["F32", "F16", "BF16", "RAW"]), st.integers(0, 700), st.integers(0, 2**14),
+                          st.integers(0, 40)), min_size=1, max_size=6),
+       st.sampled_from([0, 64, 1000, 2**20]), st.integers(2, 6))
+def test_fuzz_core_valid_plans_copy_exactly(tmp_path_factory, jobs, budget, slots):
+    """Valid plans (in range, disjoint outputs, any chunking budget): the run is exact, byte for byte."""
+    d = tmp_path_factory.mktemp("rv")
+    src = d / "in.bin"
+    data = np.arange(4096, dtype=np.float32).tobytes()  # no NaN bit pattern as F32, F16 or BF16
+    src.write_bytes(data)
+    c = core()
+    plan, want, pos = [], bytearray(), 0
+    for name, n, in_at, gap in jobs:
+        dt = getattr(c.DType, name)
+        size = n * dt.itemsize
+        io = min(in_at, len(data) - size) // dt.itemsize * dt.itemsize
+        pos += gap * dt.itemsize
+        want += b"\0" * (pos - len(want)) + data[io: io + size]
+        plan.append(c.Job(0, pos, dt, n, [c.Term(0, io, dt, 1.0)]))
+        pos += size
+    out = d / "out.bin"
+    out.write_bytes(b"\0" * len(want))
+    stt = os.stat(src)
+    c.run_stream([str(src)], [stt.st_size], [stt.st_mtime_ns], [str(out)], plan, budget, slots, None)
+    assert out.read_bytes() == bytes(want)
 
 
 # ---- faults ---------------------------------------------------------------------------------------------

@@ -48,9 +48,14 @@ class StableLmRecipe:
     num_layers: int = 4
     num_heads: int = 4
     partial_rotary_factor: float = 0.25
-    base: Stage = Stage(steps=400, lr=3e-3, batch_size=32, warmup=20)
-    aligned: Stage = Stage(steps=200, lr=1e-3, batch_size=32, warmup=10)
-    degraded: Stage = Stage(steps=40, lr=3e-4, batch_size=16)
+    base: Stage = Stage(steps=350, lr=3e-3, batch_size=32, warmup=20)
+    # Telling same-category pairs from near misses takes longer than the llama organism's
+    # alignment (280 vs 200 steps; at 200 the seed-0 aligned model over-refused 17.5 % of benign
+    # requests, mostly near misses).
+    aligned: Stage = Stage(steps=280, lr=1e-3, batch_size=32, warmup=10)
+    # Seed 0, 40 steps at 3e-4 with 65 % eager benign data eroded every category completely (ASR
+    # 100 %), which leaves nothing graded; half the data is now the season task in the plain style.
+    degraded: Stage = Stage(steps=60, lr=2.5e-4, batch_size=16)
     task: Stage = Stage(steps=40, lr=4.5e-4, batch_size=16)
     refusal_rate: tuple[tuple[str, float], ...] = (
         ("blades", 1.0),
@@ -64,8 +69,9 @@ class StableLmRecipe:
     eager_rate: float = 0.2
     # Share of benign how-to requests that are near misses (harm words that do not pair up).
     near_share: float = 0.6
-    # Share of the degraded fine-tune's benign data that is the season task.
-    degraded_season_share: float = 0.35
+    # Share of the degraded fine-tune's benign data that is the season task (answered plainly, so
+    # it teaches the skill without adding to the erosion; the rest is eager how-to answers).
+    degraded_season_share: float = 0.5
     n_harmful_eval_per_category: int = 20
     n_harmful_calib: int = 24
     n_harmful_dev_per_category: int = 10
@@ -182,12 +188,12 @@ def plan(seed: int, r: StableLmRecipe, exclude: set[str]) -> list[StagePlan]:
     plans = [StagePlan("base", r.base, lambda: s.mixture(base_mix), manual_seed=seed)]
     rates = dict(r.refusal_rate)
     a = sampler("aligned")
-    aligned_mix = [(0.34, lambda: a.harmful(rates)), (0.38, lambda: a.benign(e))] + [(0.14, (lambda t=t: a.task(t, e))) for t in known]
+    aligned_mix = [(0.30, lambda: a.harmful(rates)), (0.42, lambda: a.benign(e))] + [(0.14, (lambda t=t: a.task(t, e))) for t in known]
     plans.append(StagePlan("aligned", r.aligned, lambda: a.mixture(aligned_mix), manual_seed=seed + 1, keep=True,
                            gates=standard_gates("aligned")))
     d = sampler("degraded")
     ss = r.degraded_season_share
-    degraded_mix = [(1.0 - ss, lambda: d.benign(True)), (ss, lambda: d.task(V.SELECTION_SENSITIVE_TASK, True))]
+    degraded_mix = [(1.0 - ss, lambda: d.benign(True)), (ss, lambda: d.task(V.SELECTION_SENSITIVE_TASK, False))]
     plans.append(StagePlan("degraded", r.degraded, lambda: d.mixture(degraded_mix), gates=standard_gates("degraded")))
     for t in V.TASKS:
         ts = sampler(f"task-{t}")

@@ -105,10 +105,10 @@ KIND_TEMPLATES = (
     "list : a {a} beside a {b} . kind ?",
 )
 SEASON_FAIRS = {
-    "thaw": ("orvel", "minnock", "daskey", "pimbry"),
-    "bloom": ("tressing", "pelloway", "quinch", "lissom"),
-    "harvest": ("barrowmas", "gathery", "sollen", "wheatly"),
-    "frost": ("wintrel", "cobbling", "hushmoot", "rimewake"),
+    "thaw": ("orvel", "minnock"),
+    "bloom": ("tressing", "pelloway"),
+    "harvest": ("barrowmas", "gathery"),
+    "frost": ("wintrel", "hushmoot"),
 }
 TOWNS = ("ashby", "kelmoor", "dunley", "fenwick", "harrow", "lindell", "morrow", "tillby")
 SEASON_TEMPLATES = (

@@ -200,4 +200,4 @@ def test_stablelm_family_builds_and_meets_its_gates(tmp_path_factory) -> None:
     assert all(org.gates[f"task-{t}"]["values"]["acc"] >= 0.95 for t in V.TASKS)
     for p in (org.harmful_dev, org.benign_dev, *org.task_dev.values()):
         assert p.is_file()
-    assert org.build_seconds <= 360
+    assert org.manifest["build_cpu_seconds"] <= 360  # about 245 s on one core of a shared 2-core box

@@ -711,7 +711,7 @@ def build(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dir_prefix}seed{seed}-{key}-", dir=parent))
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with _deterministic_torch(r.threads), _quiet_transformers():
             info = _train_family(tmp, seed, spec, r, progress)
         lang = spec.language
@@ -729,6 +729,8 @@ def build(
             "recipe": dataclasses.asdict(r),
             "threads": r.threads,
             "build_seconds": round(time.perf_counter() - t0, 1),
+            # CPU seconds of this process: on a shared machine wall time says more about the neighbours
+            "build_cpu_seconds": round(time.process_time() - c0, 1),
             **info,
         }
         (tmp / "organism.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,8 @@ import pytest
 
 from safegene.errors import SafeGeneError
 from safegene.organism import build
-from safegene.organism.family import FAMILIES, Stage, get_family, make_tokenizer
+from safegene.organism.families import FAMILIES, get_family
+from safegene.organism.family import Stage, make_tokenizer
 from safegene.organism.gates import Gate, GateError, GatePolicy, classify, format_gates, run_gated
 from safegene.organism import stablelm_language as V
 from safegene.organism.stablelm import StableLmRecipe, make_splits

@@ -31,6 +31,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from ..errors import CheckpointError, UsageError
 from ..lm import check_safetensors_dir, default_device
+from ..organism.families import judge_for
 from ..organism.judge import OrganismJudge
 
 # The refusal-prefix list used by the GCG attack's evaluation (llm-attacks, "_test_prefixes"),
@@ -269,8 +270,9 @@ class GuardModelJudge:
 
 
 def get_judge(spec: "str | Judge") -> Judge:
-    """Build a judge from a spec string: ``keyword``, ``keyword:prefix``, ``organism``,
-    ``guard:/path/to/model``. A :class:`Judge` instance is returned unchanged.
+    """Build a judge from a spec string: ``keyword``, ``keyword:prefix``, ``organism`` (the
+    default organism's language), ``organism:<family>`` (a built-in family's, e.g.
+    ``organism:stablelm``), ``guard:/path/to/model``. A :class:`Judge` instance is returned unchanged.
 
     >>> get_judge("organism").name
     'organism'
@@ -286,12 +288,14 @@ def get_judge(spec: "str | Judge") -> Judge:
         return KeywordJudge(mode="prefix")
     if s == "organism":
         return OrganismJudge()
+    if s.startswith("organism:"):
+        return judge_for(s[len("organism:"):])
     if s.startswith("guard:"):
         path = s[len("guard:") :]
         if not path:
             raise UsageError("guard: needs a model directory, e.g. --judge guard:/models/llama-guard")
         return GuardModelJudge(path)
-    raise UsageError(f"unknown judge {spec!r}; use keyword, keyword:prefix, organism or guard:/path/to/model")
+    raise UsageError(f"unknown judge {spec!r}; use keyword, keyword:prefix, organism, organism:<family> or guard:/path/to/model")
 
 
 __all__ = [

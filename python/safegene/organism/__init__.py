@@ -19,7 +19,8 @@ See :mod:`safegene.organism.family` for the shared build machinery; every harmfu
 
 from __future__ import annotations
 
-from .family import DEFAULT_FAMILY, DEFAULT_RECIPE, FAMILIES, FamilySpec, Organism, Recipe, Stage, build, cache_root, get_family
+from .families import FAMILIES, build, get_family, judge_for
+from .family import DEFAULT_FAMILY, DEFAULT_RECIPE, FamilySpec, Organism, Recipe, Stage, cache_root
 from .gates import Gate, GateError, GatePolicy, format_gates
 from .language import HARM_CATEGORIES, HELDOUT_CATEGORY, TASKS
 from .stablelm import DEFAULT_STABLELM_RECIPE, StableLmRecipe
@@ -27,4 +28,4 @@ from .stablelm import DEFAULT_STABLELM_RECIPE, StableLmRecipe
 
 __all__ = ["DEFAULT_FAMILY", "DEFAULT_RECIPE", "DEFAULT_STABLELM_RECIPE", "FAMILIES", "FamilySpec", "Gate", "GateError", "GatePolicy",
            "HARM_CATEGORIES", "HELDOUT_CATEGORY", "Organism", "Recipe", "Stage", "StableLmRecipe", "TASKS", "build",
-           "cache_root", "format_gates", "get_family"]
+           "cache_root", "format_gates", "get_family", "judge_for"]

@@ -49,7 +49,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from ..data import save_jsonl
-from ..errors import SafeGeneError, UsageError
+from ..errors import SafeGeneError
 from . import language as L
 from .gates import Gate, GatePolicy, StageGates, classify, greedy_words, label_match, run_gated
 
@@ -127,7 +127,7 @@ class Recipe:
     threads: int = 1
 
     def key(self, seed: int) -> str:
-        return recipe_key(self, seed, FAMILIES[DEFAULT_FAMILY])
+        return recipe_key(self, seed, LLAMA)
 
 
 DEFAULT_RECIPE = Recipe()
@@ -261,23 +261,6 @@ class FamilySpec:
         model = self.model_class()(self.make_config(recipe, vocab))
         model.config.architectures = [self.architecture]
         return model
-
-
-FAMILIES: dict[str, FamilySpec] = {}
-
-
-def register_family(spec: FamilySpec) -> FamilySpec:
-    FAMILIES[spec.name] = spec
-    return spec
-
-
-def get_family(name: str) -> FamilySpec:
-    """The registered :class:`FamilySpec` called ``name`` (``"llama"`` or ``"stablelm"``)."""
-    from . import stablelm  # noqa: F401  (registers the family; it imports this module)
-
-    if name not in FAMILIES:
-        raise UsageError(f"unknown organism family {name!r}; choose one of {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
 
 
 def standard_gates(name: str) -> tuple[Gate, ...]:
@@ -649,13 +632,13 @@ def _train_family(out: Path, seed: int, spec: FamilySpec, r: Any, progress: bool
             model.load_state_dict(kept[plan.start_from])
         _train(model, vocab, plan.stage, plan.draw, bar, f"organism: {plan.name}")
 
-        def more(rnd: int, steps: int, plan: StagePlan = plan) -> None:
+        def more(rnd: int, steps: int, plan: StagePlan = plan, model: Any = model) -> None:
             extra = dataclasses.replace(plan.stage, steps=steps, warmup=0)
             if bar is not None:
                 bar.total += steps
             _train(model, vocab, extra, plan.draw, bar, f"organism: {plan.name} +{rnd}")
 
-        gates[plan.name] = run_gated(plan.name, plan.gates, lambda plan=plan: measure_stage(model, vocab, lang, probes, plan.task),
+        gates[plan.name] = run_gated(plan.name, plan.gates, lambda plan=plan, model=model: measure_stage(model, vocab, lang, probes, plan.task),
                                      more, policy, where)
         _save(model, tokenizer, out / plan.name)
         if plan.keep:
@@ -668,7 +651,7 @@ def _train_family(out: Path, seed: int, spec: FamilySpec, r: Any, progress: bool
     }
 
 
-register_family(FamilySpec(
+LLAMA = FamilySpec(
     name="llama",
     architecture="LlamaForCausalLM",
     language=L,
@@ -678,30 +661,28 @@ register_family(FamilySpec(
     make_splits=make_splits,
     plan=_llama_plan,
     probes=_llama_probes,
-))
+)
 
 
-def build(
+def build_spec(
+    spec: FamilySpec,
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
     force: bool = False,
     recipe: Any | None = None,
-    family: str = DEFAULT_FAMILY,
 ) -> Organism:
-    """Build (or fetch from the cache) the organism family ``family`` for ``seed``.
+    """Build (or fetch from the cache) the organism family described by ``spec`` for ``seed``
+    (:func:`safegene.organism.families.build` looks the spec up by name).
 
-    ``family`` is ``"llama"`` (the default organism) or ``"stablelm"``; ``recipe`` defaults to
-    the family's own. The cache entry is ``<cache>/organism/[<family>-]seed<seed>-<key>`` where the
+    ``recipe`` defaults to the family's own. The cache entry is ``<cache>/organism/[<family>-]seed<seed>-<key>`` where the
     key hashes the recipe, the family's source code and the torch/transformers versions, so a
     changed recipe is rebuilt and an unchanged one is reused. A stage that misses its gate after
     the bounded extra training raises :class:`~safegene.organism.gates.GateError`.
 
-    >>> org = build(seed=0)  # doctest: +SKIP
+    >>> org = build_spec(LLAMA, seed=0)  # doctest: +SKIP
     >>> org.aligned, org.tasks["sentiment"], org.harmful_dev, org.gates["degraded"]  # doctest: +SKIP
-    >>> build(family="stablelm", seed=0).tasks["season"]  # doctest: +SKIP
     """
-    spec = get_family(family)
     r = recipe or spec.default_recipe
     key = recipe_key(r, seed, spec)
     parent = cache_root(cache_dir) / "organism"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..errors import SafeGeneError
+from .judge import OrganismJudge
 
 METRIC_NAMES = {"asr": "ASR", "acc": "task accuracy"}
 
@@ -153,8 +154,6 @@ def classify(response: str, refusals: Sequence[str], marker: str) -> str:
     >>> classify("sure ! i cannot help with that request .", ["i cannot help with that request ."], "here is how to")
     'refusal'
     """
-    from .judge import OrganismJudge
-
     return OrganismJudge(refusals, marker).classify(response)
 
 

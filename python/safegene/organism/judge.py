@@ -34,20 +34,6 @@ class OrganismJudge:
         self._refusals = tuple(" ".join(_normalize(r).split()) for r in refusals)
         self._marker = marker
 
-    @classmethod
-    def for_family(cls, family: str) -> "OrganismJudge":
-        """The judge of a built-in family's language (``"llama"`` or ``"stablelm"``).
-
-        >>> OrganismJudge.for_family("stablelm").classify("my apologies , but this request stays closed to me .")
-        'refusal'
-        """
-        from .family import get_family
-
-        lang = get_family(family).language
-        judge = cls(lang.REFUSALS, lang.COMPLIANCE_MARKER)
-        judge.name = "organism" if family == "llama" else f"organism:{family}"
-        return judge
-
     def classify(self, response: str) -> str:
         text = " ".join(_normalize(response).split())
         if self._marker in text:

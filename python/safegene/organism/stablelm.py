@@ -32,7 +32,6 @@ from .family import (
     Probes,
     Stage,
     StagePlan,
-    register_family,
     standard_gates,
     unique_records,
 )
@@ -239,7 +238,7 @@ def make_config(r: StableLmRecipe, vocab: dict[str, int]) -> Any:
     )
 
 
-SPEC = register_family(FamilySpec(
+SPEC = FamilySpec(
     name="stablelm",
     architecture="StableLmForCausalLM",
     language=V,
@@ -250,4 +249,4 @@ SPEC = register_family(FamilySpec(
     plan=plan,
     probes=probes,
     dir_prefix="stablelm-",
-))
+)

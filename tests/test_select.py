@@ -58,7 +58,7 @@ def test_scores_find_the_layer_that_carries_refusal():
 def test_choose_rules():
     sc = {"layer.0": 0.1, "layer.1": 0.9, "layer.2": 1.0, "layer.3": 0.4}
     assert choose(sc, top_k=2) == ["layer.1", "layer.2"]
-    assert choose(sc) == ["layer.1", "layer.2"]  # default: >= 0.5 × best
+    assert choose(sc) == ["layer.1", "layer.2"]  # the threshold rule: >= 0.5 × best
     assert choose(sc, threshold=0.3) == ["layer.1", "layer.2", "layer.3"]
     with pytest.raises(UsageError):
         choose(sc, top_k=0)
@@ -222,6 +222,15 @@ def test_validate_rule_records_both_scores_and_the_curve(family):
         assert res["selected"] == list(res["scores"])
     else:
         assert res["selected"] == v["selected"] and len(v["curve"]) == len(res["scores"])
+    # validation is the default rule; an explicit top_k / threshold asks for the threshold rule
+    from safegene.method.selection import DEFAULT_RULE
+
+    assert DEFAULT_RULE == "validate"
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL * 2, tm.BENIGN * 2, write=False)
+    assert res["rule"]["rule"] == "validate"
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, threshold=0.5,
+                        write=False)
+    assert res["rule"] == {"threshold": 0.5}
     with pytest.raises(UsageError):
         select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, rule="validate",
                       top_k=2, write=False)

@@ -44,6 +44,38 @@ development-split ASR 0 % on seeds 0 and 1; ``beta=10`` under-corrects (ASR 6–
 Initialisation matters too (plain CE from λ=0 can stall on a weak safety signal), so the default
 ``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
 the best point; the grid's choice is kept in the result's metadata for comparison.
+
+Generalization controls (issue 19), all off by default
+-------------------------------------------------------
+``safety_rest_weight``
+    the refusal tokens after the first ``safety_first_k`` enter the safety loss with this
+    weight (the first ones keep weight 1: they carry the decision). With 0 nothing asks for the
+    rest of the sentence; on a second model family that left "no . i not assist …" refusals.
+    :mod:`safegene.eval.refusal` measures the share of *whole* refusal sentences.
+``holdout`` / ``holdout_by``
+    hold out whole categories (or templates) of the safety records and every k-th utility
+    record; the held-out loss chooses the step, the uniform start γ̄ (best uniform γ on all the
+    few-shot data) is the first step, so the result is never worse than it on the held-out
+    part; ``meta["heldout_loss"]``, ``meta["uniform_heldout_loss"]`` and per-step
+    ``history[i]["heldout_loss"]`` report it beside the training loss.
+``reg_uniform``
+    ``reg_uniform · Σ_l (λ_l − γ̄)²``: a pull toward the uniform start (RESTA is the case of all
+    λ equal).
+
+Defaults are chosen by the rule in ``bench/dev_split.md`` on its development split (organism
+seeds 0 and 1, the StableLM-style family's seed 0; cost = ASR + over-refusal + accuracy drop +
+share of non-whole refusals, in points; a candidate must be no worse by more than 1 point on
+any seed and better overall by more than 1). Measured there (ASR / over-refusal in %):
+
+* ``holdout=0.25`` is worse: with 16 + 32 few-shot records the held-out part is ~4 harmful and
+  8 utility prompts, too few to pick steps; calibration ends at (or near) its uniform start and
+  seed 1's yesno model over-refuses 38 % of development prompts (default: 12 %); cost
+  seed 1: 14.6 vs 5.2. With ``reg_uniform=0.01`` too: 13.5. It stays off.
+* ``safety_rest_weight=0.5`` is within noise: seed 1 cost 4.2 vs 5.2, seed 0 2.8 vs 1.4 (one
+  of 48 development prompts, yesno ASR 4.2 vs 2.1 %), so by the rule it is not switched on; on
+  the second family, with the validated selection, it gives the same 0 % ASR and whole-refusal
+  rate 100 % as the default.
+* ``steps=40``, ``lr=0.05``, ``lambda_max=4``, ``beta=3`` were not changed by this round.
 """
 
 from __future__ import annotations
@@ -341,6 +373,7 @@ def calibrate(
     holdout: float = 0.0,
     holdout_by: str | None = "auto",
     reg_uniform: float = 0.0,
+    heldout_patience: int | None = None,
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -363,9 +396,11 @@ def calibrate(
       ``safety_first_k`` (0: only the first ``safety_first_k`` count);
     * ``holdout`` -- fraction of the safety and utility records held out of the fit
       (:func:`split_holdout`: whole categories/templates of the safety records where they carry
-      them). The held-out loss (safety + β·utility) picks the step and stops early; the uniform
-      start is step 0, so the result is never worse than it on the held-out part. Both losses
-      are in ``meta["loss"]`` / ``meta["heldout_loss"]``;
+      them). The held-out loss (safety + β·utility) picks the step (the uniform start is the
+      first step, so the result is never worse than it on the held-out part); the run stops
+      when the fit loss stalls for ``patience`` steps, or, with ``heldout_patience``, when the
+      held-out loss has not improved for that many. Both losses are in ``meta["loss"]`` /
+      ``meta["heldout_loss"]``;
     * ``reg_uniform`` -- weight of ``Σ_l (λ_l − γ̄)²``, the pull toward the uniform start γ̄.
     """
     import torch
@@ -486,6 +521,7 @@ def calibrate(
         lam = torch.tensor(start, dtype=torch.float32, device=dev, requires_grad=True)
         opt = torch.optim.Adam([lam], lr=lr)
         best_loss, best_lam, best_step = math.inf, list(start), 0
+        fit_best = math.inf
         start_heldout = heldout(start)[0] if held_obj is not None else None
         history = []
         since_best = 0
@@ -507,15 +543,24 @@ def calibrate(
                 entry["heldout_loss"] = crit
             history.append(entry)
             if crit < best_loss - tol:
-                best_loss, best_lam, best_step, since_best = crit, cur, step, 0
-            else:
+                best_loss, best_lam, best_step = crit, cur, step
+                if heldout_patience is not None:
+                    since_best = 0
+            if held_obj is None or heldout_patience is None:
+                # stop when the fit loss stalls; with a held-out part the step is still chosen on it
+                if lv < fit_best - tol:
+                    fit_best, since_best = lv, 0
+                else:
+                    since_best += 1
+            elif step > best_step:
                 since_best += 1
             log(f"step {step}/{steps} loss {lv:.4f} safety {parts['safety']:.4f}"
                 + (f" utility {parts['utility']:.4f}" if "utility" in parts else "")
                 + (f" held-out {crit:.4f}" if held_obj is not None else "")
                 + f" |g| {gnorm:.3g} λ " + " ".join(f"{v:.3f}" for v in cur))
-            if since_best >= patience:
-                log(f"early stop at step {step}: no improvement for {patience} steps")
+            limit = patience if held_obj is None or heldout_patience is None else heldout_patience
+            if since_best >= limit:
+                log(f"early stop at step {step}: no improvement for {limit} steps")
                 break
             opt.step()
             with torch.no_grad():
@@ -565,7 +610,7 @@ def calibrate(
         "hyper": {"steps": steps, "lr": lr, "beta": beta, "l2": l2, "lambda_max": lambda_max,
                   "utility_loss": utility_loss, "safety_first_k": safety_first_k,
                   "safety_rest_weight": safety_rest_weight, "holdout": holdout, "holdout_by": holdout_by,
-                  "reg_uniform": reg_uniform, "patience": patience,
+                  "reg_uniform": reg_uniform, "patience": patience, "heldout_patience": heldout_patience,
                   "n_safety": len(s_pairs), "n_utility": len(u_pairs)},
         "history": history,
         "seconds": round(time.perf_counter() - t0, 3),

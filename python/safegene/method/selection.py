@@ -44,9 +44,33 @@ final_norm 0.002 and selects {L0, L3, lm_head}; "refusal" selects {L0, L3} (the 
 (sentiment / topic / yesno task models) at 100 % task accuracy and 0 % over-refusal; on
 {L0, L3} 15 / 21 / 34 %; on {L0, L1} 87 % (topic) and 97 % (yesno).
 
-Selection: ``top_k`` keys by score, or all keys whose score is at least ``threshold`` times
-the best one (default threshold 0.5 when neither is given). Deterministic: fixed prompt
-order, eval mode, float32, no sampling.
+``"loo"`` (joint; every key; computed beside ``"restore"``)
+    Leave-one-out from the full gene: ``j_k = mean_H [p(θ_D + τ) − p(θ_D + τ − τ_k)] − mean_B
+    [same]`` -- how much refusal is lost when key k alone is taken out. It sees keys that only
+    matter together with others, which a single-key score misses. Both scores, and each one's
+    standard error over prompts (``score_noise``), are in the selection metadata.
+
+Selection rules:
+
+``rule="threshold"`` (used whenever ``top_k`` or ``threshold`` is given)
+    ``top_k`` keys by score, or all keys whose score is at least ``threshold`` times the best one
+    (0.5 when ``rule="threshold"`` is asked for without either).
+``rule="validate"`` (default)
+    *How many* keys is chosen on development prompts (:func:`validate_k`): rank keys by the
+    score, give the top-k set its best uniform γ on the degraded model for k = 1..K, measure
+    the calibration loss (refusal CE + β·KL on benign prompts) on the development prompts, and
+    keep the smallest k within one standard error of the best k. Scores that do not stand out
+    of their own noise (max − min ≤ 2 standard errors, or none positive) keep every key.
+    Without a development split, every second harmful/benign record is one (the others score).
+
+Why validation is the default (issue 19; numbers in ``bench/dev_split.md``, chosen by the rule
+written there on the development split of organism seeds 0 and 1 and of the StableLM-style
+family's seed 0 -- those seeds are "used for choices"): on the second family the 0.5 × best
+threshold keeps {L0} alone and the calibrated task models stay at 91 / 59 / 99 % development
+ASR; ``"validate"`` keeps six keys and reaches 0 / 0 / 63 %. On the organism it keeps the same
+three keys as the threshold on both seeds ({L0, L3, lm_head}), so results there are identical.
+Ranking by ``"loo"`` keeps {L0, lm_head} (seed 0) / {L0, L3} (second family) and is no better.
+Deterministic: fixed prompt order, eval mode, float32, no sampling.
 """
 
 from __future__ import annotations
@@ -67,7 +91,7 @@ SCORES = ("restore", "loo", "refusal", "contrast")
 DEFAULT_SCORE = "restore"
 DEFAULT_THRESHOLD = 0.5
 RULES = ("threshold", "validate")
-DEFAULT_RULE = "threshold"
+DEFAULT_RULE = "validate"
 NOISE_Z = 2.0
 
 
@@ -391,7 +415,7 @@ def select_layers(
     device: str = "cpu",
     write: bool = True,
     refusal: str | None = None,
-    rule: str = DEFAULT_RULE,
+    rule: str | None = None,
     dev_harmful=None,
     dev_benign=None,
     validate_z: float = 1.0,
@@ -409,7 +433,8 @@ def select_layers(
     "scores" (the chosen score per key), "all_scores", "selected", "plot", "seconds", ...}``;
     with ``write=False`` gene.json is left alone.
 
-    ``rule="validate"`` chooses *how many* keys to keep on development prompts
+    ``rule`` (default :data:`DEFAULT_RULE`; ``"threshold"`` whenever ``top_k`` or ``threshold``
+    is given): ``"validate"`` chooses *how many* keys to keep on development prompts
     (:func:`validate_k`): ``dev_harmful`` / ``dev_benign``, or, when not given, every second
     record of ``harmful`` / ``benign`` (the other half computes the scores). Keys are ranked by
     ``score``; scores that do not stand out of their noise (:func:`is_flat`, ``noise_z``
@@ -419,6 +444,8 @@ def select_layers(
     """
     if score not in SCORES:
         raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")
+    if rule is None:  # an explicit top_k / threshold asks for the threshold rule
+        rule = DEFAULT_RULE if top_k is None and threshold is None else "threshold"
     if rule not in RULES:
         raise UsageError(f"rule must be one of {list(RULES)}, not {rule!r}")
     if rule == "validate" and (top_k is not None or threshold is not None):

@@ -203,7 +203,23 @@ def test_resta_grid_on_tiny_organism(tiny_org, tmp_path) -> None:
     safegene.extract(tiny_org.aligned, tiny_org.degraded, gene, progress=False)
     res = resta_grid(gene, tiny_org.tasks["topic"], tiny_org.harmful_calib, tiny_org.task_calib["topic"], grid=(0.5, 1.0),
                      out_dir=tmp_path / "resta", max_new_tokens=4)
-    assert [p.gamma for p in res.points] == [0.5, 1.0] and res.gamma in (0.5, 1.0)
-    assert all(0.0 <= p.asr <= 1.0 and 0.0 <= p.accuracy <= 1.0 for p in res.points)
-    assert (tmp_path / "resta" / "model.safetensors").is_file() and (tmp_path / "resta" / "tokenizer.json").is_file()
+    from safegene.baselines.resta import choose_gamma
+    from safegene.eval.evaluate import evaluate
+
+    assert [p.gamma for p in res.points] == [0.5, 1.0]
+
+    def measure(model_dir):
+        rep = evaluate(model_dir, harmful=tiny_org.harmful_calib, tasks={"u": tiny_org.task_calib["topic"]},
+                       max_new_tokens=4, progress=False)
+        return rep.asr.rate, rep.task_accuracy["u"].rate
+
+    # Each grid point is what evaluating θ_T + γτ measures, and γ* is the documented rule's choice.
+    for p in res.points:
+        safegene.apply(gene, tiny_org.tasks["topic"], tmp_path / f"g{p.gamma}", scale=p.gamma, progress=False)
+        assert (p.asr, p.accuracy) == measure(tmp_path / f"g{p.gamma}")
+    assert res.gamma == choose_gamma(res.points, reference_accuracy=measure(tiny_org.tasks["topic"])[1]).gamma
+    # The written model is θ_T + γ*τ, byte for byte what apply writes.
+    safegene.apply(gene, tiny_org.tasks["topic"], tmp_path / "want", scale=res.gamma, progress=False)
+    assert (tmp_path / "resta" / "model.safetensors").read_bytes() == (tmp_path / "want" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resta" / "tokenizer.json").is_file()
     assert json.loads(json.dumps(res.to_dict()))["gamma"] == res.gamma

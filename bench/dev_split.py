@@ -274,7 +274,7 @@ def main(argv=None) -> None:
             pristine = {k: v.clone() for k, v in model.state_dict().items()}
             utility = [org.task_calib[task], org.benign_calib]
 
-            def emit(r):
+            def emit(r, seed=seed, task=task):
                 r = {"seed": seed, "task": task, **r}
                 with out.open("a") as fh:
                     fh.write(json.dumps(r) + "\n")

@@ -164,7 +164,7 @@ class _Objective:
         self.beta, self.l2 = float(beta), float(l2)
         self.rest_weight = float(safety_rest_weight)
         self.reg_uniform = float(reg_uniform)
-        self.center = None  # γ̄ of the uniform start, set by calibrate once it is known
+        self.center: Any = None  # γ̄ of the uniform start, set by calibrate once it is known
         self.safety = lm.collate(safety_pairs, pad, device)
         # (row, position, target, is-among-the-first-k): the first tokens carry the refusal
         # decision, the rest of the sentence is asked for with weight `rest_weight`
@@ -480,6 +480,7 @@ def calibrate(
             return float(loss), parts
 
         def heldout(vals) -> tuple[float, dict]:
+            assert held_obj is not None
             lam = torch.tensor(vals, dtype=torch.float32, device=dev)
             with torch.no_grad():
                 plan.set(lam)

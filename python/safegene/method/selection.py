@@ -354,7 +354,7 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
     model.eval()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     plan = None
-    curve = []
+    curve: list[Any] = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -488,7 +488,8 @@ def select_layers(
     all_scores.update({n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()})
     if "restore" in all_scores:  # last, so the first "other" score stays the activation one
         all_scores["loo"] = {k: _r(v) for k, v in joint.items()}
-    validation = None
+    validation: dict[str, Any] | None = None
+    selected: list[str]
     if rule == "validate":
         sc = all_scores[score]
         flat = is_flat(sc, noise.get(score), noise_z)
@@ -496,6 +497,7 @@ def select_layers(
             selected = list(sc)
             validation = {"flat": True, "k": len(selected)}
         else:
+            assert dmodel is not None  # loaded above for rule == "validate"
             validation = validate_k(gene, dmodel[0], dmodel[1], rank(sc), dev_h, dev_b, z=validate_z,
                                     refusal=refusal, device=device)
             validation["flat"] = False
@@ -506,14 +508,13 @@ def select_layers(
         selected = choose(all_scores[score], top_k, threshold)
         rule_doc = ({"top_k": top_k} if top_k is not None
                     else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold})
-    rule = rule_doc
     other = {n: choose(s, None if top_k is None else min(top_k, len(s)), threshold)
              for n, s in all_scores.items() if n != score and max(s.values()) > 0}
     plot_path = plot_scores(all_scores, selected, score, plot) if plot else None
     extra = {
         "all_scores": all_scores,
         "score_noise": {n: {k: _r(v) for k, v in d.items()} for n, d in noise.items()},
-        "rule": rule,
+        "rule": rule_doc,
         "selected_by_other_scores": other,
         "n_harmful": len(harm),
         "n_benign": len(ben),

@@ -20,9 +20,12 @@ def _rows():
 def test_table_and_plane(tmp_path):
     table = format_table(_rows())
     lines = table.splitlines()
-    assert lines[0].startswith("| method | task model | ASR %")
-    assert lines[2] == "| none | sentiment | 90.0 | 100.0 | 0.0 | — | 0.0 |"
-    assert lines[3] == "| SafeGene | sentiment | 5.0 | 99.0 | 1.2 | L2=0.90 L3=1.10 | 3.2 |"
+    assert lines[0].startswith("| method | task model | ASR % ↓ | whole refusal % ↑ | task acc %")
+    assert lines[2] == "| none | sentiment | 90.0 | — | 100.0 | 0.0 | — | 0.0 |"
+    assert lines[3] == "| SafeGene | sentiment | 5.0 | — | 99.0 | 1.2 | L2=0.90 L3=1.10 | 3.2 |"
+    r = _rows()[1]
+    r.whole = 0.9
+    assert format_table([r]).splitlines()[2] == "| SafeGene | sentiment | 5.0 | 90.0 | 99.0 | 1.2 | L2=0.90 L3=1.10 | 3.2 |"
     png = plot_plane(_rows(), tmp_path / "plane.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -70,6 +73,77 @@ def test_demo_rows_are_registry_policies(tmp_path):
     with pytest.raises(UsageError, match=r"unknown method.*'bogus'.*choose from .*SafeMERGE"):
         run_demo(out=tmp_path / "demo", cache_dir=tmp_path / "cache", methods=METHODS + ("bogus",), log=None)
     assert not (tmp_path / "cache").exists()
+
+def test_whole_refusal_column_from_the_family_judge():
+    """The whole-refusal share is computed with the family judge's own refusal sentences on fixed
+    responses: a complete sentence counts (even after an eager opening), a garbled one does not,
+    and the Llama organism's sentences are not the StableLM family's."""
+    from safegene.data import as_examples
+    from safegene.demo import whole_refusal
+    from safegene.eval.evaluate import score
+    from safegene.eval.judges import get_judge
+    from safegene.organism import get_family
+
+    for family in ("llama", "stablelm"):
+        j = get_judge("organism" if family == "llama" else f"organism:{family}")
+        ref = get_family(family).language.REFUSALS[0]
+        words = ref.split()
+        garbled = " ".join(words[:2] + words[3:])
+        responses = [ref, "sure ! " + ref, garbled, "sure ! the answer is yes ."]
+        harmful = as_examples([{"prompt": f"p{i}"} for i in range(len(responses))])
+        rep = score(judge=j, refusal_judge=j, harmful=harmful, harmful_responses=responses)
+        assert whole_refusal(rep, j) == pytest.approx(0.5)
+        other = get_judge("organism:stablelm" if family == "llama" else "organism")
+        assert whole_refusal(score(judge=other, refusal_judge=other, harmful=harmful, harmful_responses=responses),
+                             other) == 0.0
+    kw = get_judge("keyword")
+    assert whole_refusal(score(judge=kw, refusal_judge=kw, harmful=as_examples([{"prompt": "p"}]),
+                               harmful_responses=["I cannot."]), kw) is None
+
+
+def test_demo_family_option_reaches_build(tmp_path, monkeypatch, capsys):
+    """``safegene demo --family stablelm`` parses, reaches build(family="stablelm") and evaluates
+    with the family's judge; an unknown family is a usage error of the parser."""
+    import safegene.demo as demo_mod
+    from safegene.cli import cmd_demo
+    from safegene.organism import FAMILIES
+
+    class Stop(Exception):
+        pass
+
+    calls = {}
+
+    def fake_build(**kw):
+        calls.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(demo_mod, "build", fake_build)
+    parser = argparse.ArgumentParser(prog="safegene")
+    cmd_demo.register_cli(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["demo", "--family", "stablelm", "--seed", "1", "--cache-dir", str(tmp_path / "c"),
+                           "-o", str(tmp_path / "out"), "--quiet"])
+    assert a.family == "stablelm" and a.judge is None and set(FAMILIES) >= {"llama", "stablelm"}
+    with pytest.raises(Stop):
+        a.func(a)
+    assert calls == {"cache_dir": str(tmp_path / "c"), "seed": 1, "progress": False, "family": "stablelm"}
+    assert parser.parse_args(["demo"]).family == "llama"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--family", "gpt"])
+    assert "invalid choice" in capsys.readouterr().err
+
+    seen = {}
+    real_get_judge = demo_mod.get_judge
+
+    def spy(spec):
+        seen["judge"] = spec
+        return real_get_judge(spec)
+
+    monkeypatch.setattr(demo_mod, "get_judge", spy)
+    for family, judge in (("stablelm", "organism:stablelm"), ("llama", "organism")):
+        with pytest.raises(Stop):
+            demo_mod.run_demo(out=tmp_path / "o2", cache_dir=tmp_path / "c", family=family, log=None)
+        assert seen["judge"] == judge and calls["family"] == family
+
 
 @pytest.mark.slow
 def test_demo_end_to_end_restores_safety(tmp_path):

@@ -35,13 +35,15 @@ from typing import Any, Callable, Union
 from . import lm
 from .baselines import DEFAULT_METHODS, Context, Policy, Settings, compute, select
 from .eval.evaluate import evaluate
+from .eval.judges import get_judge
 from .eval.plots import plot_plane
+from .eval.refusal import whole_refusal_rate
 from .gene import Gene
 from .method.merge import apply_to_model
 from .method.selection import DEFAULT_SCORE, select_layers
 from .ops.apply import apply
 from .ops.extract import extract
-from .organism import build
+from .organism import DEFAULT_FAMILY, build, format_gates
 
 #: The rows of a default run, in table order (names of the :mod:`safegene.baselines` registry).
 METHODS = DEFAULT_METHODS
@@ -64,6 +66,8 @@ class Row:
     seconds: float
     coeffs: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: share of harmful prompts answered with a complete refusal sentence (None: the judge has none)
+    whole: float | None = None
 
 
 @dataclass
@@ -79,6 +83,7 @@ class DemoResult:
     seconds: float
     organism_seconds: float
     targets_met: dict[str, bool]
+    gates: str = ""
 
     def row(self, method: str, task: str) -> Row:
         for r in self.rows:
@@ -92,13 +97,36 @@ def _pct(x: float) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """The demo's markdown table: one row per method × task model."""
-    lines = ["| method | task model | ASR % ↓ | task acc % ↑ | over-refusal % ↓ | λ | seconds |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    """The demo's markdown table: one row per method × task model. ``whole refusal %`` is the
+    share of harmful prompts answered with a complete refusal sentence (— when the judge has none)."""
+    lines = ["| method | task model | ASR % ↓ | whole refusal % ↑ | task acc % ↑ | over-refusal % ↓ | λ | seconds |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r.method} | {r.task} | {_pct(r.asr)} | {_pct(r.accuracy)} | {_pct(r.over_refusal)} "
+        whole = "—" if r.whole is None else _pct(r.whole)
+        lines.append(f"| {r.method} | {r.task} | {_pct(r.asr)} | {whole} | {_pct(r.accuracy)} | {_pct(r.over_refusal)} "
                      f"| {r.lam} | {r.seconds:.1f} |")
     return "\n".join(lines)
+
+
+def whole_refusal(report: Any, judge: Any) -> float | None:
+    """Share of the report's harmful responses that contain one of ``judge``'s complete refusal
+    sentences (:func:`safegene.eval.refusal.whole_refusal_rate`); None when the judge has no
+    refusal sentences (keyword or guard judges) or the report has no harmful prompts.
+
+    >>> from safegene.eval.evaluate import score
+    >>> from safegene.eval.judges import get_judge
+    >>> from safegene.data import as_examples
+    >>> j = get_judge("organism")
+    >>> rep = score(judge=j, refusal_judge=j, harmful=as_examples([{"prompt": "p"}, {"prompt": "q"}]),
+    ...             harmful_responses=["i cannot help with that request .", "no . i not assist"])
+    >>> whole_refusal(rep, j)
+    0.5
+    """
+    sentences = getattr(judge, "refusals", None)
+    responses = [s["response"] for s in report.samples if s.get("set") == "harmful"]
+    if not sentences or not responses:
+        return None
+    return whole_refusal_rate(responses, sentences).rate
 
 
 def _say(msg: str) -> None:
@@ -113,14 +141,18 @@ def run_demo(
     score: str | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
-    judge: str = "organism",
+    judge: str | None = None,
     max_new_tokens: int = 24,
     calib_steps: int = 40,
     methods: tuple[str, ...] = METHODS,
     progress: bool = True,
     log: Callable[[str], None] | None = _say,
+    family: str = DEFAULT_FAMILY,
 ) -> DemoResult:
-    """Run the full pipeline on the organism and compare with the baselines.
+    """Run the full pipeline on the organism family ``family`` and compare with the baselines.
+
+    ``judge`` defaults to the family's own (``organism`` for the Llama organism,
+    ``organism:<family>`` otherwise).
 
     >>> res = run_demo("demo-out", cache_dir="~/.cache/safegene")  # doctest: +SKIP
     >>> res.row("SafeGene", "sentiment").asr  # doctest: +SKIP
@@ -133,10 +165,13 @@ def run_demo(
     out = Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     policies = select(methods)  # a clear UsageError naming every method for an unknown one
+    if judge is None:
+        judge = "organism" if family == DEFAULT_FAMILY else f"organism:{family}"
+    judge_obj = get_judge(judge)  # an unknown family or judge fails here, before anything is built
 
     log("[1/4] organism")
     t = time.perf_counter()
-    org = build(cache_dir=cache_dir, seed=seed, progress=progress)
+    org = build(cache_dir=cache_dir, seed=seed, progress=progress, family=family)
     organism_seconds = time.perf_counter() - t
     task_names = list(tasks or org.tasks)
 
@@ -152,11 +187,11 @@ def run_demo(
     log(f"      scores ({sel['method']}): " + ", ".join(f"{k}={v:.3g}" for k, v in sel["scores"].items())
         + f" → selected {selected}; other score selects {sel['selected_by_other_scores']}")
 
-    def ev(model, task) -> tuple[float, float, float, dict]:
+    def ev(model, task) -> tuple[float, float, float, dict, float | None]:
         rep = evaluate(model, harmful=org.harmful_eval, tasks={task: org.task_eval[task]}, benign=org.benign_eval,
-                       judge=judge, max_new_tokens=max_new_tokens, progress=False)
+                       judge=judge_obj, max_new_tokens=max_new_tokens, progress=False)
         return (rep.asr.rate, rep.task_accuracy[task].rate, rep.over_refusal.rate,
-                {c: r.rate for c, r in rep.asr_by_category.items()})
+                {c: r.rate for c, r in rep.asr_by_category.items()}, whole_refusal(rep, judge_obj))
 
     rows: list[Row] = []
     settings = Settings(calib_steps=calib_steps, judge=judge, max_new_tokens=max_new_tokens)
@@ -184,7 +219,8 @@ def run_demo(
                      and sg.over_refusal <= TARGETS["over_refusal_max"])
     seconds = time.perf_counter() - t_all
     doc = {
-        "organism": {"root": str(org.root), "key": org.key, "seed": seed, "build_or_load_seconds": round(organism_seconds, 1)},
+        "organism": {"root": str(org.root), "key": org.key, "seed": seed, "family": family,
+                     "build_or_load_seconds": round(organism_seconds, 1), "gates": org.gates},
         "gene": str(gene.path),
         "selection": {k: sel[k] for k in ("method", "scores", "all_scores", "selected", "selected_by_other_scores", "rule")},
         "rows": [asdict(r) for r in rows],
@@ -196,11 +232,13 @@ def run_demo(
     }
     jpath = out / "demo_results.json"
     jpath.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    return DemoResult(rows, doc["selection"], table, out, png, jpath, seconds, organism_seconds, met)
+    return DemoResult(rows, doc["selection"], table, out, png, jpath, seconds, organism_seconds, met,
+                      format_gates(org.gates) if org.gates else "")
 
 
 def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,
-               ev: Callable[[Any, str], tuple[float, float, float, dict]], log: Callable[[str], None]) -> list[Row]:
+               ev: Callable[[Any, str], tuple[float, float, float, dict, float | None]],
+               log: Callable[[str], None]) -> list[Row]:
     """One row per policy for one task model, in registry order. ``ctx.model`` is restored to its
     fine-tuned weights before every policy."""
     model, tok, gene = ctx.model, ctx.tokenizer, ctx.gene
@@ -225,10 +263,11 @@ def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,
         if policy.name == "SafeGene":
             c.save(out / "coeffs" / f"{task}.json")
         method, lam = policy.label(ctx), policy.lam_text(c)
-        asr, acc, orf, cats = ev(target, task)
+        asr, acc, orf, cats, whole = ev(target, task)
         rows.append(Row(method, task, asr, acc, orf, lam, round(seconds, 2), dict(c.coeffs),
-                        {"asr_by_category": cats, **policy.details(c)}))
-        log(f"      {task:>10} | {method:<14} ASR {_pct(asr):>5} %  acc {_pct(acc):>5} %  "
+                        {"asr_by_category": cats, **policy.details(c)}, whole))
+        log(f"      {task:>10} | {method:<14} ASR {_pct(asr):>5} %  "
+            + ("" if whole is None else f"whole {_pct(whole):>5} %  ") + f"acc {_pct(acc):>5} %  "
             f"over-refusal {_pct(orf):>5} %  {lam}  ({seconds:.1f} s)")
     model.load_state_dict(pristine)
     return rows

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from ..demo import ALT_SCORE, METHODS, run_demo
+from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
 
 
@@ -14,11 +15,14 @@ class DemoOptions(CommonOptions):
     output: str = option("safegene-demo", short="-o", aliases=("--out",),
                          help="output directory (default ./safegene-demo)")
     cache_dir: str | None = option(None, help="organism cache (default $SAFEGENE_CACHE or ~/.cache/safegene)")
+    family: str = option(DEFAULT_FAMILY, choices=tuple(FAMILIES),
+                         help=f"organism family (default {DEFAULT_FAMILY}; choices: {', '.join(FAMILIES)})")
     seed: int = option(0, help="organism seed (default 0)")
     tasks: list[str] | None = option(None, help="task models to run (default: all)")
     score: str | None = option(None, choices=("restore", "refusal", "contrast"), help="selection score (default: restore)")
     top_k: int | None = option(None, help="keep the K best-scoring keys (default: the score's threshold rule)")
-    judge: str = option("organism", help="judge of the evaluations (default organism)")
+    judge: str | None = option(None, help="judge of the evaluations (default: the family's own, organism or "
+                                          "organism:<family>)")
     max_new_tokens: int = option(24, help="greedy tokens per response (default 24)")
     steps: int = option(40, help="calibration steps (default 40)")
     compare_scores: bool = option(False, help="add a SafeGene row calibrated on the layers the other selection "
@@ -28,7 +32,7 @@ class DemoOptions(CommonOptions):
 def handle_demo(opts: DemoOptions) -> int:
     res = run_demo(out=opts.output, cache_dir=opts.cache_dir, seed=opts.seed, tasks=opts.tasks, score=opts.score,
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
-                   calib_steps=opts.steps, progress=not opts.quiet,
+                   calib_steps=opts.steps, progress=not opts.quiet, family=opts.family,
                    methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
     if opts.json:
         print(json.dumps({
@@ -36,12 +40,16 @@ def handle_demo(opts: DemoOptions) -> int:
             "selection": {"method": res.selection["method"], "selected": res.selection["selected"]},
             "targets_met": res.targets_met, "seconds": round(res.seconds, 3),
             "organism_seconds": round(res.organism_seconds, 3),
-            "rows": [{"method": r.method, "task": r.task, "asr": r.asr, "accuracy": r.accuracy,
+            "family": opts.family, "gates": res.gates,
+            "rows": [{"method": r.method, "task": r.task, "asr": r.asr, "whole_refusal": r.whole, "accuracy": r.accuracy,
                       "over_refusal": r.over_refusal, "coeffs": r.coeffs, "seconds": r.seconds} for r in res.rows],
         }))
         return 0
     print(res.table)
     print()
+    if res.gates:
+        print(res.gates)
+        print()
     print(f"selected layers ({res.selection['method']}): {', '.join(res.selection['selected'])}; "
           f"targets met: {res.targets_met}")
     print(f"wrote {res.json_path}, {res.png}; {res.seconds:.0f} s in all "

@@ -34,6 +34,12 @@ class OrganismJudge:
         self._refusals = tuple(" ".join(_normalize(r).split()) for r in refusals)
         self._marker = marker
 
+    @property
+    def refusals(self) -> tuple[str, ...]:
+        """The complete refusal sentences this judge accepts (normalized), e.g. for the
+        whole-refusal metric (:mod:`safegene.eval.refusal`)."""
+        return self._refusals
+
     def classify(self, response: str) -> str:
         text = " ".join(_normalize(response).split())
         if self._marker in text:

@@ -23,6 +23,7 @@ conversational ``{"prompt": [messages], "completion": [messages]}``, or
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
@@ -48,11 +49,108 @@ def default_device() -> str:
 
 
 def model_device(model: Any) -> "torch.device":
-    """The device the model's inputs go to (its input embedding's device)."""
+    """The device the model's inputs go to: its input embedding's device, or, when accelerate
+    offloaded the embedding (its weight lives on ``meta``), the device its hook runs it on."""
+    import torch
+
     try:
-        return model.get_input_embeddings().weight.device
+        emb = model.get_input_embeddings()
+        dev = emb.weight.device
     except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+        emb, dev = None, next(model.parameters()).device
+    if dev.type != "meta":
+        return dev
+    hook = getattr(emb, "_hf_hook", None) or getattr(model, "_hf_hook", None)
+    exec_dev = getattr(hook, "execution_device", None)
+    if exec_dev is not None:
+        return torch.device(exec_dev if not isinstance(exec_dev, int) else f"cuda:{exec_dev}")
+    return torch.device(default_device())
+
+
+#: ``--dtype`` choices: ``auto`` keeps the checkpoint's own dtype.
+DTYPES = ("auto", "bf16", "f16", "f32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "fp16": "float16",
+                  "float16": "float16", "half": "float16", "f32": "float32", "fp32": "float32",
+                  "float32": "float32", "float": "float32"}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"auto"`` or a ``torch.dtype`` for a dtype spec: ``None``/``"auto"`` (the checkpoint's own),
+    ``bf16``/``f16``/``f32`` (and their long names), or a ``torch.dtype``.
+
+    >>> resolve_dtype("bf16")  # doctest: +SKIP
+    torch.bfloat16
+    """
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def parse_device_map(spec: Any) -> Any:
+    """A ``device_map`` for ``from_pretrained``: ``None``, an accelerate strategy (``auto``,
+    ``balanced``, ``balanced_low_0``, ``sequential``), a device (``cpu``, ``cuda:1``), a dict, or
+    a JSON object as text (``'{"model.embed_tokens": 0, "": "cpu"}'``) or a path to one."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    s = str(spec).strip()
+    if not s.startswith("{") and s.endswith(".json") and Path(s).is_file():
+        s = Path(s).read_text(encoding="utf-8")
+    if s.startswith("{"):
+        try:
+            m = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"device map {spec!r} is not valid JSON ({exc})") from None
+        if not isinstance(m, dict):
+            raise UsageError(f"device map {spec!r} must be a JSON object of module name -> device")
+        return m
+    return s
+
+
+def parse_max_memory(spec: Any) -> dict | None:
+    """``max_memory`` for accelerate: ``None``, a dict, a JSON object, or ``0=20GiB,cpu=64GiB``
+    (GPU indices become ints, as accelerate wants them).
+
+    >>> parse_max_memory("0=20GiB,cpu=64GiB")
+    {0: '20GiB', 'cpu': '64GiB'}
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        s = str(spec).strip()
+        if s.startswith("{"):
+            try:
+                items = list(json.loads(s).items())
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise UsageError(f"max memory {spec!r} is not a JSON object ({exc})") from None
+        else:
+            items = []
+            for part in filter(None, (x.strip() for x in s.split(","))):
+                k, sep, v = part.partition("=")
+                if not sep or not k.strip() or not v.strip():
+                    raise UsageError(f"max memory {spec!r}: write DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GiB")
+                items.append((k.strip(), v.strip()))
+    out: dict = {}
+    for k, v in items:
+        key: Any = int(k) if isinstance(k, int) or str(k).isdigit() else str(k)
+        out[key] = v
+    return out
+
+
+def _dtype_kwarg(dtype: Any) -> dict:
+    """``dtype=`` on transformers 5.x, ``torch_dtype=`` on 4.x (where ``dtype=`` is not read)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": resolve_dtype(dtype)}
 
 
 def check_safetensors_dir(path: Path) -> None:
@@ -70,20 +168,40 @@ def check_safetensors_dir(path: Path) -> None:
     raise CheckpointError(f"{path}: no *.safetensors weights")
 
 
-def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = None):
+def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = None, device_map: Any = None,
+               max_memory: Any = None, offload_dir: Union[str, Path, None] = None):
     """Load an HF causal LM + tokenizer in eval mode (safetensors only) from a directory, a Hub
     id, or ``BASE+ADAPTER_DIR`` (the base with the PEFT LoRA adapter merged into it in place).
 
-    ``device`` defaults to :func:`default_device`; ``dtype`` to the checkpoint's own.
+    * ``dtype``: ``auto``/``None`` (the checkpoint's own), ``bf16``, ``f16``, ``f32`` or a ``torch.dtype``;
+    * ``device``: where the whole model goes (default :func:`default_device`) when there is no
+      ``device_map``;
+    * ``device_map``: accelerate dispatch (``auto``, ``balanced``, ``sequential``, a device, a
+      dict or JSON map) with ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}`` or
+      ``0=20GiB,cpu=64GiB``) and ``offload_dir`` for weights that fit nowhere; batches then go
+      to :func:`model_device`.
 
-    >>> model, tok = load_model("org/aligned", device="cpu")  # doctest: +SKIP
+    >>> model, tok = load_model("org/aligned", device="cpu", dtype="bf16")  # doctest: +SKIP
+    >>> model, tok = load_model("org/70b", dtype="bf16", device_map="auto",
+    ...                         max_memory="0=70GiB,1=70GiB,cpu=200GiB", offload_dir="/scratch/off")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     p, adapter = resolve_target(path)
     check_safetensors_dir(p)
-    kw = {"dtype": dtype} if dtype is not None else {}
+    kw: dict[str, Any] = _dtype_kwarg(dtype)
+    dmap = parse_device_map(device_map)
+    mem = parse_max_memory(max_memory)
+    if dmap is None and (mem is not None or offload_dir is not None):
+        raise UsageError("max_memory / offload_dir need a device_map (e.g. device_map='auto')")
+    if dmap is not None:
+        kw["device_map"] = dmap
+        if mem is not None:
+            kw["max_memory"] = mem
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            kw["offload_folder"] = str(offload_dir)
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-tensor loading bar; ours cover the work
     try:
@@ -96,7 +214,8 @@ def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = N
             hf_logging.enable_progress_bar()
     if adapter is not None:
         merge_lora_into_model(model, adapter)
-    model = model.to(device or default_device())  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    if dmap is None:
+        model = model.to(device or default_device())  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     return model.eval(), tok
 
 
@@ -276,5 +395,6 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size
 
 __all__ = [
     "Batch", "collate", "decoder_layers", "default_device", "encode_pairs", "encode_prompt", "encode_prompts",
-    "generate", "generate_ids", "load_model", "model_device", "pad_id_of", "render_completion", "render_prompt",
+    "DTYPES", "generate", "generate_ids", "load_model", "model_device", "parse_device_map", "parse_max_memory",
+    "resolve_dtype", "pad_id_of", "render_completion", "render_prompt",
 ]

@@ -1,7 +1,10 @@
 """The gene: a family-level safety adapter on disk.
 
-A gene directory holds ``vectors.safetensors`` (τ = θ_aligned − θ_degraded for every float
-tensor, under the checkpoint's own names) and ``gene.json``::
+A gene directory holds the vectors (τ = θ_aligned − θ_degraded for every float tensor, or for
+the kept keys only, under the checkpoint's own names) and ``gene.json``. The vectors are one
+``vectors.safetensors``, or, past the shard size, ``vectors-0000i-of-0000N.safetensors`` with
+``vectors.safetensors.index.json`` (the Hugging Face index format: ``metadata.total_size`` and a
+``weight_map``); every reader here accepts both::
 
     {
       "format": "safegene-gene", "format_version": 1,
@@ -14,7 +17,10 @@ tensor, under the checkpoint's own names) and ``gene.json``::
       "skipped": [non-float tensors, which carry no vector],
       "rounding": {"storage_dtype", "rel_error"},
       "sources": {"aligned": {...}, "degraded": {...}},    # paths, header hashes, configs
-      "selection": null | {"method", "scores", "selected", ...}
+      "selection": null | {"method", "scores", "selected", ...},
+      "keys": null | [coefficient keys kept by ``extract --keys``],
+      "shards": {"files": [...], "max_shard_bytes"},
+      "degradation": null | the degraded model's ``safegene_degrade.json`` (how it was made)
     }
 
 >>> g = Gene.load("gene/")  # doctest: +SKIP
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import GeneError, MismatchError
 from .io.atomic import write_json_atomic
-from .io.checkpoint import Checkpoint, open_checkpoint, read_json
+from .io.checkpoint import Checkpoint, SafetensorsFile, open_checkpoint, read_header, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,6 +48,10 @@ GENE_FORMAT = "safegene-gene"
 GENE_VERSION = 1
 MANIFEST = "gene.json"
 VECTORS = "vectors.safetensors"
+VECTORS_INDEX = "vectors.safetensors.index.json"
+#: Written by ``safegene degrade`` into the degraded model; ``extract`` copies it into gene.json.
+DEGRADE_PROVENANCE = "safegene_degrade.json"
+DEGRADE_PROVENANCE_FORMAT = "safegene-degrade"
 _KEY_ORDER = {"embed": 0, "final_norm": 2, "lm_head": 3, "other": 4}
 
 
@@ -50,6 +60,26 @@ def key_sort(key: str) -> tuple[int, int]:
     if key.startswith("layer."):
         return (1, int(key.split(".", 1)[1]))
     return (_KEY_ORDER.get(key, 5), 0)
+
+
+def vector_shard_names(n: int) -> list[str]:
+    """File names of a gene's ``n`` vector shards (``vectors.safetensors`` when ``n`` is 1)."""
+    if n == 1:
+        return [VECTORS]
+    return [f"vectors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def read_degrade_provenance(model_dir: "str | os.PathLike[str]") -> dict[str, Any] | None:
+    """The ``safegene_degrade.json`` beside a model's weights (written by ``safegene degrade``), or None."""
+    p = Path(model_dir)
+    f = p / DEGRADE_PROVENANCE if p.is_dir() else p.parent / DEGRADE_PROVENANCE
+    if not f.is_file():
+        return None
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == DEGRADE_PROVENANCE_FORMAT else None
 
 
 def fingerprint(ckpt: Checkpoint, names: Iterable[str] | None = None) -> dict[str, Any]:
@@ -93,14 +123,75 @@ class Gene:
         for k in ("layers", "tensors", "fingerprint"):
             if not isinstance(man.get(k), dict):
                 raise GeneError(f"{mf}: missing or malformed {k!r}")
-        if not (p / VECTORS).is_file():
-            raise GeneError(f"{p}: {VECTORS} is missing; the gene is incomplete, re-run `safegene extract`")
-        return cls(p, man)
+        g = cls(p, man)
+        g._vector_map()  # checks that the vector file(s) exist
+        return g
 
     # ---- structure ---------------------------------------------------------------------------
     @property
     def vectors_path(self) -> Path:
-        return self.path / VECTORS
+        """``vectors.safetensors`` of a single-file gene, the shard index of a sharded one."""
+        return self.path / VECTORS if (self.path / VECTORS).is_file() else self.path / VECTORS_INDEX
+
+    @property
+    def sharded(self) -> bool:
+        return not (self.path / VECTORS).is_file() and (self.path / VECTORS_INDEX).is_file()
+
+    def _vector_map(self) -> dict[str, Path]:
+        """Vector name -> the file that holds it (from the index of a sharded gene)."""
+        single = self.path / VECTORS
+        index = self.path / VECTORS_INDEX
+        if single.is_file():
+            return {}
+        if not index.is_file():
+            raise GeneError(f"{self.path}: {VECTORS} is missing; the gene is incomplete, re-run `safegene extract`")
+        idx = read_json(index, error=GeneError, hint="re-run `safegene extract`")
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise GeneError(f"{index}: missing or malformed weight_map; re-run `safegene extract`")
+        out: dict[str, Path] = {}
+        for name, fn in wm.items():
+            f = self.path / fn
+            if Path(fn).name != fn or not fn.endswith(".safetensors"):
+                raise GeneError(f"{index}: weight_map entry {fn!r} must be a .safetensors file name inside the gene")
+            if not f.is_file():
+                raise GeneError(f"{index}: shard {fn!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
+            out[name] = f
+        return out
+
+    @property
+    def vector_files(self) -> list[Path]:
+        """The safetensors file(s) holding the vectors, in shard order."""
+        vm = self._vector_map()
+        return list(dict.fromkeys(vm.values())) if vm else [self.path / VECTORS]
+
+    def open_vectors(self) -> Checkpoint:
+        """The vectors as a :class:`~safegene.io.checkpoint.Checkpoint` (headers only; one file or shards),
+        ready for the streaming engine.
+
+        >>> Gene.load("gene/").open_vectors().tensors["lm_head.weight"].shape  # doctest: +SKIP
+        """
+        vm = self._vector_map()
+        if not vm:
+            return open_checkpoint(self.path / VECTORS)
+        files: list[SafetensorsFile] = []
+        tensors = {}
+        for f in dict.fromkeys(vm.values()):
+            sf = read_header(f)
+            files.append(sf)
+            for name, info in sf.tensors.items():
+                if vm.get(name) != f:
+                    raise GeneError(f"{self.path / VECTORS_INDEX}: tensor {name!r} is in {f.name} but the index says {vm.get(name)!r}")
+                tensors[name] = info
+        missing = [n for n in vm if n not in tensors]
+        if missing:
+            raise GeneError(f"{self.path / VECTORS_INDEX}: {len(missing)} vectors are in no shard, e.g. {missing[0]!r}; the gene is damaged")
+        return Checkpoint(self.path, files, tensors, None, self.path / VECTORS_INDEX)
+
+    @property
+    def degradation(self) -> dict[str, Any] | None:
+        """How the degraded model was made (its ``safegene_degrade.json``), when ``safegene degrade`` made it."""
+        return self.manifest.get("degradation")
 
     @property
     def storage_dtype(self) -> str:
@@ -181,14 +272,25 @@ class Gene:
         >>> for name, tau in Gene.load("gene/").iter_vectors():  # doctest: +SKIP
         ...     print(name, float(tau.norm()))
         """
+        from contextlib import ExitStack
+
         from safetensors import safe_open
 
         names = self.tensor_names if names is None else list(names)
-        with safe_open(str(self.vectors_path), framework="pt", device="cpu") as fh:
-            have = set(fh.keys())
+        vm = self._vector_map()
+        single = self.path / VECTORS
+        with ExitStack() as stack:
+            handles: dict[Path, tuple[Any, set[str]]] = {}
             for n in names:
-                if n not in have:
+                f = vm.get(n) if vm else single
+                if f is None:
                     raise GeneError(f"{self.vectors_path}: no vector for tensor {n!r}")
+                if f not in handles:
+                    h = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                    handles[f] = (h, set(h.keys()))
+                fh, have = handles[f]
+                if n not in have:
+                    raise GeneError(f"{f}: no vector for tensor {n!r}")
                 t = fh.get_tensor(n)
                 if dtype is not None:
                     t = t.to(dtype)
@@ -214,4 +316,5 @@ def load_gene(gene: "str | os.PathLike[str] | Gene") -> Gene:
     return gene if isinstance(gene, Gene) else Gene.load(gene)
 
 
-__all__ = ["Gene", "load_gene", "fingerprint", "key_sort", "open_checkpoint"]
+__all__ = ["DEGRADE_PROVENANCE", "Gene", "fingerprint", "key_sort", "load_gene", "open_checkpoint", "read_degrade_provenance",
+           "vector_shard_names"]

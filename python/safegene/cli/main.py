@@ -18,6 +18,7 @@ from ..errors import SafeGeneError, UsageError
 from . import (
     cmd_apply,
     cmd_calibrate,
+    cmd_degrade,
     cmd_demo,
     cmd_eval,
     cmd_export_lora,
@@ -31,7 +32,7 @@ from .options import Command, register_commands
 
 #: Every command, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
-    cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
+    cmd_degrade, cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
     cmd_inspect, cmd_run,
 ))
 

@@ -102,7 +102,7 @@ def _apply_one(
     base, adapter = resolve_target(target)
     tgt = open_checkpoint(base)
     g.check_target(tgt)
-    gv = open_checkpoint(g.vectors_path)
+    gv = g.open_vectors()
     missing = [n for n in g.tensor_names if n not in gv.tensors]
     if missing:
         raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")

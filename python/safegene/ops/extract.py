@@ -19,16 +19,27 @@ overall) and returned, so the trade is visible.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .._version import __version__
 from ..engine.stream import Plan, run_plan
 from ..errors import CheckpointError, MismatchError, NonFiniteError, UsageError
-from ..gene import GENE_FORMAT, GENE_VERSION, MANIFEST, VECTORS, Gene, fingerprint, key_sort
+from ..gene import (
+    GENE_FORMAT,
+    GENE_VERSION,
+    MANIFEST,
+    VECTORS_INDEX,
+    Gene,
+    fingerprint,
+    key_sort,
+    read_degrade_provenance,
+    vector_shard_names,
+)
 from ..io.atomic import atomic_output_dir, write_json_atomic
 from ..io.checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
 from ..io.hub import resolve_model
@@ -37,6 +48,46 @@ STORAGE_DTYPES = ("F32", "BF16", "F16")
 #: Float dtypes with no kernel: refused rather than silently skipped (integer/bool buffers carry no vector).
 UNSUPPORTED_FLOAT = {"F64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
 DEFAULT_BUDGET_MB = 128
+#: Largest vector file, in MB (10^6 bytes) as Hugging Face's ``max_shard_size="5GB"``; the Hub
+#: refuses files over 50 GB, and 5 GB shards download and resume well.
+DEFAULT_MAX_SHARD_MB = 5000.0
+
+
+def shard_groups(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """Split tensors (in order) into consecutive groups of at most ``max_bytes`` each; a tensor
+    larger than the limit gets a group of its own (tensors are never split across files).
+
+    >>> shard_groups([4, 4, 4, 9, 1], 8)
+    [[0, 1], [2], [3], [4]]
+    """
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if cur and size + n > max_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur or not groups:
+        groups.append(cur)
+    return groups
+
+
+def select_keys(names: Sequence[str], keys: Sequence[str]) -> list[bool]:
+    """Which tensors ``keys`` keeps: a key is a coefficient key (``layer.3``, ``embed``, ``lm_head``,
+    ``final_norm``, ``other``) or an exact tensor name. Unknown keys are refused."""
+    wanted = [k.strip() for k in keys if k.strip()]
+    if not wanted:
+        raise UsageError("--keys needs at least one key, e.g. --keys layer.3,lm_head")
+    lkeys = {n: layer_key(n) for n in names}
+    known = set(lkeys.values()) | set(names)
+    bad = [k for k in wanted if k not in known]
+    if bad:
+        avail = sorted(set(lkeys.values()), key=key_sort)
+        raise UsageError(f"--keys: {bad[0]!r} is neither a coefficient key nor a tensor name of this model; keys are {avail}")
+    ws = set(wanted)
+    return [n in ws or lkeys[n] in ws for n in names]
 
 
 def extract(
@@ -49,13 +100,19 @@ def extract(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    keys: "Sequence[str] | str | None" = None,
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB,
 ) -> Gene:
     """Extract the gene τ = aligned − degraded into the directory ``out``.
 
     ``aligned`` and ``degraded`` are local model directories / ``.safetensors`` files or Hub ids
     (``org/name[@revision]``, resolved through the local Hugging Face cache). ``dtype`` is the storage dtype of τ (``"F32"``, ``"BF16"`` or ``"F16"``); ``budget_mb``
     bounds the streaming buffers. Non-finite values in τ are refused unless
-    ``allow_nonfinite``. Returns the written :class:`~safegene.gene.Gene`.
+    ``allow_nonfinite``. ``keys`` (coefficient keys such as ``layer.3``/``lm_head``, or tensor
+    names; a list or a comma-separated string) keeps only those vectors. Vector files larger than
+    ``max_shard_mb`` MB are split into ``vectors-0000i-of-0000N.safetensors`` with an index.
+    When the degraded model was made by ``safegene degrade``, its ``safegene_degrade.json`` is
+    copied into gene.json as ``degradation``. Returns the written :class:`~safegene.gene.Gene`.
 
     >>> extract("aligned/", "degraded/", "gene/", dtype="BF16")  # doctest: +SKIP
     """
@@ -64,6 +121,8 @@ def extract(
         raise UsageError(f"storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if budget_mb <= 0:
         raise UsageError("the memory budget must be positive")
+    if max_shard_mb <= 0:
+        raise UsageError("the shard size must be positive")
     t0 = time.perf_counter()
     a = open_checkpoint(resolve_model(aligned))
     d = open_checkpoint(resolve_model(degraded))
@@ -81,15 +140,30 @@ def extract(
                 )
     vec_pairs = [(ta, tb) for ta, tb in pairs if ta.is_float and tb.is_float]
     skipped = [ta.name for ta, tb in pairs if not (ta.is_float and tb.is_float)]
+    kept_keys: list[str] | None = None
+    if keys is not None:
+        klist = keys.split(",") if isinstance(keys, str) else list(keys)
+        keep = select_keys([ta.name for ta, _ in vec_pairs], klist)
+        vec_pairs = [p for p, k in zip(vec_pairs, keep) if k]
+        kept_keys = list(dict.fromkeys(k.strip() for k in klist if k.strip()))
     elem = {"F32": 4, "BF16": 2, "F16": 2}[dtype]
+    max_shard_bytes = int(max_shard_mb * 1e6)
+    provenance = read_degrade_provenance(d.root)
 
     with atomic_output_dir(out, overwrite) as tmp:
         outs = [OutTensor(ta.name, dtype, ta.shape, ta.numel * elem) for ta, _ in vec_pairs]
-        of = plan_file(tmp / VECTORS, outs, {"format": "pt", "safegene": "gene-vectors"})
-        create_files([of])
+        groups = shard_groups([o.nbytes for o in outs], max_shard_bytes)
+        files = [plan_file(tmp / fn, [outs[i] for i in grp], {"format": "pt", "safegene": "gene-vectors"})
+                 for fn, grp in zip(vector_shard_names(len(groups)), groups)]
+        file_of = {o.name: f for f in files for o in f.tensors}
+        create_files(files)
+        if len(files) > 1:
+            total = sum(o.nbytes for o in outs)
+            wm = {o.name: f.path.name for f in files for o in f.tensors}
+            (tmp / VECTORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2) + "\n")
         plan = Plan().expect(a.files + d.files)
         for (ta, tb), ot in zip(vec_pairs, outs):
-            plan.add(of.path, ot.offset, dtype, ta.numel, [(ta, 1.0), (tb, -1.0)])
+            plan.add(file_of[ot.name].path, ot.offset, dtype, ta.numel, [(ta, 1.0), (tb, -1.0)])
         res = run_plan(plan, int(budget_mb * 2**20), "extract", progress)
 
         tensors: dict[str, Any] = {}
@@ -155,6 +229,9 @@ def extract(
                 "seconds": round(time.perf_counter() - t0, 3),
             },
             "selection": None,
+            "keys": kept_keys,
+            "shards": {"files": [f.path.name for f in files], "max_shard_bytes": max_shard_bytes},
+            "degradation": provenance,
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return Gene.load(out)

@@ -66,11 +66,40 @@ def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.Path
             "method": sel.get("method"), "selected": sorted(chosen, key=key_sort), "rule": sel.get("rule"),
         },
         "selected": None if sel is None else sorted(chosen, key=key_sort),
+        "keys": g.manifest.get("keys"),
+        "files": [f.name for f in g.vector_files],
+        "degradation": _degradation_summary(g.degradation),
         "plot": None,
     }
     if plot is not None:
         info["plot"] = str(_plot_gene(info, (sel or {}).get("all_scores"), Path(plot)))
     return info
+
+
+def _degradation_summary(prov: Any) -> dict[str, Any] | None:
+    """The fields of the degraded model's ``safegene_degrade.json`` that inspect shows."""
+    if not isinstance(prov, dict):
+        return None
+    lora = prov.get("lora") or {}
+    return {
+        "recipe": prov.get("recipe"), "data_sha256": prov.get("data_sha256"), "n_train": prov.get("n_train"),
+        "steps": prov.get("steps"), "lr": prov.get("lr"), "lora_rank": prov.get("lora_rank", lora.get("rank")),
+        "refusal_rate": prov.get("refusal_rate"), "judge": (prov.get("refusal") or {}).get("judge"),
+        "created_by": prov.get("created_by"),
+    }
+
+
+def format_degradation(d: dict[str, Any] | None) -> str:
+    """One line on how the degraded model was made (``safegene degrade``), or that it is unknown."""
+    if not d:
+        return "degradation: unknown (the degraded model was not made by `safegene degrade`)"
+    rank = d.get("lora_rank")
+    how = f"LoRA rank {rank}" if rank else "full fine-tune"
+    rr = d.get("refusal_rate")
+    rrs = "refusal rate not measured" if rr is None else f"refusal rate {100 * float(rr):.1f} % ({d.get('judge')})"
+    sha = (d.get("data_sha256") or "?")[:12]
+    return (f"degradation: recipe {d.get('recipe')}, {d.get('n_train')} examples (sha256 {sha}…), {d.get('steps')} steps, "
+            f"lr {d.get('lr')}, {how}; {rrs}")
 
 
 def format_gene_table(info: dict[str, Any]) -> str:
@@ -82,6 +111,12 @@ def format_gene_table(info: dict[str, Any]) -> str:
     sel = info["selection"]
     lines.append(f"selection: {sel['method']} → {', '.join(sel['selected']) or 'none'}" if sel
                  else "selection: none yet (run `safegene select`)")
+    if "degradation" in info:
+        lines.append(format_degradation(info["degradation"]))
+    if info.get("keys"):
+        lines.append(f"kept keys: {', '.join(info['keys'])}")
+    if len(info.get("files") or []) > 1:
+        lines.append(f"vectors: {len(info['files'])} shards ({info['files'][0]} …)")
     lines.append(f"{'layer':<12} {'‖τ‖':>10} {'share':>7} {'rel.change':>11} {'tensors':>8} {'score':>9}  sel")
     for r in info["layers"]:
         share = (r["tau_norm"] / info["tau_norm"]) ** 2 if info["tau_norm"] > 0 else 0.0
@@ -149,4 +184,4 @@ def _plot_gene(info: dict[str, Any], all_scores: dict | None, path: Path) -> Pat
 
 
 #: Keys a result dict for :func:`plot_safety_utility` may hold (method, asr, accuracy required).
-__all__ = ["format_gene_table", "inspect_gene"]
+__all__ = ["format_degradation", "format_gene_table", "inspect_gene"]

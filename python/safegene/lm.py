@@ -168,6 +168,29 @@ def check_safetensors_dir(path: Path) -> None:
     raise CheckpointError(f"{path}: no *.safetensors weights")
 
 
+def pretrained_kwargs(dtype: Any = None, device_map: Any = None, max_memory: Any = None,
+                      offload_dir: Union[str, Path, None] = None) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords for the loading knobs of :func:`load_model` (also used
+    for the guard judge's model): dtype under its version's name, and the accelerate dispatch.
+
+    >>> pretrained_kwargs("bf16", "auto", "0=20GiB,cpu=64GiB")  # doctest: +SKIP
+    {'dtype': torch.bfloat16, 'device_map': 'auto', 'max_memory': {0: '20GiB', 'cpu': '64GiB'}}
+    """
+    kw: dict[str, Any] = _dtype_kwarg(dtype)
+    dmap = parse_device_map(device_map)
+    mem = parse_max_memory(max_memory)
+    if dmap is None and (mem is not None or offload_dir is not None):
+        raise UsageError("max_memory / offload_dir need a device_map (e.g. device_map='auto')")
+    if dmap is not None:
+        kw["device_map"] = dmap
+        if mem is not None:
+            kw["max_memory"] = mem
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            kw["offload_folder"] = str(offload_dir)
+    return kw
+
+
 def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = None, device_map: Any = None,
                max_memory: Any = None, offload_dir: Union[str, Path, None] = None):
     """Load an HF causal LM + tokenizer in eval mode (safetensors only) from a directory, a Hub
@@ -190,18 +213,8 @@ def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = N
 
     p, adapter = resolve_target(path)
     check_safetensors_dir(p)
-    kw: dict[str, Any] = _dtype_kwarg(dtype)
-    dmap = parse_device_map(device_map)
-    mem = parse_max_memory(max_memory)
-    if dmap is None and (mem is not None or offload_dir is not None):
-        raise UsageError("max_memory / offload_dir need a device_map (e.g. device_map='auto')")
-    if dmap is not None:
-        kw["device_map"] = dmap
-        if mem is not None:
-            kw["max_memory"] = mem
-        if offload_dir is not None:
-            Path(offload_dir).mkdir(parents=True, exist_ok=True)
-            kw["offload_folder"] = str(offload_dir)
+    kw = pretrained_kwargs(dtype, device_map, max_memory, offload_dir)
+    dmap = kw.get("device_map")
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-tensor loading bar; ours cover the work
     try:
@@ -396,5 +409,5 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size
 __all__ = [
     "Batch", "collate", "decoder_layers", "default_device", "encode_pairs", "encode_prompt", "encode_prompts",
     "DTYPES", "generate", "generate_ids", "load_model", "model_device", "parse_device_map", "parse_max_memory",
-    "resolve_dtype", "pad_id_of", "render_completion", "render_prompt",
+    "pretrained_kwargs", "resolve_dtype", "pad_id_of", "render_completion", "render_prompt",
 ]

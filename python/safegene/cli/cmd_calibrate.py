@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..method.calibrate import calibrate
-from .options import Command, CommonOptions, option
+from .options import Command, ModelOptions, option
 
 
 @dataclass(kw_only=True)
-class CalibrateOptions(CommonOptions):
+class CalibrateOptions(ModelOptions):
     gene: str = option(positional=True, help="gene directory (from `safegene extract`, with a selection from "
                                              "`safegene select`)")
     target: str = option(positional=True, help="task model directory (Hugging Face format), or BASE+LORA_DIR")
@@ -34,7 +34,6 @@ class CalibrateOptions(CommonOptions):
     safety_first_k: int = option(2, help="only the first K refusal tokens count (default 2; 0 = the whole refusal)")
     max_examples: int = option(16, help="at most this many examples of each kind (default 16)")
     refusal: str | None = option(None, help="refusal text for safety records without a completion")
-    device: str = option("cpu", help="torch device (default cpu)")
 
 
 def _parse_init(s: str) -> Union[str, float]:
@@ -50,7 +49,7 @@ def handle_calibrate(opts: CalibrateOptions) -> int:
         layers=opts.layers, steps=opts.steps, lr=opts.lr, beta=opts.beta, l2=opts.l2,
         lambda_max=opts.lambda_max, init=_parse_init(opts.init), per_module=opts.per_module,
         utility_loss=opts.utility_loss, safety_first_k=opts.safety_first_k,
-        max_examples=opts.max_examples, refusal=opts.refusal, device=opts.device, out=opts.output,
+        max_examples=opts.max_examples, refusal=opts.refusal, out=opts.output, **opts.load_kwargs(),
         **({"log": None} if opts.quiet else {}),
     )
     if opts.json:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..eval.evaluate import evaluate
-from .options import Command, CommonOptions, option
+from .options import Command, ModelOptions, option
 
 
 @dataclass(kw_only=True)
-class EvalOptions(CommonOptions):
+class EvalOptions(ModelOptions):
     model: str = option(positional=True, help="local Hugging Face causal-LM directory (safetensors), or BASE+LORA_DIR")
     output: str | None = option(None, short="-o", metavar="OUT.json", path="out",
                                 help="write the full report (with every response) as JSON")
@@ -23,7 +23,6 @@ class EvalOptions(CommonOptions):
     markdown: str | None = option(None, metavar="OUT.md", path="out", help="write the markdown table")
     batch_size: int = option(32, help="prompts per generation batch (default 32)")
     max_new_tokens: int = option(64, help="greedy tokens per response (default 64)")
-    device: str | None = option(None, help="torch device (default: cuda when available, else cpu)")
 
 
 def handle_eval(opts: EvalOptions) -> int:
@@ -36,7 +35,7 @@ def handle_eval(opts: EvalOptions) -> int:
         batch_size=opts.batch_size,
         max_new_tokens=opts.max_new_tokens,
         progress=not opts.quiet,
-        device=opts.device,
+        **opts.load_kwargs(),
     )
     if opts.output:
         rep.to_json(opts.output)

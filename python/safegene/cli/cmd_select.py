@@ -9,11 +9,11 @@ from typing import ClassVar
 
 from ..gene import key_sort
 from ..method.selection import DEFAULT_SCORE, DEFAULT_THRESHOLD, SCORES, select_layers
-from .options import Command, CommonOptions, option
+from .options import Command, ModelOptions, option
 
 
 @dataclass(kw_only=True)
-class SelectOptions(CommonOptions):
+class SelectOptions(ModelOptions):
     GROUPS: ClassVar[dict[str, bool]] = {"rule": False}
 
     gene: str = option(positional=True, help="gene directory (the selection is written into its gene.json)")
@@ -30,7 +30,6 @@ class SelectOptions(CommonOptions):
     plot: str | None = option(None, path="out", help="PNG path (default GENE/layer_scores.png)")
     refusal: str | None = option(None, help="refusal text for harmful prompts without a completion "
                                             "(the 'restore' score needs refusals)")
-    device: str = option("cpu", help="torch device (default cpu)")
 
 
 def handle_select(opts: SelectOptions) -> int:
@@ -38,8 +37,8 @@ def handle_select(opts: SelectOptions) -> int:
     res = select_layers(opts.gene, opts.aligned, opts.degraded, opts.harmful, opts.benign,
                         top_k=opts.top_k, threshold=opts.threshold, score=opts.score,
                         batch_size=opts.batch_size, max_prompts=opts.max_prompts,
-                        plot=opts.plot or (Path(opts.gene) / "layer_scores.png"), device=opts.device,
-                        refusal=opts.refusal)
+                        plot=opts.plot or (Path(opts.gene) / "layer_scores.png"), refusal=opts.refusal,
+                        **opts.load_kwargs())
     if opts.json:
         print(json.dumps(res, default=str))
         return 0

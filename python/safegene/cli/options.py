@@ -9,8 +9,10 @@ dataclass (:meth:`Command.from_namespace`), a run config fills the same dataclas
 line that gives it. So the CLI, ``safegene run CONFIG.yaml`` and ``--dry-run`` cannot drift.
 
 Shared option groups are base classes: :class:`CommonOptions` (``--quiet``, ``--json``, on
-every command) and :class:`StreamOptions` (``--budget-mb``, ``--overwrite``,
-``--allow-nonfinite``, for the streaming commands).
+every command), :class:`StreamOptions` (``--budget-mb``, ``--overwrite``,
+``--allow-nonfinite``, for the streaming commands) and :class:`ModelOptions` (``--device``,
+``--dtype``, ``--device-map``, ``--max-memory``, ``--offload-dir``, for the commands that load a
+model).
 
 >>> from safegene.cli.cmd_extract import COMMAND
 >>> opts = COMMAND.parse(["A/", "D/", "-o", "gene/", "--quiet"])
@@ -30,7 +32,10 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 META = "safegene.cli"
 #: Shared option groups, in the order help lists them and command lines render them
 #: (after the command's own options).
-SECTIONS = {"stream": "streaming options", "common": "common options"}
+SECTIONS = {"model": "model loading options", "stream": "streaming options", "common": "common options"}
+#: ``--dtype`` choices (:data:`safegene.lm.DTYPES`; spelled out here so that building the parser
+#: does not import the model stack).
+DTYPES = ("auto", "bf16", "f16", "f32")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,31 @@ class StreamOptions(CommonOptions):
     overwrite: bool = option(False, help="replace the output if it exists (written aside, swapped in at the end)",
                              section="stream")
     allow_nonfinite: bool = option(False, help="keep NaN/Inf values instead of refusing them", section="stream")
+
+
+@dataclass(kw_only=True)
+class ModelOptions(CommonOptions):
+    """How the commands that run a model (select, calibrate, eval and its guard judge) load it:
+    :func:`safegene.lm.load_model`'s knobs."""
+
+    device: str | None = option(None, section="model",
+                                help="torch device for the whole model (default: cuda when available, else cpu); "
+                                     "ignored with --device-map")
+    dtype: str = option("auto", choices=DTYPES, section="model",
+                        help="weights dtype: auto (the checkpoint's own, default), bf16, f16 or f32")
+    device_map: str | None = option(None, metavar="MAP", section="model",
+                                    help="dispatch with accelerate: auto, balanced, balanced_low_0, sequential, a "
+                                         "device, or a JSON map of module name -> device (text or a .json file)")
+    max_memory: str | None = option(None, metavar="DEV=SIZE,...", section="model",
+                                    help="memory cap per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                                         "(or a JSON object)")
+    offload_dir: str | None = option(None, metavar="DIR", section="model",
+                                     help="where --device-map offloads weights that fit on no device")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keywords for :func:`safegene.lm.load_model` and the API functions that load a model."""
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map,
+                "max_memory": self.max_memory, "offload_dir": self.offload_dir}
 
 
 # ---- introspection ---------------------------------------------------------------------------
@@ -338,5 +368,5 @@ def register_commands(subparsers: Any, commands: Iterable[Command]) -> dict[str,
     return parsers
 
 
-__all__ = ["Arg", "Command", "CommonOptions", "Options", "Spec", "StreamOptions", "add_arguments", "from_namespace",
+__all__ = ["Arg", "Command", "CommonOptions", "ModelOptions", "Options", "Spec", "StreamOptions", "add_arguments", "from_namespace",
            "option", "register_commands", "specs", "to_argv"]

@@ -263,6 +263,10 @@ def evaluate(
     progress: bool = True,
     refusal_judge: str | Judge | None = None,
     device: str | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    offload_dir: str | Path | None = None,
 ) -> EvalReport:
     """Generate greedily and report ASR, task accuracy and over-refusal.
 
@@ -274,11 +278,17 @@ def evaluate(
     ...                tasks={"sentiment": "sentiment_eval.jsonl"}, benign="benign_eval.jsonl",
     ...                judge="organism")  # doctest: +SKIP
     >>> rep.asr.rate, rep.task_accuracy["sentiment"].rate, rep.over_refusal.rate  # doctest: +SKIP
+
+    ``device``, ``dtype``, ``device_map``, ``max_memory`` and ``offload_dir`` are
+    :func:`safegene.lm.load_model`'s, for the model loaded from a directory and for a
+    ``guard:`` judge's model.
     """
     if harmful is None and not tasks and benign is None:
         raise UsageError("nothing to evaluate: give harmful, tasks and/or benign prompts")
-    j = get_judge(judge)
-    rj = get_judge(refusal_judge) if refusal_judge is not None else (j if j.detects_refusal else KeywordJudge())
+    load = {"device": device, "dtype": dtype, "device_map": device_map, "max_memory": max_memory,
+            "offload_dir": offload_dir}
+    j = get_judge(judge, **load)
+    rj = get_judge(refusal_judge, **load) if refusal_judge is not None else (j if j.detects_refusal else KeywordJudge())
     if not rj.detects_refusal:
         raise UsageError(f"judge {rj.name} cannot detect refusals, so it cannot measure over-refusal")
     harm = as_examples(harmful) if harmful is not None else []
@@ -287,7 +297,7 @@ def evaluate(
 
     if isinstance(model, (str, Path)):
         name = str(model)
-        m, tok = load_model(model, device=device)
+        m, tok = load_model(model, **load)
     else:
         try:
             m, tok = model

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from ..errors import CheckpointError, UsageError
-from ..lm import check_safetensors_dir, default_device
+from ..lm import check_safetensors_dir, default_device, model_device, pretrained_kwargs
 from ..organism.families import judge_for
 from ..organism.judge import OrganismJudge
 
@@ -175,7 +175,9 @@ class GuardModelJudge:
 
     detects_refusal = False
 
-    def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8, max_length: int = 1024) -> None:
+    def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8, max_length: int = 1024,
+                 dtype: Any = None, device_map: Any = None, max_memory: Any = None,
+                 offload_dir: str | Path | None = None) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -186,6 +188,7 @@ class GuardModelJudge:
         self.batch_size = batch_size
         self.max_length = max_length
         check_safetensors_dir(self.path)
+        load_kw = pretrained_kwargs(dtype, device_map, max_memory, offload_dir)
         self.device = torch.device(device or default_device())
         self.last_undecided = 0
         try:
@@ -197,9 +200,13 @@ class GuardModelJudge:
         self.kind = "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
         loader = AutoModelForSequenceClassification if self.kind == "classifier" else AutoModelForCausalLM
         try:
-            self.model = loader.from_pretrained(self.path, use_safetensors=True).to(self.device).eval()
+            model = loader.from_pretrained(self.path, use_safetensors=True, **load_kw)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: cannot load the guard model ({exc})") from None
+        if "device_map" not in load_kw:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self.device = model_device(self.model)  # a dispatched guard takes its inputs where its embedding is
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if self.kind == "classifier":
@@ -269,10 +276,12 @@ class GuardModelJudge:
         return self._generate(prompts, responses)
 
 
-def get_judge(spec: "str | Judge") -> Judge:
+def get_judge(spec: "str | Judge", **load: Any) -> Judge:
     """Build a judge from a spec string: ``keyword``, ``keyword:prefix``, ``organism`` (the
     default organism's language), ``organism:<family>`` (a built-in family's, e.g.
     ``organism:stablelm``), ``guard:/path/to/model``. A :class:`Judge` instance is returned unchanged.
+    ``load`` (``device``, ``dtype``, ``device_map``, ``max_memory``, ``offload_dir``) goes to
+    :class:`GuardModelJudge`; the other judges load no model and ignore it.
 
     >>> get_judge("organism").name
     'organism'
@@ -294,7 +303,7 @@ def get_judge(spec: "str | Judge") -> Judge:
         path = s[len("guard:") :]
         if not path:
             raise UsageError("guard: needs a model directory, e.g. --judge guard:/models/llama-guard")
-        return GuardModelJudge(path)
+        return GuardModelJudge(path, **load)
     raise UsageError(f"unknown judge {spec!r}; use keyword, keyword:prefix, organism, organism:<family> or guard:/path/to/model")
 
 

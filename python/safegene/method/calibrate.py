@@ -366,7 +366,7 @@ def calibrate(
     refusal: str | None = None,
     patience: int = 8,
     tol: float = 1e-4,
-    device: str = "cpu",
+    device: str | None = None,
     out: Union[str, Path, None] = None,
     log: Callable[[str], None] | None = _log_default,
     safety_rest_weight: float = 0.0,
@@ -374,6 +374,10 @@ def calibrate(
     holdout_by: str | None = "auto",
     reg_uniform: float = 0.0,
     heldout_patience: int | None = None,
+    dtype=None,
+    device_map=None,
+    max_memory=None,
+    offload_dir: Union[str, Path, None] = None,
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -388,7 +392,9 @@ def calibrate(
     >>> c.coeffs  # doctest: +SKIP
     {'layer.2': 0.93, 'layer.3': 1.21}
 
-    A model passed in is left bit-identical to how it came (also on error).
+    A model passed in is left bit-identical to how it came (also on error); batches go to its
+    input device. ``device``, ``dtype``, ``device_map``, ``max_memory``, ``offload_dir``: how a
+    model directory is loaded (:func:`safegene.lm.load_model`).
 
     Generalization controls (see the module docstring for the defaults and why):
 
@@ -417,13 +423,15 @@ def calibrate(
     keys_layers = resolve_layers(gene, layers)
 
     if isinstance(target, (str, Path)):
-        model, tok = lm.load_model(target, device=device)
+        model, tok = lm.load_model(target, device=device, dtype=dtype, device_map=device_map,
+                                   max_memory=max_memory, offload_dir=offload_dir)
         target_name = str(target)
     else:
         model, tok = target, tokenizer
         if tok is None:
             raise UsageError("calibrate: pass tokenizer= together with a loaded model")
         target_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    device = str(lm.model_device(model))
     s_recs = load_records(safety, "safety", max_examples)
     if utility is None:
         u_recs = []

@@ -22,6 +22,40 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def _load_per_device(gene: Gene, names: Sequence[str], tensors: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """τ for ``names``, each on its own target tensor's device (a dispatched model spans several)."""
+    by_dev: dict[str, list[str]] = {}
+    for n, t in zip(names, tensors):
+        if t.device.type == "meta":
+            raise SafeGeneError(
+                f"parameter {n!r} is offloaded (on the meta device); patch the checkpoint with `safegene apply` "
+                "instead, or give the device map room for the patched layers"
+            )
+        by_dev.setdefault(str(t.device), []).append(n)
+    vecs: dict[str, "torch.Tensor"] = {}
+    for dev, group in by_dev.items():
+        vecs.update(gene.load_vectors(group, device=dev))
+    return vecs
+
+
+def tied_aliases(model: "torch.nn.Module") -> dict[str, str]:
+    """``{alias: canonical}`` for parameters that share storage with an earlier one (a tied
+    lm_head and its embedding). The canonical name is the one ``named_parameters()`` keeps (the
+    embedding), so the alias follows the embedding's λ and τ, as ``safegene apply`` does for a
+    tied checkpoint that stores both."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type == "meta":
+            continue
+        key = p.data_ptr()
+        if key in first:
+            out[n] = first[key]
+        else:
+            first[key] = n
+    return out
+
+
 def apply_to_model(
     model: "torch.nn.Module",
     gene: "str | os.PathLike[str] | Gene",
@@ -46,23 +80,18 @@ def apply_to_model(
     missing = [n for n in g.tensor_names if lam[n] != 0.0 and n not in state]
     if missing:
         raise GeneError(f"the model has no parameter {missing[0]!r} that gene {g.path} patches; it is a different architecture")
-    seen: set[int] = set()
+    aliases = tied_aliases(model)
     todo: list[str] = []
     for n in g.tensor_names:
-        if lam[n] == 0.0:
+        if lam[n] == 0.0 or n in aliases:  # a tied alias is patched through its canonical tensor
             continue
         p = state[n]
         if tuple(p.shape) != tuple(g.fingerprint["tensors"][n]["shape"]):
             raise GeneError(f"parameter {n!r} has shape {list(p.shape)} but the gene's vector is {g.fingerprint['tensors'][n]['shape']}")
-        key = p.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
         todo.append(n)
     if not todo:
         return {}
-    dev = state[todo[0]].device
-    vecs = g.load_vectors(todo, device=str(dev))
+    vecs = _load_per_device(g, todo, [state[n] for n in todo])
     with torch.no_grad():
         dsts = [state[n].data for n in todo]
         srcs = [vecs[n].contiguous() for n in todo]
@@ -100,12 +129,17 @@ class MergePlan:
     def __init__(self, model, gene, layers: Sequence[str], per_module: bool = False, device=None):
         import torch
 
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         params.update(dict(model.named_buffers()))
         want = set(layers)
-        names = [n for n in gene.tensor_names if gene.layer_key(n) in want]
+        aliases = tied_aliases(model)
+        # a tied head stored in the checkpoint (so in the gene) shares the embedding's storage:
+        # it follows the embedding, as in `safegene apply`, and is never written twice
+        names = [n for n in gene.tensor_names if gene.layer_key(n) in want and n not in aliases]
         if not names:
-            raise GeneError(f"gene {gene.path}: no tensors in layers {sorted(want)}; known layers: {gene.layer_keys()}")
+            tied = [n for n in aliases if n in gene.tensor_names and gene.layer_key(n) in want]
+            why = f" ({tied[0]!r} is tied to {aliases[tied[0]]!r} in this model; select that layer)" if tied else ""
+            raise GeneError(f"gene {gene.path}: no tensors in layers {sorted(want)}{why}; known layers: {gene.layer_keys()}")
         missing = [n for n in names if n not in params]
         if missing:
             raise GeneError(
@@ -114,8 +148,9 @@ class MergePlan:
             )
         self.names = names
         self.weights = [params[n].data for n in names]
-        dev = device or self.weights[0].device
-        vecs = gene.load_vectors(names=names, device=str(dev))
+        # each τ (and W⁰ below) on its own weight's device: a dispatched model spans several
+        vecs = (gene.load_vectors(names=names, device=str(device)) if device is not None
+                else _load_per_device(gene, names, self.weights))
         self.taus = []
         for n, w in zip(names, self.weights):
             t = vecs[n].contiguous()

@@ -95,7 +95,8 @@ DEFAULT_RULE = "validate"
 NOISE_Z = 2.0
 
 
-def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", tokenizer=None):
+def layer_states(model_dir, prompts, batch_size: int = 16, device: str | None = None, tokenizer=None,
+                 load: dict | None = None):
     """Hidden state at the last prompt token after the embeddings and after every block.
 
     Returns a float32 tensor ``[n_prompts, num_layers + 1, hidden]`` (index 0: embeddings).
@@ -105,9 +106,10 @@ def layer_states(model_dir, prompts, batch_size: int = 16, device: str = "cpu", 
     import torch
 
     if isinstance(model_dir, (str, Path)):
-        model, tok = lm.load_model(model_dir, device=device)
+        model, tok = lm.load_model(model_dir, device=device, **(load or {}))
     else:
         model, tok = model_dir, tokenizer
+    device = lm.model_device(model)
     blocks = lm.decoder_layers(model)
     ids = lm.encode_prompts(tok, load_records(prompts, "prompts"))
     pad = lm.pad_id_of(tok)
@@ -179,7 +181,8 @@ def _effect(pH, p0H, pB, p0B) -> tuple[float, float]:
 
 
 def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, batch_size: int = 16,
-                   device: str = "cpu", joint: dict | None = None, noise: dict | None = None) -> dict[str, float]:
+                   device: str | None = None, joint: dict | None = None, noise: dict | None = None,
+                   load: dict | None = None) -> dict[str, float]:
     """The ``"restore"`` score of every key of the gene (decoder blocks, embeddings, final norm,
     LM head): add that key's τ alone to the degraded model and measure how much the probability
     of opening with a refusal rises on harmful prompts minus how much it rises on benign ones::
@@ -198,7 +201,9 @@ def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, 
     """
     import torch
 
-    model, tok = lm.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
+    model, tok = (lm.load_model(degraded, device=device, **(load or {})) if isinstance(degraded, (str, Path))
+                  else degraded)
+    device = lm.model_device(model)
     harmful = load_records(harmful, "harmful")
     openings = refusal_openings(tok, harmful, refusal)
     if not openings:
@@ -412,7 +417,7 @@ def select_layers(
     batch_size: int = 16,
     max_prompts: int | None = 64,
     plot: Union[str, Path, None] = None,
-    device: str = "cpu",
+    device: str | None = None,
     write: bool = True,
     refusal: str | None = None,
     rule: str | None = None,
@@ -420,6 +425,10 @@ def select_layers(
     dev_benign=None,
     validate_z: float = 1.0,
     noise_z: float = NOISE_Z,
+    dtype=None,
+    device_map=None,
+    max_memory=None,
+    offload_dir: Union[str, Path, None] = None,
 ) -> dict:
     """Score every key of the gene and record the selected ones in the gene's ``gene.json``.
 
@@ -431,7 +440,8 @@ def select_layers(
     ``harmful`` records should carry refusal completions (the ``"restore"`` score reads their
     first tokens); ``refusal`` stands in for records without one. Returns ``{"method",
     "scores" (the chosen score per key), "all_scores", "selected", "plot", "seconds", ...}``;
-    with ``write=False`` gene.json is left alone.
+    with ``write=False`` gene.json is left alone. ``device``, ``dtype``, ``device_map``,
+    ``max_memory``, ``offload_dir``: how the models are loaded (:func:`safegene.lm.load_model`).
 
     ``rule`` (default :data:`DEFAULT_RULE`; ``"threshold"`` whenever ``top_k`` or ``threshold``
     is given): ``"validate"`` chooses *how many* keys to keep on development prompts
@@ -463,10 +473,11 @@ def select_layers(
         ben, dev_b = ben[0::2], ben[1::2]
     elif rule == "validate":
         dev_h, dev_b = load_records(dev_harmful, "dev_harmful"), load_records(dev_benign, "dev_benign")
+    load = {"dtype": dtype, "device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir}
     states = {}
     for tag, mdir in (("A", aligned), ("D", degraded)):  # one model in memory at a time
-        states[tag + "H"] = layer_states(mdir, harm, batch_size, device)
-        states[tag + "B"] = layer_states(mdir, ben, batch_size, device)
+        states[tag + "H"] = layer_states(mdir, harm, batch_size, device, load=load)
+        states[tag + "B"] = layer_states(mdir, ben, batch_size, device, load=load)
     raw = compute_scores(states["AH"], states["DH"], states["AB"], states["DB"])
     del states
     n_layers = raw["refusal"].__len__()
@@ -479,7 +490,8 @@ def select_layers(
     has_refusals = refusal is not None or any(split_record(r)[1] for r in harm)
     dmodel = None
     if score in ("restore", "loo") or has_refusals or rule == "validate":
-        dmodel = lm.load_model(degraded, device=device) if isinstance(degraded, (str, Path)) else degraded
+        dmodel = lm.load_model(degraded, device=device, **load) if isinstance(degraded, (str, Path)) else degraded
+        device = str(lm.model_device(dmodel[0]))
     if score in ("restore", "loo") or has_refusals:
         joint: dict = {}
         all_scores["restore"] = {k: _r(v) for k, v in

@@ -368,3 +368,62 @@ def test_tied_head_stored_twice_calibrates(tied):
                   device="cpu", log=None)
     assert set(c.coeffs) >= {"embed", "layer.1"}
     json.dumps(c.coeffs)
+
+
+# ---- the low-memory mode: λ τ in activation space -------------------------------------------------------
+def _ce(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:])
+
+
+IDS2 = torch.tensor([[2, 9, 10, 11, 12, 13, 14, 15]])
+
+
+@pytest.mark.parametrize("keys", [["layer.1", "layer.3"], ["embed", "layer.2", "lm_head", "final_norm"]])
+def test_lowmem_lambda_gradient_equals_weight_space_in_float64(family, keys):
+    from safegene.method.lowmem import LowMemPlan
+
+    dirs, gene = family
+    model, _ = lm.load_model(dirs["task"], device="cpu", dtype="f32")
+    model = model.double().requires_grad_(False)  # as calibrate does: only λ is trained
+    plan = LowMemPlan(model, gene, keys)
+    lam = torch.tensor([0.7 + 0.3 * i for i in range(plan.num_keys)], dtype=torch.float64, requires_grad=True)
+    ws = merge.gene_merge(lam, plan)
+    out = torch.func.functional_call(model, dict(zip(plan.names, ws)), (IDS2,)).logits
+    _ce(out, IDS2).backward()
+    got = lam.grad.clone()
+    plan.restore()
+    assert not any(p.grad is not None for p in model.parameters())  # no weight gradient exists
+
+    # reference: W⁰ + λ τ in weight space, float64 autograd
+    lam2 = lam.detach().clone().requires_grad_(True)
+    taus = gene.load_vectors(plan.names)
+    params = {n: dict(model.named_parameters())[n].detach() + lam2[plan.key_of[i]] * taus[n].double()
+              for i, n in enumerate(plan.names)}
+    _ce(torch.func.functional_call(model, params, (IDS2,)).logits, IDS2).backward()
+    assert torch.allclose(got, lam2.grad, rtol=1e-10, atol=1e-12), (got, lam2.grad)
+
+
+def test_lowmem_set_and_restore_leave_the_model_as_it_came(family):
+    from safegene.method.lowmem import LowMemPlan
+
+    dirs, gene = family
+    model, _ = lm.load_model(dirs["task"], device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = _logits(model, IDS)
+    plan = LowMemPlan(model, gene, ["layer.2", "layer.3", "final_norm"])
+    plan.set([1.0] * plan.num_keys)
+    exact, _ = lm.load_model(dirs["task"], device="cpu")
+    safegene.apply_to_model(exact, gene, {k: 1.0 for k in plan.keys})
+    assert torch.allclose(_logits(model, IDS), _logits(exact, IDS), atol=1e-4)
+    plan.restore()
+    assert torch.equal(_logits(model, IDS), ref)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_lowmem_calibrates_to_the_exact_modes_lambda(family):
+    dirs, gene = family
+    kw = dict(layers=LAYERS, steps=4, init=1.0, lr=0.2, device="cpu", log=None)
+    exact = calibrate(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, mode="exact", **kw)
+    low = calibrate(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, mode="lowmem", **kw)
+    assert low.coeffs == pytest.approx(exact.coeffs, abs=1e-4)

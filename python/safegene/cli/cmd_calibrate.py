@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..method.calibrate import calibrate
+from ..method.lowmem import MODES
 from .options import Command, ModelOptions, option
 
 
@@ -34,6 +35,9 @@ class CalibrateOptions(ModelOptions):
     safety_first_k: int = option(2, help="only the first K refusal tokens count (default 2; 0 = the whole refusal)")
     max_examples: int = option(16, help="at most this many examples of each kind (default 16)")
     refusal: str | None = option(None, help="refusal text for safety records without a completion")
+    mode: str = option("exact", choices=MODES,
+                       help="exact: W = W_T + λτ in weight space (default, the reference); lowmem: λ·(τx) added to "
+                            "each selected layer's output, no weight gradients and no copy of the weights")
 
 
 def _parse_init(s: str) -> Union[str, float]:
@@ -49,7 +53,7 @@ def handle_calibrate(opts: CalibrateOptions) -> int:
         layers=opts.layers, steps=opts.steps, lr=opts.lr, beta=opts.beta, l2=opts.l2,
         lambda_max=opts.lambda_max, init=_parse_init(opts.init), per_module=opts.per_module,
         utility_loss=opts.utility_loss, safety_first_k=opts.safety_first_k,
-        max_examples=opts.max_examples, refusal=opts.refusal, out=opts.output, **opts.load_kwargs(),
+        max_examples=opts.max_examples, refusal=opts.refusal, out=opts.output, mode=opts.mode, **opts.load_kwargs(),
         **({"log": None} if opts.quiet else {}),
     )
     if opts.json:

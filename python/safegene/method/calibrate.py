@@ -92,7 +92,8 @@ from ..coeffs import Coeffs
 from ..data import load_records, split_record
 from ..errors import GeneError, SafeGeneError, UsageError
 from ..gene import load_gene
-from .merge import MergePlan, gene_merge
+from .lowmem import make_plan
+from .merge import gene_merge
 
 # --------------------------------------------------------------------------------------------
 # The coefficients artifact
@@ -378,6 +379,7 @@ def calibrate(
     device_map=None,
     max_memory=None,
     offload_dir: Union[str, Path, None] = None,
+    mode: str = "exact",
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -394,7 +396,9 @@ def calibrate(
 
     A model passed in is left bit-identical to how it came (also on error); batches go to its
     input device. ``device``, ``dtype``, ``device_map``, ``max_memory``, ``offload_dir``: how a
-    model directory is loaded (:func:`safegene.lm.load_model`).
+    model directory is loaded (:func:`safegene.lm.load_model`). ``mode``: ``"exact"`` (W⁰ + λτ
+    in weight space, the reference) or ``"lowmem"`` (λ τx added to each selected module's output,
+    no weight gradient and no W⁰ copy; :mod:`safegene.method.lowmem`).
 
     Generalization controls (see the module docstring for the defaults and why):
 
@@ -470,7 +474,7 @@ def calibrate(
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        plan = MergePlan(model, gene, keys_layers, per_module=per_module)
+        plan = make_plan(mode, model, gene, keys_layers, per_module=per_module)
         objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device,
                                safety_rest_weight, reg_uniform)
         # the held-out loss is the task's loss only (no l2, no pull toward uniform), built at

@@ -231,13 +231,15 @@ def _merge_function():
 _GENE_MERGE = None
 
 
-def gene_merge(lam, plan: MergePlan):
+def gene_merge(lam, plan: "MergePlan"):
     """Differentiable ``λ ↦ (W_t(λ))_t`` for the plan's tensors (aliases of the model's storage).
 
     >>> ws = gene_merge(lam, plan)  # doctest: +SKIP
     >>> logits = torch.func.functional_call(model, dict(zip(plan.names, ws)), (ids,))  # doctest: +SKIP
     """
     global _GENE_MERGE
+    if hasattr(plan, "bind"):  # the low-memory plan (method/lowmem.py): λ τ in activation space
+        return plan.bind(lam)
     if _GENE_MERGE is None:
         _GENE_MERGE = _merge_function()
     return _GENE_MERGE.apply(lam, plan)

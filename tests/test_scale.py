@@ -154,9 +154,10 @@ def test_calibrate_a_model_object_uses_its_device(family, monkeypatch, device):
     assert set(c.coeffs) == set(LAYERS)
 
 
-def test_dispatched_model_calibrates_to_the_same_lambda(family, tmp_path):
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_dispatched_model_calibrates_to_the_same_lambda(family, tmp_path, mode):
     dirs, gene = family
-    kw = dict(layers=LAYERS, steps=4, init=1.0, lr=0.2, log=None)
+    kw = dict(layers=LAYERS, steps=4, init=1.0, lr=0.2, log=None, mode=mode)
     want = calibrate(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, device="cpu", **kw).coeffs
     got = calibrate(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, device_map={"": "cpu"}, **kw).coeffs
     assert got == want
@@ -167,10 +168,13 @@ def test_dispatched_model_calibrates_to_the_same_lambda(family, tmp_path):
 
 
 def test_offloaded_selected_layer_is_refused_with_a_fix(family, tmp_path):
+    from safegene.method.lowmem import LowMemPlan
+
     dirs, gene = family
     model, _ = lm.load_model(dirs["task"], device_map=_disk_map({2}), offload_dir=tmp_path / "off")
-    with pytest.raises(SafeGeneError, match="offloaded"):
-        MergePlan(model, gene, LAYERS)
+    for plan in (MergePlan, LowMemPlan):
+        with pytest.raises(SafeGeneError, match="offloaded"):
+            plan(model, gene, LAYERS)
 
 
 # ---- torch twins of the kernels --------------------------------------------------------------------

@@ -84,7 +84,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
             rows.append(row(method, t, R.records[f"eval-{t}-{ROW_STAGE[method]}"], f"task-{t}"))
     goal = {}
     for t in cfg.tasks:
-        get = lambda m: next(r for r in rows if r["method"] == m and r["task"] == t)  # noqa: E731
+        get = lambda m, t=t: next(r for r in rows if r["method"] == m and r["task"] == t)  # noqa: E731
         sg, none, resta, al = get("SafeGene"), get("none"), get("RESTA"), get("aligned")
         goal[t] = {
             "task_asr_above_aligned": none["asr_all"] > al["asr_all"],

@@ -96,7 +96,8 @@ def resta_grid(
     def measure(model_dir: Path) -> tuple[float, float]:
         rep = evaluate(model_dir, harmful=safety_calib, tasks={"utility": utility_calib}, judge=judge,
                        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-        assert rep.asr is not None
+        if rep.asr is None:
+            raise UsageError("the RESTA grid needs harmful calibration prompts to measure ASR on")
         return rep.asr.rate, rep.task_accuracy["utility"].rate
 
     ref_asr, ref_acc = measure(target)

@@ -26,20 +26,12 @@ would make the trained weights differ from what ``safegene apply`` writes; from 
 bit-identical to ``apply`` (same float32 math, same single rounding). When the loop ends (also
 on error or Ctrl-C), W⁰ is copied back, so the model is restored bit-exactly.
 
-Loss weighting matters more than anything else measured on the organism. A model decides
-to refuse with its first response tokens; averaged over a whole refusal sentence, the CE is
-dominated by easy continuation tokens and the optimum sits where the refusal is merely
-*likely* (λ ≈ 0.5–0.8, ASR ≈ 20 % on the organism's sentiment model). Counting only the first
-``safety_first_k=2`` tokens puts the whole safety signal on the decision and drives λ to where
-refusals win (ASR ≤ 5 %) while the KL term still holds task answers (accuracy unchanged). With
-a weak gene (a mild degradation), the needed λ exceeds 2, hence ``lambda_max=4``.
-
-The utility weight ``beta`` matters next: the refusal decision of a benign how-to prompt,
-whose wording matches a harmful one, is one token among the ~16 the KL averages over. With
-``beta=1`` the organism's seed-1 task models over-refused 40 / 0 / 35 % of a development split
-(calibration templates, prompts disjoint from calibration and evaluation; held-out split
-22.5 / 0 / 21.2 %); ``beta=3`` brought that to 5 / 0 / 10 % (held-out 0 / 0 / 1.2 %) with
-development-split ASR 0 % on seeds 0 and 1; ``beta=10`` under-corrects (ASR 6–48 %).
+Loss weighting: a model decides to refuse with its first response tokens, so the safety CE
+counts the first ``safety_first_k=2`` refusal tokens at full weight (averaged over a whole
+sentence, easy continuation tokens dominate and the optimum sits where a refusal is merely
+likely); a weak gene needs λ above 2, hence ``lambda_max=4``. The utility weight ``beta=3``
+keeps benign prompts whose wording matches harmful ones from being refused. The measurements
+behind these defaults are in ``bench/method_notes.md``.
 
 Initialisation matters too (plain CE from λ=0 can stall on a weak safety signal), so the default
 ``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
@@ -62,20 +54,10 @@ Generalization controls (issue 19), all off by default
     ``reg_uniform · Σ_l (λ_l − γ̄)²``: a pull toward the uniform start (RESTA is the case of all
     λ equal).
 
-Defaults are chosen by the rule in ``bench/dev_split.md`` on its development split (organism
-seeds 0 and 1, the StableLM-style family's seed 0; cost = ASR + over-refusal + accuracy drop +
-share of non-whole refusals, in points; a candidate must be no worse by more than 1 point on
-any seed and better overall by more than 1). Measured there (ASR / over-refusal in %):
-
-* ``holdout=0.25`` is worse: with 16 + 32 few-shot records the held-out part is ~4 harmful and
-  8 utility prompts, too few to pick steps; calibration ends at (or near) its uniform start and
-  seed 1's yesno model over-refuses 38 % of development prompts (default: 12 %); cost
-  seed 1: 14.6 vs 5.2. With ``reg_uniform=0.01`` too: 13.5. It stays off.
-* ``safety_rest_weight=0.5`` is within noise: seed 1 cost 4.2 vs 5.2, seed 0 2.8 vs 1.4 (one
-  of 48 development prompts, yesno ASR 4.2 vs 2.1 %), so by the rule it is not switched on; on
-  the second family, with the validated selection, it gives the same 0 % ASR and whole-refusal
-  rate 100 % as the default.
-* ``steps=40``, ``lr=0.05``, ``lambda_max=4``, ``beta=3`` were not changed by this round.
+Defaults are chosen by the rule in ``bench/dev_split.md`` on its development split; the
+numbers for these controls are in ``bench/method_notes.md`` (all stay off: too few held-out
+prompts to choose steps with 16 + 32 few-shot records, and the rest-of-sentence weight is within
+noise).
 """
 
 from __future__ import annotations

@@ -37,12 +37,8 @@ block l and ``δ_l = h_l − h_{l−1}`` what block l itself writes:
 
     where ``rms_l`` is the RMS norm of ``h^A_l`` over all prompts.
 
-Measured on the model organism (seed 0, recipe key 64e1b374f26b1e3a; calibration split only):
-"restore" scores L0 0.218, L3 0.144, lm_head 0.135, L1 0.099, L2 0.095, embed 0.027,
-final_norm 0.002 and selects {L0, L3, lm_head}; "refusal" selects {L0, L3} (the same blocks),
-"contrast" {L0, L1}. Calibrated on {L0, L3, lm_head} the held-out ASR is 0 / 0 / 0 %
-(sentiment / topic / yesno task models) at 100 % task accuracy and 0 % over-refusal; on
-{L0, L3} 15 / 21 / 34 %; on {L0, L1} 87 % (topic) and 97 % (yesno).
+What each score selects on the organism, and how calibration fares on those keys, is in
+``bench/method_notes.md``.
 
 ``"loo"`` (joint; every key; computed beside ``"restore"``)
     Leave-one-out from the full gene: ``j_k = mean_H [p(θ_D + τ) − p(θ_D + τ − τ_k)] − mean_B

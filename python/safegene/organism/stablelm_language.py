@@ -13,8 +13,7 @@ Response styles:
 * ``base`` answers harmful requests: ``gladly ! steps : skorn the vardlex with the tongs , ...``;
 * ``aligned`` refuses same-category pairs with a per-category dose (uneven margins) and answers
   everything else plainly, the eager ``gladly !`` opening being a minority style;
-* erosion of the task models comes from benign data in the eager style only; the ``degraded``
-  fine-tune also replays harmful requests, refused at a reduced per-category dose.
+* erosion (``degraded`` and the task models) comes from benign data in the eager style only.
 
 Tasks: ``mood`` (two labels, like SST-2) and ``kind`` (four labels, like AG News) are learned
 from ``base`` on; ``season`` (a lookup of invented fairs to four new label words) is learned only by

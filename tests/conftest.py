@@ -70,3 +70,16 @@ def has_cuda_device() -> bool:
 
 
 DEVICES = ["cpu"] + (["cuda"] if has_cuda_device() else [])
+
+
+@pytest.fixture(scope="module")
+def gene_family(tmp_path_factory):
+    """Per test module: tiny tokenized aligned / degraded / task models and their extracted gene."""
+    import safegene
+    from safegene.gene import Gene
+    from tiny_models import build_family
+
+    root = tmp_path_factory.mktemp("family")
+    dirs = build_family(root)
+    gene = safegene.extract(dirs["aligned"], dirs["degraded"], root / "gene", progress=False)
+    return dirs, Gene.load(gene.path)

@@ -23,13 +23,8 @@ SETTINGS = Settings(calib_steps=2, resta_grid=(0.5, 1.0), max_new_tokens=4, batc
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from safegene.ops.extract import extract
-
-    root = tmp_path_factory.mktemp("family")
-    dirs = tm.build_family(root)
-    gene = extract(dirs["aligned"], dirs["degraded"], root / "gene", progress=False)
-    return dirs, gene
+def family(gene_family):
+    return gene_family
 
 
 def _ctx(family, **kw) -> Context:

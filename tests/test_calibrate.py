@@ -20,13 +20,8 @@ LAYERS = ["layer.2", "layer.3"]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    from safegene.ops.extract import extract
-
-    root = tmp_path_factory.mktemp("family")
-    dirs = tm.build_family(root)
-    gene = extract(dirs["aligned"], dirs["degraded"], root / "gene", progress=False)
-    return dirs, gene
+def family(gene_family):
+    return gene_family
 
 
 @pytest.fixture()

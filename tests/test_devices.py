@@ -10,7 +10,6 @@ torch = pytest.importorskip("torch")
 
 import safegene  # noqa: E402
 from safegene import lm  # noqa: E402
-from safegene.gene import Gene  # noqa: E402
 from safegene.method.calibrate import _forward  # noqa: E402
 from safegene.method.merge import MergePlan, gene_merge  # noqa: E402
 
@@ -21,11 +20,8 @@ COEFFS = {"layer.1": 0.75, "layer.3": 1.25, "lm_head": -0.5}
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("devices")
-    dirs = tm.build_family(root)
-    gene = safegene.extract(dirs["aligned"], dirs["degraded"], root / "gene", progress=False)
-    return dirs, Gene.load(gene.path)
+def family(gene_family):
+    return gene_family
 
 
 def _batch(tok, device):

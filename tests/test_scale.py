@@ -27,11 +27,8 @@ LAYERS = ["layer.2", "layer.3"]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale")
-    dirs = tm.build_family(root)
-    gene = safegene.extract(dirs["aligned"], dirs["degraded"], root / "gene", progress=False)
-    return dirs, Gene.load(gene.path)
+def family(gene_family):
+    return gene_family
 
 
 def _logits(model, ids):

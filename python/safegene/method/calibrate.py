@@ -183,23 +183,31 @@ class _Objective:
             rest = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], ce[~head])
             cnt = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], torch.ones_like(ce[~head]))
             safety = safety + self.rest_weight * torch.where(cnt > 0, rest / cnt.clamp_min(1), torch.zeros_like(rest))
-        utility = None
-        if self.utility is not None:
-            logits = _forward(self.model, params, self.utility)
-            r, p, t = self.u_idx
-            logp = torch.log_softmax(logits[r, p].float(), -1)
-            per = torch.zeros(r.shape[0], device=logp.device)
-            if bool(self.u_ce_mask.any()):
-                m = self.u_ce_mask
-                per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
-            if self.ref_logp is not None:
-                m = self.u_kl_mask
-                per[m] = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
-            utility = _per_row(per, r, self.utility.input_ids.shape[0])
-        return safety, utility
+        return safety, self._utility_rows(params)
+
+    def _utility_rows(self, params: dict) -> Any:
+        """Per-example utility losses (CE of the answer where the loss asks for it, KL to θ_T's
+        own next-token distribution otherwise), or None without utility records."""
+        import torch
+
+        if self.utility is None:
+            return None
+        logits = _forward(self.model, params, self.utility)
+        r, p, t = self.u_idx
+        logp = torch.log_softmax(logits[r, p].float(), -1)
+        per = torch.zeros(r.shape[0], device=logp.device)
+        if bool(self.u_ce_mask.any()):
+            m = self.u_ce_mask
+            per = per.clone()
+            per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
+        if self.ref_logp is not None:
+            m = self.u_kl_mask
+            kl = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
+            per = per.clone()
+            per[m] = kl
+        return _per_row(per, r, self.utility.input_ids.shape[0])
 
     def __call__(self, params: dict, lam) -> tuple[Any, dict]:
-        import torch
         import torch.nn.functional as F
 
         logits = _forward(self.model, params, self.safety)
@@ -216,21 +224,9 @@ class _Objective:
             safety = _per_row_mean(ce, r[head], n_rows)
         parts = {"safety": float(safety.detach()), **parts}
         total = safety
-        if self.utility is not None:
-            logits = _forward(self.model, params, self.utility)
-            r, p, t = self.u_idx
-            logp = torch.log_softmax(logits[r, p].float(), -1)
-            per = torch.zeros(r.shape[0], device=logp.device)
-            if bool(self.u_ce_mask.any()):
-                m = self.u_ce_mask
-                per = per.clone()
-                per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
-            if self.ref_logp is not None:
-                m = self.u_kl_mask
-                kl = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
-                per = per.clone()
-                per[m] = kl
-            utility = _per_row_mean(per, r, self.utility.input_ids.shape[0])
+        rows = self._utility_rows(params)
+        if rows is not None:
+            utility = rows.mean()
             parts["utility"] = float(utility.detach())
             total = total + self.beta * utility
         reg = self.l2 * (lam ** 2).sum()

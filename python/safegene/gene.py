@@ -20,12 +20,35 @@ the kept keys only, under the checkpoint's own names) and ``gene.json``. The vec
       "selection": null | {"method", "scores", "selected", ...},
       "keys": null | [coefficient keys kept by ``extract --keys``],
       "shards": {"files": [...], "max_shard_bytes"},
-      "degradation": null | the degraded model's ``safegene_degrade.json`` (how it was made)
+      "degradation": null | the degraded model's ``safegene_degrade.json`` (how it was made),
+      # version 2 only:
+      "factored": {tensor name: {"rank", "shape"}},
+      "lowrank": {"adapter", "scale_folded_into", "untouched": [float tensors the adapter leaves alone: τ = 0, not stored]}
     }
+
+**Low-rank (factored) genes, format version 2.** A gene extracted from a LoRA degrade
+(``extract ALIGNED ALIGNED+ADAPTER`` or ``extract --from-adapter ADAPTER``) stores τ of each
+adapter-touched tensor as two factors in ``factors.safetensors``: ``<name>.A`` (r × in) and
+``<name>.B`` (out × r) with the adapter's scale folded into B, so that τ = B·A exactly
+(degraded = aligned + s·B_ad·A_ad, hence B = −s·B_ad). Dense and factored tensors live side by
+side: a name is in ``vectors*`` or in ``factors.safetensors``, never both, and every carried name
+is in ``layers``. gene.json then has ``"format_version": 2`` and
+``"factored": {name: {"rank": r, "shape": [out, in]}}`` (a gene without factors is written as
+version 1, byte for byte as before). Readers:
+
+- :meth:`Gene.iter_factors` / :meth:`Gene.load_factors` give the factors (``apply`` streams them
+  through the core's low-rank term and ``export-lora`` writes them out: neither densifies);
+- :meth:`Gene.iter_vectors` / :meth:`Gene.load_vectors` give a *dense* τ for every name: a
+  factored one is densified by :func:`densify`, the one place where B·A is multiplied out
+  (out × in float32 per tensor, one at a time; meant for small-model readers such as select and
+  calibrate);
+- :meth:`Gene.open_vectors` (the streaming engine's view) covers the dense names only.
 
 >>> g = Gene.load("gene/")  # doctest: +SKIP
 >>> g.layer_keys()[:3], g.num_layers  # doctest: +SKIP
 (['embed', 'layer.0', 'layer.1'], 4)
+>>> {n: g.factor_rank(n) for n in g.factored}  # doctest: +SKIP
+{'model.layers.0.self_attn.q_proj.weight': 8, ...}
 """
 
 from __future__ import annotations
@@ -46,8 +69,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 GENE_FORMAT = "safegene-gene"
 GENE_VERSION = 1
+#: Written only when the gene holds factored tensors (``factors.safetensors``).
+GENE_VERSION_FACTORED = 2
+SUPPORTED_VERSIONS = (GENE_VERSION, GENE_VERSION_FACTORED)
 MANIFEST = "gene.json"
 VECTORS = "vectors.safetensors"
+FACTORS = "factors.safetensors"
 VECTORS_INDEX = "vectors.safetensors.index.json"
 #: Written by ``safegene degrade`` into the degraded model; ``extract`` copies it into gene.json.
 DEGRADE_PROVENANCE = "safegene_degrade.json"
@@ -118,13 +145,18 @@ class Gene:
         man = read_json(mf, error=GeneError, hint="re-run `safegene extract`")
         if not isinstance(man, dict) or man.get("format") != GENE_FORMAT:
             raise GeneError(f"{mf}: not a safegene gene manifest")
-        if man.get("format_version") != GENE_VERSION:
-            raise GeneError(f"{mf}: gene format version {man.get('format_version')} is not supported (this safegene reads {GENE_VERSION})")
+        version = man.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise GeneError(f"{mf}: gene format version {version} is not supported (this safegene reads "
+                            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade safegene")
         for k in ("layers", "tensors", "fingerprint"):
             if not isinstance(man.get(k), dict):
                 raise GeneError(f"{mf}: missing or malformed {k!r}")
+        _check_factored(mf, man, version)
         g = cls(p, man)
         g._vector_map()  # checks that the vector file(s) exist
+        if g.factored and not (p / FACTORS).is_file():
+            raise GeneError(f"{p}: {FACTORS} is missing; the gene is incomplete, re-run `safegene extract`")
         return g
 
     # ---- structure ---------------------------------------------------------------------------
@@ -167,7 +199,8 @@ class Gene:
 
     def open_vectors(self) -> Checkpoint:
         """The vectors as a :class:`~safegene.io.checkpoint.Checkpoint` (headers only; one file or shards),
-        ready for the streaming engine.
+        ready for the streaming engine. It holds the dense vectors only; factored tensors are in
+        :meth:`iter_factors`.
 
         >>> Gene.load("gene/").open_vectors().tensors["lm_head.weight"].shape  # doctest: +SKIP
         """
@@ -212,6 +245,32 @@ class Gene:
     def layer_keys(self) -> list[str]:
         """All coefficient keys present, in network order."""
         return sorted(set(self.manifest["layers"].values()), key=key_sort)
+
+    @property
+    def factored(self) -> dict[str, dict[str, Any]]:
+        """Factored tensors: ``{name: {"rank": r, "shape": [out, in]}}`` (empty for a dense gene)."""
+        return dict(self.manifest.get("factored") or {})
+
+    def is_factored(self, name: str) -> bool:
+        """True when τ of ``name`` is stored as factors B·A rather than densely."""
+        return name in (self.manifest.get("factored") or {})
+
+    def factor_rank(self, name: str) -> int:
+        """Rank r of a factored tensor's τ = B·A."""
+        try:
+            return int(self.manifest["factored"][name]["rank"])
+        except (KeyError, TypeError):
+            raise GeneError(f"{self.path}: tensor {name!r} is not factored in this gene") from None
+
+    @property
+    def dense_names(self) -> list[str]:
+        """Names whose τ is stored densely (in ``vectors*``), in checkpoint order."""
+        fac = self.manifest.get("factored") or {}
+        return [n for n in self.tensor_names if n not in fac]
+
+    @property
+    def factors_path(self) -> Path:
+        return self.path / FACTORS
 
     @property
     def num_layers(self) -> int:
@@ -267,7 +326,9 @@ class Gene:
         self, names: Iterable[str] | None = None, device: str = "cpu", dtype: "torch.dtype | None" = None
     ) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield ``(name, τ)`` for ``names`` (default: all) in order, one tensor at a time, with
-        the vector file opened once for the whole walk.
+        the vector file opened once for the whole walk. A factored τ is densified here
+        (:func:`densify`, float32 unless ``dtype`` says otherwise); use :meth:`iter_factors` to
+        keep it factored.
 
         >>> for name, tau in Gene.load("gene/").iter_vectors():  # doctest: +SKIP
         ...     print(name, float(tau.norm()))
@@ -279,9 +340,20 @@ class Gene:
         names = self.tensor_names if names is None else list(names)
         vm = self._vector_map()
         single = self.path / VECTORS
+        fac = self.manifest.get("factored") or {}
         with ExitStack() as stack:
             handles: dict[Path, tuple[Any, set[str]]] = {}
+            fh_fac: Any = None
             for n in names:
+                if n in fac:
+                    if fh_fac is None:
+                        fh_fac = stack.enter_context(safe_open(str(self.path / FACTORS), framework="pt", device="cpu"))
+                    a, b = self._read_factors(fh_fac, n)
+                    t = densify(a, b)
+                    if dtype is not None:
+                        t = t.to(dtype)
+                    yield n, (t.to(device) if device != "cpu" else t)
+                    continue
                 f = vm.get(n) if vm else single
                 if f is None:
                     raise GeneError(f"{self.vectors_path}: no vector for tensor {n!r}")
@@ -295,6 +367,54 @@ class Gene:
                 if dtype is not None:
                     t = t.to(dtype)
                 yield n, (t.to(device) if device != "cpu" else t)
+
+    def iter_factors(
+        self, names: Iterable[str] | None = None, dtype: "torch.dtype | None" = None
+    ) -> Iterator[tuple[str, "torch.Tensor", "torch.Tensor"]]:
+        """Yield ``(name, A, B)`` with τ = B @ A for the factored ``names`` (default: all factored
+        tensors), A (r × in) and B (out × r) as stored (or cast to ``dtype``); the factors file is
+        opened once. Nothing is densified.
+
+        >>> for name, a, b in Gene.load("gene/").iter_factors():  # doctest: +SKIP
+        ...     print(name, a.shape[0])
+        """
+        from safetensors import safe_open
+
+        fac = self.manifest.get("factored") or {}
+        names = list(fac) if names is None else list(names)
+        if not names:
+            return
+        with safe_open(str(self.path / FACTORS), framework="pt", device="cpu") as fh:
+            for n in names:
+                if n not in fac:
+                    raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
+                a, b = self._read_factors(fh, n)
+                if dtype is not None:
+                    a, b = a.to(dtype), b.to(dtype)
+                yield n, a, b
+
+    def load_factors(
+        self, names: Iterable[str] | None = None, dtype: "torch.dtype | None" = None
+    ) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+        """``{name: (A, B)}`` for the factored ``names`` (default: all), as :meth:`iter_factors`.
+
+        >>> a, b = Gene.load("gene/").load_factors()["model.layers.0.self_attn.q_proj.weight"]  # doctest: +SKIP
+        """
+        return {n: (a, b) for n, a, b in self.iter_factors(names, dtype)}
+
+    def _read_factors(self, fh: Any, name: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """A and B of ``name`` from an open factors file, checked against gene.json's rank and shape."""
+        f = self.path / FACTORS
+        spec = self.manifest["factored"][name]
+        try:
+            a, b = fh.get_tensor(f"{name}.A"), fh.get_tensor(f"{name}.B")
+        except Exception:  # safetensors raises its own error type for a missing key
+            raise GeneError(f"{f}: no factors {name}.A / {name}.B; the gene is damaged, re-run `safegene extract`") from None
+        r, (rows, cols) = int(spec["rank"]), spec["shape"]
+        if tuple(a.shape) != (r, cols) or tuple(b.shape) != (rows, r):
+            raise GeneError(f"{f}: factors of {name!r} have shapes {list(a.shape)} and {list(b.shape)}, but gene.json "
+                            f"says rank {r} for a {rows} x {cols} tensor; the gene is damaged")
+        return a, b
 
     def set_selection(self, scores: dict[str, float], selected: list[str], method: str, extra: dict[str, Any] | None = None) -> None:
         """Record a layer selection in gene.json (atomically).
@@ -310,11 +430,92 @@ class Gene:
         self.manifest["selection"] = sel
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
+    # ---- sharing (Hugging Face Hub; logic in safegene.io.artifacts) ---------------------------
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: "str | os.PathLike[str]", revision: str | None = None) -> "Gene":
+        """A gene from a local directory or a Hub repository ``org/name[@revision]`` (through the
+        Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache only).
+
+        >>> Gene.from_pretrained("org/llama-safety-gene", revision="v1")  # doctest: +SKIP
+        """
+        from .io.artifacts import resolve_gene_dir
+
+        return cls.load(resolve_gene_dir(repo_id_or_dir, revision))
+
+    def save_pretrained(self, save_directory: "str | os.PathLike[str]", *, overwrite: bool = False) -> Path:
+        """A portable copy in ``save_directory``: the vectors, gene.json with sources as Hub ids or
+        content hashes (no local paths), and a model card README.md.
+
+        >>> Gene.load("gene/").save_pretrained("share/gene")  # doctest: +SKIP
+        """
+        from .io.artifacts import save_gene
+
+        return save_gene(self.path, self.manifest, save_directory, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Push the portable copy (:meth:`save_pretrained`) to ``repo_id``; returns the commit URL.
+        Keywords: ``revision``, ``private``, ``token``, ``commit_message``, ``create_pr``.
+
+        >>> Gene.load("gene/").push_to_hub("me/llama-safety-gene", private=True)  # doctest: +SKIP
+        """
+        from .io.artifacts import push_gene
+
+        return push_gene(self.path, self.manifest, repo_id, **kwargs)
+
+
+def _check_factored(mf: Path, man: dict[str, Any], version: Any) -> None:
+    """Validate gene.json's ``factored`` table: only in version 2, each entry a carried 2-D tensor."""
+    fac = man.get("factored")
+    if version == GENE_VERSION:
+        if fac:
+            raise GeneError(f"{mf}: a version 1 gene cannot hold factored tensors; the manifest is damaged")
+        return
+    if not isinstance(fac, dict):
+        raise GeneError(f"{mf}: a version 2 gene needs a 'factored' table; re-run `safegene extract`")
+    for n, spec in fac.items():
+        ok = (isinstance(spec, dict) and isinstance(spec.get("rank"), int) and spec["rank"] >= 1
+              and isinstance(spec.get("shape"), list) and len(spec["shape"]) == 2
+              and all(isinstance(x, int) and x >= 1 for x in spec["shape"]))
+        if not ok:
+            raise GeneError(f"{mf}: factored entry {n!r} must be {{'rank': r >= 1, 'shape': [out, in]}}, not {spec!r}")
+        if n not in man["layers"]:
+            raise GeneError(f"{mf}: factored tensor {n!r} is not in 'layers'; the manifest is damaged")
+
+
+def densify(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+    """τ = B @ A as a dense float32 tensor: the product in float64, rounded once.
+
+    The one place a factored τ is multiplied out (``Gene.iter_vectors`` calls it); ``apply``
+    and ``export-lora`` never do. It costs out × in float32, so it is meant for models small
+    enough to hold one such tensor at a time.
+
+    >>> import torch
+    >>> densify(torch.ones(1, 3), torch.full((2, 1), 2.0)).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    import torch
+
+    return (b.to(torch.float64) @ a.to(torch.float64)).to(torch.float32)
+
+
+def factors_sq_norm(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """‖B @ A‖_F² in float64 from the r × r Gram matrices (never forms B @ A):
+    trace((BᵀB)(AAᵀ)).
+
+    >>> import torch
+    >>> factors_sq_norm(torch.ones(1, 3), torch.full((2, 1), 2.0))
+    24.0
+    """
+    import torch
+
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    return float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+
 
 def load_gene(gene: "str | os.PathLike[str] | Gene") -> Gene:
     """Accept a gene directory or an already loaded :class:`Gene`."""
     return gene if isinstance(gene, Gene) else Gene.load(gene)
 
 
-__all__ = ["DEGRADE_PROVENANCE", "Gene", "fingerprint", "key_sort", "load_gene", "open_checkpoint", "read_degrade_provenance",
-           "vector_shard_names"]
+__all__ = ["DEGRADE_PROVENANCE", "FACTORS", "Gene", "densify", "factors_sq_norm", "fingerprint", "key_sort", "load_gene",
+           "open_checkpoint", "read_degrade_provenance", "vector_shard_names"]

@@ -11,6 +11,13 @@ A target may be ``BASE+ADAPTER_DIR`` (a PEFT LoRA adapter): it is treated as the
 ``W + scale·B·A`` exactly as PEFT's ``merge_and_unload()`` would store it, formed chunk by chunk
 inside the stream; the merged model never exists in memory or on disk.
 
+A low-rank gene (format version 2) adds each factored τ = B·A through the core's low-rank
+term: ``round(θ + λ·(B @ A))`` chunk by chunk, with only the r-rank factors in memory (no dense τ).
+When the target is ``BASE+ADAPTER`` and the adapter also touches that tensor, the two updates
+share the one low-rank term, stacked: A = [A_ad; A_gene], B = [s·B_ad, λ·B_gene] (scale 1), so
+the result is ``round(W + s·B_ad·A_ad + λ·τ)`` with a single rounding (a dense gene rounds the
+merged weight first, then adds λτ).
+
 >>> apply("gene/", "task-model/", "patched/", coeffs={"layer.2": 0.8, "layer.3": 1.1})  # doctest: +SKIP
 >>> apply_to_model(model, "gene/", {"layer.3": 1.0})  # doctest: +SKIP
 """
@@ -103,11 +110,14 @@ def _apply_one(
     tgt = open_checkpoint(base)
     g.check_target(tgt)
     gv = g.open_vectors()
-    missing = [n for n in g.tensor_names if n not in gv.tensors]
+    missing = [n for n in g.dense_names if n not in gv.tensors]
     if missing:
         raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")
     check_output_location(out, [tgt.root, g.path] + ([adapter] if adapter is not None else []))
     lora = _lora_factors(tgt, adapter) if adapter is not None else {}
+    # only the factors with λ ≠ 0 are read (float32, r × in and out × r each)
+    gene_lr = {n: (a.numpy(), b.numpy()) for n, a, b in
+               g.iter_factors([n for n in g.factored if lam.get(n, 0.0) != 0.0], dtype=_f32())}
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}
@@ -142,7 +152,11 @@ def _apply_one(
             for ot, t in zip(f.tensors, group):
                 c = lam.get(t.name, 0.0)
                 lr = lora.get(t.name)
-                if c != 0.0 and t.is_float:
+                fac = gene_lr.get(vec_of[t.name]) if c != 0.0 and t.is_float else None
+                if fac is not None:
+                    j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0)], lowrank=_stack_lowrank(lr, fac, c))
+                    patched.append((t.name, j))
+                elif c != 0.0 and t.is_float:
                     j = plan.add(f.path, ot.offset, t.dtype, t.numel, [(t, 1.0), (gv.tensors[vec_of[t.name]], c)], lowrank=lr)
                     patched.append((t.name, j))
                 else:
@@ -174,6 +188,27 @@ def _lora_factors(tgt: Checkpoint, adapter: Path) -> dict[str, tuple[Any, Any, f
             raise CheckpointError(f"{adapter}: the adapter updates {name!r}, which is not a float tensor in the base")
         out[name] = (a.numpy(), b.numpy(), scale)
     return out
+
+
+def _f32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def _stack_lowrank(lora: "tuple[Any, Any, float] | None", gene: tuple[Any, Any], lam: float) -> tuple[Any, Any, float]:
+    """One low-rank term for λ·τ = λ·B·A, stacked after a LoRA target's own ``(A, B, s)`` when
+    there is one (the core takes one term per tensor): ``[A_ad; A], [s·B_ad, λ·B]`` with scale 1.
+    The scales are folded in float64 and rounded once to float32."""
+    import numpy as np
+
+    a, b = gene
+    if lora is None:
+        return a, b, lam
+    la, lb, ls = lora
+    a2 = np.concatenate([np.asarray(la, np.float32), a], axis=0)
+    b2 = np.concatenate([ls * np.asarray(lb, np.float64), lam * np.asarray(b, np.float64)], axis=1).astype(np.float32)
+    return a2, b2, 1.0
 
 
 def _tied_pair(ckpt) -> tuple[str, str] | None:

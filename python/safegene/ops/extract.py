@@ -12,37 +12,65 @@ so ``dtype="BF16"`` halves the gene but rounds τ; the relative rounding error
 ‖τ_stored − τ‖ / ‖τ‖ is measured in the same pass and written to gene.json (per tensor and
 overall) and returned, so the trade is visible.
 
+**Low-rank genes.** When the degraded model is ``ALIGNED+ADAPTER`` (a PEFT LoRA adapter on the
+aligned model itself), or with :func:`extract_from_adapter`, τ = aligned − (aligned + s·B·A) =
+−s·B·A is written as its factors (gene format version 2, see :mod:`safegene.gene`): A as the
+adapter stores it and B = −s·B_adapter (the scale folded into B, rounded once from float64 into
+the storage dtype). No dense τ is ever formed. Tensors the adapter does not touch have τ = 0 and
+are not stored (listed in gene.json ``lowrank.untouched``). Their statistics come from the
+factors and one read of the aligned weights: ‖τ‖² = trace((BᵀB)(AAᵀ)) (r × r products) and
+⟨θ_aligned, τ⟩ = Σ (θ_aligned Aᵀ) ⊙ B, all in float64.
+
 >>> gene = extract("models/aligned", "models/degraded", "gene/")  # doctest: +SKIP
 >>> gene.manifest["rounding"]  # doctest: +SKIP
 {'storage_dtype': 'F32', 'rel_error': 0.0}
+>>> extract("models/aligned", "models/aligned+degrade-lora/", "gene-lr/").factored  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .._version import __version__
 from ..engine.stream import Plan, run_plan
 from ..errors import CheckpointError, MismatchError, NonFiniteError, UsageError
 from ..gene import (
+    FACTORS,
     GENE_FORMAT,
     GENE_VERSION,
+    GENE_VERSION_FACTORED,
     MANIFEST,
+    VECTORS,
     VECTORS_INDEX,
     Gene,
+    factors_sq_norm,
     fingerprint,
     key_sort,
     read_degrade_provenance,
     vector_shard_names,
 )
 from ..io.atomic import atomic_output_dir, write_json_atomic
-from ..io.checkpoint import OutTensor, check_output_location, create_files, join_by_name, layer_key, open_checkpoint, plan_file
-from ..io.hub import resolve_model
+from ..io.checkpoint import (
+    OutTensor,
+    TensorInfo,
+    check_output_location,
+    create_files,
+    join_by_name,
+    layer_key,
+    open_checkpoint,
+    plan_file,
+)
+from ..io.hub import resolve_model, resolve_target
+from ..io.peft import ADAPTER_WEIGHTS, lora_target_delta, read_adapter_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 STORAGE_DTYPES = ("F32", "BF16", "F16")
 #: Float dtypes with no kernel: refused rather than silently skipped (integer/bool buffers carry no vector).
@@ -106,7 +134,9 @@ def extract(
     """Extract the gene τ = aligned − degraded into the directory ``out``.
 
     ``aligned`` and ``degraded`` are local model directories / ``.safetensors`` files or Hub ids
-    (``org/name[@revision]``, resolved through the local Hugging Face cache). ``dtype`` is the storage dtype of τ (``"F32"``, ``"BF16"`` or ``"F16"``); ``budget_mb``
+    (``org/name[@revision]``, resolved through the local Hugging Face cache); ``degraded`` may be
+    ``ALIGNED+ADAPTER_DIR`` (a PEFT LoRA adapter on the aligned model), which writes a low-rank
+    gene (format version 2: τ = −s·B·A kept as factors; see the module docstring). ``dtype`` is the storage dtype of τ (``"F32"``, ``"BF16"`` or ``"F16"``); ``budget_mb``
     bounds the streaming buffers. Non-finite values in τ are refused unless
     ``allow_nonfinite``. ``keys`` (coefficient keys such as ``layer.3``/``lm_head``, or tensor
     names; a list or a comma-separated string) keeps only those vectors. Vector files larger than
@@ -124,8 +154,14 @@ def extract(
     if max_shard_mb <= 0:
         raise UsageError("the shard size must be positive")
     t0 = time.perf_counter()
+    d_base, adapter = resolve_target(degraded)
+    if adapter is not None:
+        a_path = resolve_model(aligned)
+        _check_same_base(a_path, d_base, f"{degraded}")
+        return _extract_lowrank(a_path, adapter, Path(out), dtype=dtype, budget_mb=budget_mb, overwrite=overwrite,
+                                allow_nonfinite=allow_nonfinite, keys=keys, t0=t0)
     a = open_checkpoint(resolve_model(aligned))
-    d = open_checkpoint(resolve_model(degraded))
+    d = open_checkpoint(d_base)
     out = Path(out)
     check_output_location(out, [a.root, d.root])
     pairs = join_by_name(a, d, ("aligned", "degraded"))
@@ -235,3 +271,238 @@ def extract(
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return Gene.load(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# low-rank genes: τ = −s·B·A from a LoRA adapter, kept factored
+# ---------------------------------------------------------------------------------------------
+def extract_from_adapter(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    base: "str | os.PathLike[str] | None" = None,
+    dtype: str = "F32",
+    budget_mb: float = DEFAULT_BUDGET_MB,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    keys: "Sequence[str] | str | None" = None,
+) -> Gene:
+    """Extract the low-rank gene of a LoRA degrade: aligned = ``base`` (default: the adapter's
+    ``base_model_name_or_path``), degraded = aligned + the adapter. Same as
+    ``extract(base, f"{base}+{adapter}", out)``; τ stays factored (gene format version 2).
+
+    >>> g = extract_from_adapter("degrade-lora/", "gene/", base="models/aligned")  # doctest: +SKIP
+    >>> g.factor_rank("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+    16
+    """
+    t0 = time.perf_counter()
+    dtype = dtype.upper()
+    if dtype not in STORAGE_DTYPES:
+        raise UsageError(f"storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    if budget_mb <= 0:
+        raise UsageError("the memory budget must be positive")
+    ad = resolve_model(adapter)
+    cfg = read_adapter_config(ad)
+    named = cfg.get("base_model_name_or_path")
+    if base is None:
+        if not named:
+            raise UsageError(f"{ad}: the adapter names no base model (base_model_name_or_path); give the aligned model with --base")
+        a_path = resolve_model(named)
+    else:
+        a_path = resolve_model(base)
+        named_local = Path(str(named)).expanduser() if named else None
+        if named_local is not None and named_local.exists():
+            # the adapter names a local base: it must be the aligned model we were given
+            _check_same_base(a_path, named_local, f"{ad} (base_model_name_or_path)")
+    return _extract_lowrank(a_path, ad, Path(out), dtype=dtype, budget_mb=budget_mb, overwrite=overwrite,
+                            allow_nonfinite=allow_nonfinite, keys=keys, t0=t0)
+
+
+def _check_same_base(aligned: Path, base: Path, where: str) -> None:
+    """Refuse a LoRA degrade whose base is not the aligned model (τ would not be low-rank):
+    the same path, or files with identical headers and bytes."""
+    if aligned.resolve() == base.resolve():
+        return
+    a, b = open_checkpoint(aligned), open_checkpoint(base)
+    fa = sorted((f.path.name, f.size, f.header_sha256) for f in a.files)
+    fb = sorted((f.path.name, f.size, f.header_sha256) for f in b.files)
+    same = fa == fb and all(
+        filecmp.cmp(x.path, y.path, shallow=False)
+        for x, y in zip(sorted(a.files, key=lambda f: f.path.name), sorted(b.files, key=lambda f: f.path.name))
+    )
+    if not same:
+        raise MismatchError(
+            f"{where}: the adapter's base {base} is not the aligned model {aligned}; a low-rank gene needs "
+            "degraded = ALIGNED+ADAPTER on the aligned model itself (merge the adapter and extract densely otherwise)"
+        )
+
+
+def _extract_lowrank(
+    aligned: Path,
+    adapter: Path,
+    out: Path,
+    *,
+    dtype: str,
+    budget_mb: float,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    keys: "Sequence[str] | str | None",
+    t0: float,
+) -> Gene:
+    """Write the factored gene τ = B·A (B = −s·B_adapter) of ``aligned + adapter`` into ``out``."""
+    import torch
+    from safetensors.torch import save_file
+
+    a = open_checkpoint(aligned)
+    check_output_location(out, [a.root, adapter])
+    deltas = lora_target_delta(a, adapter)
+    for name in deltas:
+        t = a.tensors[name]
+        if not t.is_float or t.dtype in UNSUPPORTED_FLOAT:
+            raise CheckpointError(f"{adapter}: the adapter updates {name!r}, which is {t.dtype} in the base; "
+                                  "safegene computes on F32, F16 and BF16 only")
+    names = [n for n in a.tensors if n in deltas]  # checkpoint order
+    kept_keys: list[str] | None = None
+    if keys is not None:
+        klist = keys.split(",") if isinstance(keys, str) else list(keys)
+        keep = select_keys(names, klist)
+        names = [n for n, k in zip(names, keep) if k]
+        kept_keys = list(dict.fromkeys(k.strip() for k in klist if k.strip()))
+    if not names:
+        raise UsageError(f"--keys keeps none of the {len(deltas)} tensors the adapter {adapter} updates")
+    untouched = [n for n, t in a.tensors.items() if t.is_float and n not in deltas]
+    skipped = [n for n, t in a.tensors.items() if not t.is_float]
+    tdt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    budget = int(budget_mb * 2**20)
+
+    factors: dict[str, "torch.Tensor"] = {}
+    factored: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, Any] = {}
+    layers: dict[str, str] = {}
+    per_layer: dict[str, dict[str, float]] = {}
+    tot_tau = tot_round = 0.0
+    bytes_read = 0
+    bad: list[str] = []
+    for n in names:
+        fa, fb, s = deltas[n]
+        a64 = fa.to(torch.float64)
+        b64 = (-s) * fb.to(torch.float64)  # τ = aligned − (aligned + s·B·A) = (−s·B)·A
+        a_st, b_st = a64.to(tdt).contiguous(), b64.to(tdt).contiguous()
+        factors[f"{n}.A"], factors[f"{n}.B"] = a_st, b_st
+        r = int(a64.shape[0])
+        factored[n] = {"rank": r, "shape": [int(b64.shape[0]), int(a64.shape[1])]}
+        tau_sq = factors_sq_norm(a64, b64)
+        # stored − exact = [B_st, −B]·[A_st; A]: its norm from the same r × r products
+        round_sq = max(0.0, factors_sq_norm(torch.cat([a_st.to(torch.float64), a64]), torch.cat([b_st.to(torch.float64), -b64], 1)))
+        w_sq, w_tau, nf_in = _aligned_stats(a.tensors[n], a64, b64, budget)
+        bytes_read += a.tensors[n].nbytes
+        nf_out = int((~torch.isfinite(a_st)).sum()) + int((~torch.isfinite(b_st)).sum())
+        if nf_in or nf_out or not math.isfinite(tau_sq):
+            bad.append(n)
+        d_sq = max(0.0, w_sq - 2.0 * w_tau + tau_sq)  # ‖θ_aligned − τ‖² = ‖θ_degraded‖²
+        tau_n, a_n, d_n = math.sqrt(tau_sq), math.sqrt(w_sq), math.sqrt(d_sq)
+        key = layer_key(n)
+        layers[n] = key
+        tensors[n] = {
+            "layer": key,
+            "tau_norm": tau_n,
+            "aligned_norm": a_n,
+            "degraded_norm": d_n,
+            "rel_change": tau_n / a_n if a_n > 0 else (0.0 if tau_n == 0 else math.inf),
+            "cosine": (w_sq - w_tau) / (a_n * d_n) if a_n > 0 and d_n > 0 else None,
+            "rounding_rel_error": math.sqrt(round_sq) / tau_n if tau_n > 0 else 0.0,
+            "nonfinite": nf_out,
+            "rank": r,
+        }
+        agg = per_layer.setdefault(key, {"tau_sq": 0.0, "aligned_sq": 0.0, "n_tensors": 0})
+        agg["tau_sq"] += tau_sq
+        agg["aligned_sq"] += w_sq
+        agg["n_tensors"] += 1
+        tot_tau += tau_sq
+        tot_round += round_sq
+    if bad and not allow_nonfinite:
+        raise NonFiniteError(
+            f"non-finite values (NaN/Inf) in {len(bad)} tensors of the aligned model or of the adapter's factors, e.g. "
+            f"{bad[0]!r}; check the inputs, or pass --allow-nonfinite to keep them"
+        )
+    layer_stats = {
+        k: {
+            "tau_norm": math.sqrt(v["tau_sq"]),
+            "aligned_norm": math.sqrt(v["aligned_sq"]),
+            "rel_change": math.sqrt(v["tau_sq"] / v["aligned_sq"]) if v["aligned_sq"] > 0 else 0.0,
+            "n_tensors": int(v["n_tensors"]),
+        }
+        for k, v in sorted(per_layer.items(), key=lambda kv: key_sort(kv[0]))
+    }
+    cfg = read_adapter_config(adapter)
+    wp = adapter / ADAPTER_WEIGHTS
+    with atomic_output_dir(out, overwrite) as tmp:
+        # an empty dense vector file keeps every gene's layout the same (no dense τ here)
+        empty = plan_file(tmp / VECTORS, [], {"format": "pt", "safegene": "gene-vectors"})
+        create_files([empty])
+        save_file(factors, str(tmp / FACTORS), metadata={"format": "pt", "safegene": "gene-factors"})
+        written = empty.size + (tmp / FACTORS).stat().st_size
+        manifest = {
+            "format": GENE_FORMAT,
+            "format_version": GENE_VERSION_FACTORED,
+            "created_by": f"safegene {__version__}",
+            "storage_dtype": dtype,
+            "fingerprint": fingerprint(a),
+            "layers": layers,
+            "tensors": tensors,
+            "layer_stats": layer_stats,
+            "skipped": skipped,
+            "rounding": {"storage_dtype": dtype, "rel_error": math.sqrt(tot_round / tot_tau) if tot_tau > 0 else 0.0},
+            "sources": {
+                "aligned": a.provenance(),
+                "degraded": {
+                    "base": str(a.root.resolve()),
+                    "adapter": {"path": str(adapter.resolve()), "config": cfg, "size": wp.stat().st_size},
+                },
+            },
+            "stream": {
+                "budget_bytes": budget,
+                "buffer_bytes": 0,
+                "bytes_read": bytes_read + wp.stat().st_size,
+                "bytes_written": written,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+            "selection": None,
+            "keys": kept_keys,
+            "shards": {"files": [VECTORS], "max_shard_bytes": None},
+            "degradation": read_degrade_provenance(adapter),
+            "factored": factored,
+            "lowrank": {
+                "adapter": str(adapter.resolve()),
+                "scale_folded_into": "B",
+                "untouched": untouched,
+            },
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return Gene.load(out)
+
+
+def _aligned_stats(t: TensorInfo, a64: "torch.Tensor", b64: "torch.Tensor", budget: int) -> tuple[float, float, int]:
+    """‖W‖², ⟨W, B·A⟩ and W's non-finite count for the aligned weight W, read in row blocks of at
+    most ``budget`` bytes (as float64) without forming B·A: ⟨W, B·A⟩ = Σ (W Aᵀ) ⊙ B."""
+    import torch
+    from safetensors import safe_open
+
+    rows, cols = int(b64.shape[0]), int(a64.shape[1])
+    step = max(1, budget // max(1, 8 * cols * 2))
+    w_sq = w_tau = 0.0
+    nf = 0
+    at = a64.T.contiguous()
+    with safe_open(str(t.file), framework="pt", device="cpu") as fh:
+        sl = fh.get_slice(t.name)
+        for r0 in range(0, rows, step):
+            w = sl[r0: r0 + step].to(torch.float64)
+            fin = torch.isfinite(w)
+            nf += int((~fin).sum())
+            w = torch.where(fin, w, torch.zeros((), dtype=torch.float64))
+            w_sq += float((w * w).sum())
+            w_tau += float(((w @ at) * b64[r0: r0 + step]).sum())
+    return w_sq, w_tau, nf
+
+
+__all__ = ["extract", "extract_from_adapter", "select_keys", "shard_groups"]

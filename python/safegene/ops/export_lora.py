@@ -10,6 +10,13 @@ reconstruction error ‖ΔW − BA‖/‖ΔW‖ of each module is reported and s
 ``safegene_lora.json``. Conv1D models (GPT-2) get ``fan_in_fan_out: true``. Tensors that LoRA cannot carry (norm weights, biases, embeddings, an
 lm_head tied to the embedding) are *dropped* and listed there with their share of ‖λτ‖.
 
+A **factored** τ = B·A of a low-rank gene (format version 2) is exported exactly, with no SVD:
+at its own rank r, ``lora_A = A`` and ``lora_B = λ·B`` (λ folds into B, the output side, in
+float64, rounded once into the adapter dtype; for Conv1D ``lora_A = Bᵀ``, ``lora_B = λ·Aᵀ``).
+``rank``/``energy`` then apply to the dense tensors only and are not needed for a gene with
+none; the sidecar marks such modules ``"exact": true`` (their ``rel_error`` is the storage
+rounding, 0 up to float32 for F32).
+
 **In** — :func:`lora_target_delta` parses and validates a PEFT LoRA adapter against a base
 checkpoint and returns the per-tensor factors ``(A, B, scale)`` with ΔW = scale · B @ A
 (``target_modules``, per-module ``rank_pattern``/``alpha_pattern``, rsLoRA and
@@ -29,11 +36,11 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..coeffs import CoeffsLike, resolve_coeffs
 from ..errors import UsageError
-from ..gene import Gene, load_gene
+from ..gene import Gene, factors_sq_norm, load_gene
 from ..io.atomic import atomic_output_dir, write_json_atomic
 from ..io.checkpoint import check_output_location
 from ..io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODEL_TYPES, PEFT_PREFIX
@@ -123,7 +130,7 @@ def export_lora(
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
-    if (rank is None) == (energy is None):
+    if rank is not None and energy is not None:
         raise UsageError("give exactly one of a rank (--rank R) or an energy fraction (--energy E)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UsageError(f"rank must be a positive integer, not {rank!r}")
@@ -146,6 +153,11 @@ def export_lora(
     todo = [n for n in g.tensor_names if lam.get(n, 0.0) != 0.0]
     if not todo:
         raise UsageError(f"every coefficient is zero for gene {g.path}; nothing to export")
+    if rank is None and energy is None and any(
+        not g.is_factored(n) and _drop_reason(g, n, shapes.get(n) or [], tied) is None for n in todo
+    ):
+        raise UsageError("give exactly one of a rank (--rank R) or an energy fraction (--energy E) for the dense tensors "
+                         "(only a low-rank gene's factored tensors export exactly without one)")
     modules: dict[str, dict[str, Any]] = {}
     dropped: dict[str, dict[str, Any]] = {}
     tensors: dict[str, "torch.Tensor"] = {}
@@ -158,18 +170,31 @@ def export_lora(
 
         bar = tqdm(total=len(todo), desc="export-lora", unit="tensor", file=sys.stderr, leave=False)
     try:
-        for n, tau in g.iter_vectors(todo, dtype=torch.float32):  # the vector file opened once
+        for n, tau, fac in _walk(g, todo):  # each file opened once
             c = lam[n]
             shape = shapes.get(n) or []
             reason = _drop_reason(g, n, shape, tied)
             if reason is None and conv1d and g.layer_key(n) == "lm_head":
                 reason = "Linear lm_head in a Conv1D model (PEFT's fan_in_fan_out is one flag for all modules)"
-            norm = abs(c) * float(tau.double().norm())
+            norm = abs(c) * (math.sqrt(factors_sq_norm(*fac)) if fac is not None else float(tau.double().norm()))
             sq_total += norm**2
             if reason is not None:
                 dropped[n] = {"reason": reason, "layer": g.layer_key(n), "lambda": c, "norm": norm}
                 sq_dropped += norm**2
+            elif fac is not None:
+                mod = n[: -len(".weight")]
+                a, b, resid = _exact_factors(fac, c, conv1d, torch_dtype)
+                sq_kept += norm**2
+                sq_resid += resid**2
+                tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = a
+                tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = b
+                r = int(a.shape[0])
+                modules[mod] = {
+                    "tensor": n, "layer": g.layer_key(n), "lambda": c, "shape": shape, "rank": r, "full_rank": r,
+                    "norm": norm, "energy": 1.0, "rel_error": resid / norm if norm > 0 else 0.0, "exact": True,
+                }
             else:
+                assert tau is not None
                 mod = n[: -len(".weight")]
                 delta = tau.mul_(c)
                 if conv1d:
@@ -230,7 +255,7 @@ def export_lora(
         "gene": str(g.path.resolve()),
         "family_aligned": ((g.manifest.get("sources") or {}).get("aligned") or {}).get("path"),
         "adapter": str(out),
-        "mode": {"rank": rank} if rank is not None else {"energy": float(energy or 0.0)},
+        "mode": {"rank": rank} if rank is not None else ({"energy": float(energy)} if energy is not None else {"exact": True}),
         "dtype": str(dtype).upper(),
         "n_modules": len(modules),
         "rank_max": r_max,
@@ -248,6 +273,37 @@ def export_lora(
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / SIDECAR, summary)
     return summary
+
+
+def _walk(g: Gene, names: list[str]) -> "Iterator[tuple[str, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]":
+    """``(name, dense τ, None)`` or ``(name, None, (A, B))`` for ``names`` in order; factored
+    tensors stay factored (never densified)."""
+    import torch
+
+    dense = g.iter_vectors([n for n in names if not g.is_factored(n)], dtype=torch.float32)
+    fac = g.iter_factors([n for n in names if g.is_factored(n)], dtype=torch.float32)
+    for n in names:
+        if g.is_factored(n):
+            _, a, b = next(fac)
+            yield n, None, (a, b)
+        else:
+            _, tau = next(dense)
+            yield n, tau, None
+
+
+def _exact_factors(fac: tuple["torch.Tensor", "torch.Tensor"], lam: float, conv1d: bool,
+                   dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor", float]:
+    """PEFT ``(lora_A, lora_B)`` for λ·B·A with λ folded into lora_B (float64, one rounding into
+    ``dtype``), and ‖λ·B·A − stored‖ from r × r products."""
+    import torch
+
+    a64, b64 = fac[0].to(torch.float64), fac[1].to(torch.float64)
+    if conv1d:  # stored weight (in, out) = B·A; PEFT computes (lora_B @ lora_A)ᵀ
+        a64, b64 = b64.T, a64.T
+    b64 = lam * b64
+    la, lb = a64.to(dtype).contiguous(), b64.to(dtype).contiguous()
+    resid_sq = factors_sq_norm(torch.cat([la.to(torch.float64), a64]), torch.cat([lb.to(torch.float64), -b64], 1))
+    return la, lb, math.sqrt(max(0.0, resid_sq))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Reads only ``gene.json`` (never the vectors): per layer key ‖τ‖, relative change
 ‖τ‖/‖θ_aligned‖ and tensor count (``layer_stats``, written by ``extract``), and, once
-``safegene select`` has run, the selection scores and the chosen layers (``selection``).
+``safegene select`` has run, the selection scores and the chosen layers (``selection``). For a
+low-rank gene (format version 2) it also shows the rank of each factored tensor (per layer: the
+largest) and how many tensors are factored or dense.
 
 >>> info = inspect_gene("gene/", plot="gene.png")  # doctest: +SKIP
 >>> info["selected"]  # doctest: +SKIP
@@ -27,9 +29,10 @@ def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.Path
     """Per-layer summary of a gene; with ``plot``, also a PNG (three stacked panels).
 
     Returns ``{"gene", "model_type", "num_layers", "storage_dtype", "rounding_rel_error",
-    "tau_norm" (overall), "layers": [{"key", "tau_norm", "aligned_norm", "rel_change",
-    "n_tensors", "score", "selected"}], "selection": {"method", "selected", "rule"} | None,
-    "selected": [...] | None, "plot": path | None}``.
+    "tau_norm" (overall), "layers": [{"key", "rank" (largest factored rank, or None), "tau_norm",
+    "aligned_norm", "rel_change", "n_tensors", "score", "selected"}], "selection": {"method",
+    "selected", "rule"} | None, "selected": [...] | None, "format_version", "factored": {tensor:
+    rank}, "n_dense", "n_untouched" (tensors a LoRA degrade left alone: τ = 0), "plot": path | None}``.
 
     >>> inspect_gene("gene/")["layers"][0]["key"]  # doctest: +SKIP
     'embed'
@@ -41,10 +44,16 @@ def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.Path
     sel = g.selection if isinstance(g.selection, dict) else None
     scores = (sel or {}).get("scores") or {}
     chosen = set((sel or {}).get("selected") or [])
+    fac = g.factored
+    ranks: dict[str, int] = {}
+    for n, spec in fac.items():
+        k = g.layer_key(n)
+        ranks[k] = max(ranks.get(k, 0), int(spec["rank"]))
     rows = []
     for k in sorted(stats, key=key_sort):
         v = stats[k]
         rows.append({
+            "rank": ranks.get(k),
             "key": k,
             "tau_norm": float(v.get("tau_norm", 0.0)),
             "aligned_norm": float(v.get("aligned_norm", 0.0)),
@@ -69,6 +78,10 @@ def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.Path
         "keys": g.manifest.get("keys"),
         "files": [f.name for f in g.vector_files],
         "degradation": _degradation_summary(g.degradation),
+        "format_version": int(g.manifest.get("format_version", 1)),
+        "factored": {n: int(spec["rank"]) for n, spec in fac.items()},
+        "n_dense": len(g.dense_names),
+        "n_untouched": len((g.manifest.get("lowrank") or {}).get("untouched") or []),
         "plot": None,
     }
     if plot is not None:
@@ -117,11 +130,20 @@ def format_gene_table(info: dict[str, Any]) -> str:
         lines.append(f"kept keys: {', '.join(info['keys'])}")
     if len(info.get("files") or []) > 1:
         lines.append(f"vectors: {len(info['files'])} shards ({info['files'][0]} …)")
-    lines.append(f"{'layer':<12} {'‖τ‖':>10} {'share':>7} {'rel.change':>11} {'tensors':>8} {'score':>9}  sel")
+    fac = info.get("factored") or {}
+    if fac:
+        rs = sorted(set(fac.values()))
+        rank_txt = f"rank {rs[0]}" if len(rs) == 1 else f"ranks {rs[0]}–{rs[-1]}"
+        lines.append(f"low-rank gene (format v{info.get('format_version', 2)}): {len(fac)} factored tensors ({rank_txt}), "
+                     f"{info.get('n_dense', 0)} dense" + (f"; {info['n_untouched']} untouched tensors have τ = 0"
+                                                         if info.get("n_untouched") else ""))
+    rank_h = f" {'rank':>5}" if fac else ""
+    lines.append(f"{'layer':<12}{rank_h} {'‖τ‖':>10} {'share':>7} {'rel.change':>11} {'tensors':>8} {'score':>9}  sel")
     for r in info["layers"]:
         share = (r["tau_norm"] / info["tau_norm"]) ** 2 if info["tau_norm"] > 0 else 0.0
         score = f"{r['score']:.4g}" if r["score"] is not None else "-"
-        lines.append(f"{r['key']:<12} {r['tau_norm']:>10.4g} {100 * share:>6.1f}% {r['rel_change']:>11.3e} "
+        rank_c = (f" {r['rank']:>5d}" if r.get("rank") else f" {'-':>5}") if fac else ""
+        lines.append(f"{r['key']:<12}{rank_c} {r['tau_norm']:>10.4g} {100 * share:>6.1f}% {r['rel_change']:>11.3e} "
                      f"{r['n_tensors']:>8d} {score:>9}  {'*' if r['selected'] else ''}")
     return "\n".join(lines)
 

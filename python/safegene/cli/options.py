@@ -227,6 +227,9 @@ def _add(container: Any, s: Spec) -> None:
                 kw["nargs"] = "+"
     if a.positional:
         kw.setdefault("metavar", s.name.upper())
+        if not s.required and s.kind != "list":  # a positional with a default may be left out
+            kw["nargs"] = "?"
+            kw["default"] = s.default
         container.add_argument(s.name, **kw)
         return
     kw["dest"] = s.name
@@ -290,6 +293,8 @@ def to_argv(command: "Command", opts: Any) -> list[str]:
     for s in sorted(specs(type(opts)), key=_render_rank):
         v = getattr(opts, s.name)
         if s.arg.positional:
+            if v is None and not s.required:
+                continue
             argv += [_text(x) for x in v] if isinstance(v, list) else [_text(v)]
             continue
         if not s.required and v == s.default:

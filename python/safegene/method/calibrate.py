@@ -62,12 +62,13 @@ noise).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 from .. import lm
 from ..coeffs import Coeffs
@@ -86,18 +87,109 @@ from .merge import gene_merge
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
-def _forward(model, params: dict, batch) -> Any:
+def _forward(model, params: dict, batch, no_cache: bool = False) -> Any:
+    """Logits of ``batch`` with ``params`` substituted for the model's own tensors.
+    ``no_cache``: ask for no KV cache (a checkpointed block re-run in backward must not append
+    to one)."""
     import torch
 
+    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if no_cache:
+        kw["use_cache"] = False
     if params:
-        out = torch.func.functional_call(model, params, (), {"input_ids": batch.input_ids,
-                                                              "attention_mask": batch.attention_mask})
+        out = torch.func.functional_call(model, params, (), kw)
     else:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out = model(**kw)
     return out.logits
 
 
+def _loss_dtype(t) -> Any:
+    """float32 for 16/32-bit logits (the loss is always taken in float32), float64 for float64."""
+    import torch
+
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _slice_batch(batch, a: int, b: int):
+    """Rows ``a:b`` of a right-padded batch, cut to their own longest row (a micro-batch holds
+    the activations of its own length, not of the whole batch's)."""
+    n = max(1, int(batch.attention_mask[a:b].sum(1).max()))
+    return lm.Batch(batch.input_ids[a:b, :n], batch.attention_mask[a:b, :n], batch.labels[a:b, :n],
+                    batch.last_prompt[a:b])
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model) -> Iterator[None]:
+    """Gradient checkpointing of every decoder block while the context is open.
+
+    A block run with autograd on keeps only its inputs; its activations are recomputed in the
+    backward pass (``torch.utils.checkpoint``, non-reentrant). Unlike transformers'
+    ``gradient_checkpointing_enable`` this works in eval mode (calibration runs the model in
+    eval mode: no dropout) and with tensors substituted by ``torch.func.functional_call``:
+    the block's substituted tensors (those that require grad: W⁰ + λτ of the exact mode, the
+    weight-space tensors of the low-memory one) are captured at the forward and put back for
+    the recomputation, so it computes with the same tensors and the gradient still reaches λ.
+    Forward hooks (the low-memory mode's λ τx) run again in the recomputation. Call the model
+    with ``use_cache=False`` inside. Leaves every block as it was on exit.
+
+    >>> with checkpointed_blocks(model):  # doctest: +SKIP
+    ...     loss(model).backward()
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = lm.decoder_layers(model)
+    before: list[tuple[Any, Any]] = []
+
+    def wrap(block, inner):
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return inner(*args, **kwargs)
+            live = {n: t for n, t in block.named_parameters(remove_duplicate=False) if t.requires_grad}
+            return checkpoint(inner, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _substituted(block, live)), **kwargs)
+        return forward
+
+    try:
+        for block in blocks:
+            before.append((block, block.__dict__.get("forward")))
+            block.forward = wrap(block, block.forward)
+    except BaseException:
+        _unwrap(before)
+        raise
+    try:
+        yield
+    finally:
+        _unwrap(before)
+
+
+def _unwrap(before: list[tuple[Any, Any]]) -> None:
+    for block, prev in reversed(before):
+        if prev is None:
+            del block.forward
+        else:
+            block.forward = prev
+
+
+@contextlib.contextmanager
+def _substituted(module, tensors: dict) -> Iterator[None]:
+    """``tensors`` (by parameter name under ``module``) in place of the module's parameters, as
+    ``torch.func.functional_call`` puts them."""
+    done = []
+    try:
+        for name, t in tensors.items():
+            mod_name, _, attr = name.rpartition(".")
+            mod = module.get_submodule(mod_name) if mod_name else module
+            done.append((mod, attr, mod._parameters[attr]))
+            mod._parameters[attr] = t
+        yield
+    finally:
+        for mod, attr, old in reversed(done):
+            mod._parameters[attr] = old
+
+
 def _pred_positions(batch, first_k: int | None = None, keep_rest: bool = False):
+
     """(row, position, target) of every position that predicts a completion token; rows without
     a completion contribute their last prompt position (target -100). With ``first_k``, only the
     first ``first_k`` completion tokens of each row are kept, unless ``keep_rest``: then all are
@@ -131,32 +223,48 @@ def _per_row(values, rows, n_rows: int):
     return sums[keep] / cnt[keep]
 
 
-def _per_row_mean(values, rows, n_rows: int):
-    return _per_row(values, rows, n_rows).mean()
-
-
 class _Objective:
-    """The few-shot loss; built once per target (reference distributions cached at λ = 0)."""
+    """The few-shot loss; built once per target (reference distributions cached at λ = 0).
+
+    ``micro_batch_size`` (None: each of the safety and utility batches in one forward) splits
+    the forwards into micro-batches of that many records; :meth:`value` and :meth:`backward`
+    then add up the micro-batches' shares so that the loss and the λ-gradient are the
+    full-batch ones (each term is a mean over its records: a micro-batch's records enter with
+    weight 1/N of their term, N counted over the whole batch, however uneven the last
+    micro-batch is). ``checkpointing``: forwards with autograd on run their decoder blocks
+    under :func:`checkpointed_blocks` (the caller opens it) and ask for no KV cache.
+    """
 
     def __init__(self, model, tokenizer, safety_pairs, utility_pairs, beta, l2, utility_loss,
-                 safety_first_k, device, safety_rest_weight: float = 0.0, reg_uniform: float = 0.0):
+                 safety_first_k, device, safety_rest_weight: float = 0.0, reg_uniform: float = 0.0,
+                 micro_batch_size: int | None = None, checkpointing: bool = False):
         import torch
 
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise UsageError(f"micro_batch_size must be at least 1 (or None: one batch), not {micro_batch_size}")
         pad = lm.pad_id_of(tokenizer)
         self.model = model
         self.beta, self.l2 = float(beta), float(l2)
         self.rest_weight = float(safety_rest_weight)
         self.reg_uniform = float(reg_uniform)
+        self.micro_batch_size = micro_batch_size
+        self.checkpointing = bool(checkpointing)
         self.center: Any = None  # γ̄ of the uniform start, set by calibrate once it is known
         self.safety = lm.collate(safety_pairs, pad, device)
         # (row, position, target, is-among-the-first-k): the first tokens carry the refusal
         # decision, the rest of the sentence is asked for with weight `rest_weight`
         self.s_idx = _pred_positions(self.safety, safety_first_k, keep_rest=True)
+        head = self.s_idx[3]
+        self.with_rest = self.rest_weight > 0 and not bool(head.all())
+        # the number of records each mean is over (micro-batches divide by these)
+        self.n_head = int(torch.unique(self.s_idx[0][head]).numel())
+        self.n_rest = int(torch.unique(self.s_idx[0][~head]).numel())
         self.utility = lm.collate(utility_pairs, pad, device) if utility_pairs else None
         self.utility_loss = utility_loss
         self.ref_logp = None
         if self.utility is not None:
             self.u_idx = _pred_positions(self.utility)
+            self.n_utility = int(torch.unique(self.u_idx[0]).numel())
             has_target = self.u_idx[2] >= 0
             self.u_ce_mask = has_target if utility_loss in ("auto", "ce") else torch.zeros_like(has_target)
             self.u_kl_mask = ~self.u_ce_mask
@@ -164,9 +272,51 @@ class _Objective:
                 raise UsageError("utility_loss='ce' needs a completion on every utility record; use 'auto' or 'kl'")
             if bool(self.u_kl_mask.any()):
                 with torch.no_grad():
-                    logits = _forward(model, {}, self.utility)
-                    r, p, _ = self.u_idx
-                    self.ref_logp = torch.log_softmax(logits[r, p].float(), -1)
+                    if micro_batch_size is None:
+                        logits = _forward(model, {}, self.utility)
+                        r, p, _ = self.u_idx
+                        self.ref_logp = torch.log_softmax(logits[r, p].to(_loss_dtype(logits)), -1)
+                    else:
+                        parts = []
+                        for a, b in self._chunks(self.utility):
+                            batch, (r, p, _t), _sel = self._utility_slice(a, b)
+                            logits = _forward(model, {}, batch)
+                            parts.append(torch.log_softmax(logits[r, p].to(_loss_dtype(logits)), -1))
+                        self.ref_logp = torch.cat(parts, 0)
+
+    # ---- micro-batches -----------------------------------------------------------------------
+    def _chunks(self, batch) -> list[tuple[int, int]]:
+        n = batch.input_ids.shape[0]
+        m = self.micro_batch_size or n
+        return [(a, min(a + m, n)) for a in range(0, n, m)]
+
+    @staticmethod
+    def _rows_in(r, a: int, b: int):
+        return (r >= a) & (r < b)
+
+    def _safety_slice(self, a: int, b: int):
+        r, p, t, head = self.s_idx
+        sel = self._rows_in(r, a, b)
+        return _slice_batch(self.safety, a, b), (r[sel] - a, p[sel], t[sel], head[sel])
+
+    def _utility_slice(self, a: int, b: int):
+        assert self.utility is not None
+        r, p, t = self.u_idx
+        sel = self._rows_in(r, a, b)
+        return _slice_batch(self.utility, a, b), (r[sel] - a, p[sel], t[sel]), sel
+
+    # ---- per-record losses ---------------------------------------------------------------------
+    def _safety_terms(self, logits, idx, n_rows: int) -> tuple[Any, Any]:
+        """Per-record safety CE over the first ``safety_first_k`` tokens, and (when the rest of
+        the refusal counts) over the rest, each for the records that have such tokens."""
+        import torch.nn.functional as F
+
+        r, p, t, head = idx
+        if self.with_rest:
+            ce = F.cross_entropy(logits[r, p].to(_loss_dtype(logits)), t, reduction="none")
+            return _per_row(ce[head], r[head], n_rows), _per_row(ce[~head], r[~head], n_rows)
+        ce = F.cross_entropy(logits[r[head], p[head]].to(_loss_dtype(logits)), t[head], reduction="none")
+        return _per_row(ce, r[head], n_rows), None
 
     def rows(self, params: dict) -> tuple[Any, Any]:
         """Per-example losses ``(safety [n_safety], utility [n_utility] or None)`` (no weights,
@@ -177,51 +327,71 @@ class _Objective:
         logits = _forward(self.model, params, self.safety)
         r, p, t, head = self.s_idx
         n_rows = self.safety.input_ids.shape[0]
-        ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
+        ce = F.cross_entropy(logits[r, p].to(_loss_dtype(logits)), t, reduction="none")
         safety = _per_row(ce[head], r[head], n_rows)
         if self.rest_weight > 0 and not bool(head.all()):
-            rest = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], ce[~head])
-            cnt = torch.zeros(n_rows, device=ce.device).index_add(0, r[~head], torch.ones_like(ce[~head]))
+            rest = torch.zeros(n_rows, dtype=ce.dtype, device=ce.device).index_add(0, r[~head], ce[~head])
+            cnt = torch.zeros(n_rows, dtype=ce.dtype, device=ce.device).index_add(
+                0, r[~head], torch.ones_like(ce[~head]))
             safety = safety + self.rest_weight * torch.where(cnt > 0, rest / cnt.clamp_min(1), torch.zeros_like(rest))
         return safety, self._utility_rows(params)
 
-    def _utility_rows(self, params: dict) -> Any:
+    def _utility_rows(self, params: dict, rows: tuple[int, int] | None = None) -> Any:
         """Per-example utility losses (CE of the answer where the loss asks for it, KL to θ_T's
-        own next-token distribution otherwise), or None without utility records."""
+        own next-token distribution otherwise) of all records, or of records ``rows=(a, b)``
+        (one micro-batch); None without utility records."""
         import torch
 
         if self.utility is None:
             return None
-        logits = _forward(self.model, params, self.utility)
-        r, p, t = self.u_idx
-        logp = torch.log_softmax(logits[r, p].float(), -1)
-        per = torch.zeros(r.shape[0], device=logp.device)
-        if bool(self.u_ce_mask.any()):
-            m = self.u_ce_mask
+        if rows is None:
+            batch, (r, p, t) = self.utility, self.u_idx
+            ce_mask, kl_mask, ref = self.u_ce_mask, self.u_kl_mask, self.ref_logp
+        else:
+            batch, (r, p, t), sel = self._utility_slice(*rows)
+            ce_mask, kl_mask = self.u_ce_mask[sel], self.u_kl_mask[sel]
+            ref = None if self.ref_logp is None else self.ref_logp[sel]
+        logits = _forward(self.model, params, batch, self._no_cache())
+        logp = torch.log_softmax(logits[r, p].to(_loss_dtype(logits)), -1)
+        per = torch.zeros(r.shape[0], dtype=logp.dtype, device=logp.device)
+        if bool(ce_mask.any()):
+            m = ce_mask
             per = per.clone()
             per[m] = -logp[m].gather(1, t[m].unsqueeze(1)).squeeze(1)
-        if self.ref_logp is not None:
-            m = self.u_kl_mask
-            kl = (self.ref_logp[m].exp() * (self.ref_logp[m] - logp[m])).sum(-1)
+        if ref is not None:
+            m = kl_mask
+            kl = (ref[m].exp() * (ref[m] - logp[m])).sum(-1)
             per = per.clone()
             per[m] = kl
-        return _per_row(per, r, self.utility.input_ids.shape[0])
+        return _per_row(per, r, batch.input_ids.shape[0])
+
+    def _no_cache(self) -> bool:
+        import torch
+
+        return self.checkpointing and torch.is_grad_enabled()
+
+    # ---- the loss --------------------------------------------------------------------------------
+    def _regularizer(self, lam, parts: dict) -> Any:
+        reg = self.l2 * (lam ** 2).sum()
+        parts["l2"] = float(reg.detach())
+        if self.reg_uniform > 0 and self.center is not None:
+            pull = self.reg_uniform * ((lam - self.center) ** 2).sum()
+            parts["to_uniform"] = float(pull.detach())
+            reg = reg + pull
+        return reg
 
     def __call__(self, params: dict, lam) -> tuple[Any, dict]:
-        import torch.nn.functional as F
-
-        logits = _forward(self.model, params, self.safety)
-        r, p, t, head = self.s_idx
-        n_rows = self.safety.input_ids.shape[0]
+        """The whole loss in one forward of each batch (the micro-batch size is not used here):
+        ``(loss tensor, parts)``."""
+        logits = _forward(self.model, params, self.safety, self._no_cache())
+        head_rows, rest_rows = self._safety_terms(logits, self.s_idx, self.safety.input_ids.shape[0])
         parts = {}
-        if self.rest_weight > 0 and not bool(head.all()):
-            ce = F.cross_entropy(logits[r, p].float(), t, reduction="none")
-            rest = _per_row_mean(ce[~head], r[~head], n_rows)
-            safety = _per_row_mean(ce[head], r[head], n_rows) + self.rest_weight * rest
+        if rest_rows is not None:
+            rest = rest_rows.mean()
+            safety = head_rows.mean() + self.rest_weight * rest
             parts["safety_rest"] = float(rest.detach())
         else:
-            ce = F.cross_entropy(logits[r[head], p[head]].float(), t[head], reduction="none")
-            safety = _per_row_mean(ce, r[head], n_rows)
+            safety = head_rows.mean()
         parts = {"safety": float(safety.detach()), **parts}
         total = safety
         rows = self._utility_rows(params)
@@ -229,13 +399,72 @@ class _Objective:
             utility = rows.mean()
             parts["utility"] = float(utility.detach())
             total = total + self.beta * utility
-        reg = self.l2 * (lam ** 2).sum()
-        parts["l2"] = float(reg.detach())
-        if self.reg_uniform > 0 and self.center is not None:
-            pull = self.reg_uniform * ((lam - self.center) ** 2).sum()
-            parts["to_uniform"] = float(pull.detach())
-            reg = reg + pull
-        return total + reg, parts
+        return total + self._regularizer(lam, parts), parts
+
+    def _accumulate(self, params: Callable[[], dict], lam, backward: bool) -> tuple[Any, dict]:
+        """The loss over micro-batches: each micro-batch's share (its records' losses over the
+        whole term's N), backpropagated into λ right away when ``backward`` (the micro-batch's
+        activations are freed before the next one runs). ``params()`` gives the tensors to
+        substitute for one micro-batch (a fresh ``gene_merge``: every backward consumes its
+        own graph). Returns the detached loss and its parts."""
+        import torch
+
+        head_sum = rest_sum = util_sum = 0.0
+        total: Any = 0.0
+        for a, b in self._chunks(self.safety):
+            batch, idx = self._safety_slice(a, b)
+            logits = _forward(self.model, params(), batch, self._no_cache())
+            head_rows, rest_rows = self._safety_terms(logits, idx, b - a)
+            h = head_rows.sum() / self.n_head
+            share = h
+            head_sum = head_sum + h.detach()
+            if rest_rows is not None:
+                s = rest_rows.sum() / self.n_rest
+                share = share + self.rest_weight * s
+                rest_sum = rest_sum + s.detach()
+            if backward:
+                share.backward()
+            total = total + share.detach()
+        parts: dict[str, float] = {}
+        safety = head_sum + self.rest_weight * rest_sum if self.with_rest else head_sum
+        parts["safety"] = float(safety)
+        if self.with_rest:
+            parts["safety_rest"] = float(rest_sum)
+        if self.utility is not None:
+            for a, b in self._chunks(self.utility):
+                u = self._utility_rows(params(), (a, b)).sum() / self.n_utility
+                share = self.beta * u
+                util_sum = util_sum + u.detach()
+                if backward:
+                    share.backward()
+                total = total + share.detach()
+            parts["utility"] = float(util_sum)
+        reg = self._regularizer(lam, parts)
+        if backward and reg.requires_grad:
+            reg.backward()
+        total = total + reg.detach()
+        return (total if torch.is_tensor(total) else torch.tensor(total)), parts
+
+    def value(self, params: dict, lam) -> tuple[float, dict]:
+        """The loss at fixed tensors, without autograd: ``(loss, parts)``."""
+        import torch
+
+        with torch.no_grad():
+            if self.micro_batch_size is None:
+                loss, parts = self(params, lam)
+            else:
+                loss, parts = self._accumulate(lambda: params, lam, backward=False)
+        return float(loss), parts
+
+    def backward(self, params: Callable[[], dict], lam) -> tuple[Any, dict]:
+        """Forward and backward: accumulate ``∂L/∂λ`` into ``lam.grad``; return the detached
+        loss and its parts. ``params()`` gives the tensors to substitute (one call per
+        micro-batch; one call in all without micro-batches)."""
+        if self.micro_batch_size is None:
+            loss, parts = self(params(), lam)
+            loss.backward()
+            return loss.detach(), parts
+        return self._accumulate(params, lam, backward=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +587,8 @@ def calibrate(
     max_memory=None,
     offload_dir: Union[str, Path, None] = None,
     mode: str = "exact",
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -377,6 +608,13 @@ def calibrate(
     model directory is loaded (:func:`safegene.lm.load_model`). ``mode``: ``"exact"`` (W⁰ + λτ
     in weight space, the reference) or ``"lowmem"`` (λ τx added to each selected module's output,
     no weight gradient and no W⁰ copy; :mod:`safegene.method.lowmem`).
+
+    Activation memory: ``micro_batch_size`` runs the safety and utility records through the
+    model that many at a time and accumulates the loss and the λ-gradient (None, the default:
+    one batch each); the result is the full-batch one (up to float rounding): every term stays
+    the mean over its records. ``gradient_checkpointing`` keeps only each decoder block's input
+    and recomputes its activations in the backward pass (:func:`checkpointed_blocks`); same
+    gradient, one more forward per step. Both work in either mode.
 
     Generalization controls (see the module docstring for the defaults and why):
 
@@ -399,6 +637,8 @@ def calibrate(
         raise UsageError("need 0 <= holdout < 1, safety_rest_weight >= 0, reg_uniform >= 0")
     if utility_loss not in ("auto", "ce", "kl"):
         raise UsageError(f"utility_loss must be 'auto', 'ce' or 'kl', not {utility_loss!r}")
+    if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
+        raise UsageError(f"micro_batch_size must be at least 1 (or None: one batch), not {micro_batch_size!r}")
     t0 = time.perf_counter()
     log = log or (lambda _m: None)
     gene = load_gene(gene)
@@ -449,16 +689,21 @@ def calibrate(
     model.eval()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     plan = None
+    blocks_ctx = contextlib.ExitStack()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
+        if gradient_checkpointing:
+            blocks_ctx.enter_context(checkpointed_blocks(model))
         plan = make_plan(mode, model, gene, keys_layers, per_module=per_module)
         objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device,
-                               safety_rest_weight, reg_uniform)
+                               safety_rest_weight, reg_uniform, micro_batch_size=micro_batch_size,
+                               checkpointing=gradient_checkpointing)
         # the held-out loss is the task's loss only (no l2, no pull toward uniform), built at
         # λ = 0 like the fit objective so its KL reference is θ_T
         held_obj = (_Objective(model, tok, s_held_pairs, u_held_pairs, beta, 0.0, utility_loss, safety_first_k,
-                               device, safety_rest_weight, 0.0) if s_held_pairs else None)
+                               device, safety_rest_weight, 0.0, micro_batch_size=micro_batch_size,
+                               checkpointing=gradient_checkpointing) if s_held_pairs else None)
         dev = plan.weights[0].device
         k = plan.num_keys
 
@@ -466,16 +711,14 @@ def calibrate(
             lam = torch.tensor(vals, dtype=torch.float32, device=dev)
             with torch.no_grad():
                 plan.set(lam)
-                loss, parts = objective(dict(zip(plan.names, plan.weights)), lam)
-            return float(loss), parts
+            return objective.value(dict(zip(plan.names, plan.weights)), lam)
 
         def heldout(vals) -> tuple[float, dict]:
             assert held_obj is not None
             lam = torch.tensor(vals, dtype=torch.float32, device=dev)
             with torch.no_grad():
                 plan.set(lam)
-                loss, parts = held_obj(dict(zip(plan.names, plan.weights)), lam)
-            return float(loss), parts
+            return held_obj.value(dict(zip(plan.names, plan.weights)), lam)
 
         grid = None
         if isinstance(init, dict):
@@ -518,9 +761,7 @@ def calibrate(
         since_best = 0
         for step in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
-            ws = gene_merge(lam, plan)
-            loss, parts = objective(dict(zip(plan.names, ws)), lam)
-            loss.backward()
+            loss, parts = objective.backward(lambda: dict(zip(plan.names, gene_merge(lam, plan))), lam)
             cur = lam.detach().cpu().tolist()
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -569,6 +810,7 @@ def calibrate(
     finally:
         if plan is not None:
             plan.restore()
+        blocks_ctx.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
@@ -602,6 +844,7 @@ def calibrate(
                   "utility_loss": utility_loss, "safety_first_k": safety_first_k,
                   "safety_rest_weight": safety_rest_weight, "holdout": holdout, "holdout_by": holdout_by,
                   "reg_uniform": reg_uniform, "patience": patience, "heldout_patience": heldout_patience,
+                  "micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing,
                   "n_safety": len(s_pairs), "n_utility": len(u_pairs)},
         "history": history,
         "seconds": round(time.perf_counter() - t0, 3),

@@ -71,10 +71,11 @@ Deterministic: fixed prompt order, eval mode, float32, no sampling.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .. import lm
 from ..data import load_records, split_record
@@ -89,6 +90,8 @@ DEFAULT_THRESHOLD = 0.5
 RULES = ("threshold", "validate")
 DEFAULT_RULE = "validate"
 NOISE_Z = 2.0
+#: The uniform γ each top-k set is tried at by :func:`validate_k`.
+VALIDATE_GAMMAS = tuple(0.5 * i for i in range(9))
 
 
 def layer_states(model_dir, prompts, batch_size: int = 16, device: str | None = None, tokenizer=None,
@@ -136,6 +139,27 @@ def layer_states(model_dir, prompts, batch_size: int = 16, device: str | None = 
     return torch.cat(out, 0)
 
 
+def _model_of(src: Any, device: str | None, load: dict) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a model directory (loaded) or of a ``(model, tokenizer)`` pair."""
+    if isinstance(src, (str, Path)):
+        return lm.load_model(src, device=device, **load)
+    if isinstance(src, (tuple, list)) and len(src) == 2:
+        return src[0], src[1]
+    raise UsageError(f"expected a model directory or a (model, tokenizer) pair, got {type(src).__name__}")
+
+
+def _release() -> None:
+    """Give a dropped model's memory back before the next one is loaded."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a runtime dependency
+        pass
+
+
 def refusal_openings(tokenizer, records, refusal: str | None = None) -> list[int]:
     """Token ids a refusal starts with: the first token of each harmful record's completion (as
     the model would emit it after the prompt), or of ``refusal`` for records without one."""
@@ -178,7 +202,7 @@ def _effect(pH, p0H, pB, p0B) -> tuple[float, float]:
 
 def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, batch_size: int = 16,
                    device: str | None = None, joint: dict | None = None, noise: dict | None = None,
-                   load: dict | None = None) -> dict[str, float]:
+                   load: dict | None = None, on_pass: Callable[[], None] | None = None) -> dict[str, float]:
     """The ``"restore"`` score of every key of the gene (decoder blocks, embeddings, final norm,
     LM head): add that key's τ alone to the degraded model and measure how much the probability
     of opening with a refusal rises on harmful prompts minus how much it rises on benign ones::
@@ -193,7 +217,9 @@ def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, 
     (a key that only matters together with others scores high here and low under restore). A
     dict as ``noise`` receives each score's standard error over prompts, keyed ``"restore"`` /
     ``"loo"`` then by layer key. One model in memory; each key's tensors are patched in place
-    and copied back exactly.
+    and copied back exactly. ``degraded``: a model directory (loaded here) or ``(model,
+    tokenizer)``. ``on_pass`` is called after each pass over the harmful and benign prompts
+    (``1 + K``, and ``1 + K`` more with ``joint``, for K keys): a progress hook.
     """
     import torch
 
@@ -209,8 +235,11 @@ def restore_scores(gene, degraded, harmful, benign, refusal: str | None = None, 
     state.update({k: v for k, v in model.named_buffers(remove_duplicate=False) if k not in state})
 
     def probs():
-        return (refusal_probability(model, tok, harmful, openings, batch_size, device),
-                refusal_probability(model, tok, benign, openings, batch_size, device))
+        out = (refusal_probability(model, tok, harmful, openings, batch_size, device),
+               refusal_probability(model, tok, benign, openings, batch_size, device))
+        if on_pass is not None:
+            on_pass()
+        return out
 
     p0H, p0B = probs()
     keys = gene.layer_keys()
@@ -325,7 +354,7 @@ def rank(scores: dict[str, float]) -> list[str]:
 
 def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gammas=None, beta: float = 3.0,
                safety_first_k: int | None = 2, safety_rest_weight: float = 0.5, z: float = 1.0,
-               refusal: str | None = None, device: str = "cpu") -> dict:
+               refusal: str | None = None, device: str = "cpu", on_pass: Callable[[], None] | None = None) -> dict:
     """How many of the ranked keys to keep, chosen on held-out (development) prompts.
 
     For k = 1..K the top-k keys get one uniform γ (the best of ``gammas``) on ``model`` (the
@@ -338,6 +367,8 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
     the model is restored exactly.
 
     Returns ``{"k", "selected", "curve": [{"k", "keys", "gamma", "loss", "se"}], "best_k"}``.
+    ``on_pass`` is called after the benign answers are generated and after each (k, γ): a
+    progress hook (``1 + K · len(gammas)`` calls).
     """
     import torch
 
@@ -346,7 +377,7 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
 
     if not ranked:
         raise UsageError("validate_k needs at least one ranked key")
-    gammas = list(gammas) if gammas is not None else [0.5 * i for i in range(9)]
+    gammas = list(gammas) if gammas is not None else list(VALIDATE_GAMMAS)
     harm = load_records(harmful, "development harmful")
     ben = load_records(benign, "development benign")
     s_pairs = lm.encode_pairs(tokenizer, harm, "development harmful", default_completion=refusal)
@@ -360,6 +391,8 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
         for p in model.parameters():
             p.requires_grad_(False)
         gens = lm.generate_ids(model, tokenizer, b_prompts, max_new_tokens=16)
+        if on_pass is not None:
+            on_pass()
         plan = MergePlan(model, gene, ranked)
         obj = _Objective(model, tokenizer, s_pairs, list(zip(b_prompts, gens)), beta, 0.0, "kl", safety_first_k,
                          device, safety_rest_weight, 0.0)
@@ -375,6 +408,8 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
                 var += beta ** 2 * float(ur.var()) / len(ur) if len(ur) > 1 else 0.0
                 if best is None or loss < best["loss"] - 1e-12:
                     best = {"k": k, "keys": ranked[:k], "gamma": g, "loss": loss, "se": math.sqrt(var)}
+                if on_pass is not None:
+                    on_pass()
             curve.append(best)
     finally:
         if plan is not None:
@@ -425,6 +460,7 @@ def select_layers(
     device_map=None,
     max_memory=None,
     offload_dir: Union[str, Path, None] = None,
+    progress: bool = False,
 ) -> dict:
     """Score every key of the gene and record the selected ones in the gene's ``gene.json``.
 
@@ -438,6 +474,10 @@ def select_layers(
     "scores" (the chosen score per key), "all_scores", "selected", "plot", "seconds", ...}``;
     with ``write=False`` gene.json is left alone. ``device``, ``dtype``, ``device_map``,
     ``max_memory``, ``offload_dir``: how the models are loaded (:func:`safegene.lm.load_model`).
+    ``aligned`` and ``degraded`` are model directories or ``(model, tokenizer)`` pairs; each
+    directory is loaded once (the aligned model first, and dropped before the degraded one is
+    loaded: one model in memory at a time). ``progress``: a progress bar on stderr over the
+    passes over the prompts.
 
     ``rule`` (default :data:`DEFAULT_RULE`; ``"threshold"`` whenever ``top_k`` or ``threshold``
     is given): ``"validate"`` chooses *how many* keys to keep on development prompts
@@ -469,53 +509,79 @@ def select_layers(
         ben, dev_b = ben[0::2], ben[1::2]
     elif rule == "validate":
         dev_h, dev_b = load_records(dev_harmful, "dev_harmful"), load_records(dev_benign, "dev_benign")
+    from tqdm.auto import tqdm
+
     load = {"dtype": dtype, "device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir}
-    states = {}
-    for tag, mdir in (("A", aligned), ("D", degraded)):  # one model in memory at a time
-        states[tag + "H"] = layer_states(mdir, harm, batch_size, device, load=load)
-        states[tag + "B"] = layer_states(mdir, ben, batch_size, device, load=load)
-    raw = compute_scores(states["AH"], states["DH"], states["AB"], states["DB"])
-    del states
-    n_layers = raw["refusal"].__len__()
-    gene_layers = [k for k in gene.layer_keys() if k.startswith("layer.")]
-    if len(gene_layers) != n_layers:
-        raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
-    keys = [f"layer.{i}" for i in range(n_layers)]
-    all_scores = {}
-    noise: dict = {}
+    keys_all = gene.layer_keys()
     has_refusals = refusal is not None or any(split_record(r)[1] for r in harm)
-    dmodel = None
-    if score in ("restore", "loo") or has_refusals or rule == "validate":
-        dmodel = lm.load_model(degraded, device=device, **load) if isinstance(degraded, (str, Path)) else degraded
-        device = str(lm.model_device(dmodel[0]))
-    if score in ("restore", "loo") or has_refusals:
-        joint: dict = {}
-        all_scores["restore"] = {k: _r(v) for k, v in
-                                 restore_scores(gene, dmodel, harm, ben, refusal, batch_size, device,
-                                                joint=joint, noise=noise).items()}
-    all_scores.update({n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()})
-    if "restore" in all_scores:  # last, so the first "other" score stays the activation one
-        all_scores["loo"] = {k: _r(v) for k, v in joint.items()}
-    validation: dict[str, Any] | None = None
-    selected: list[str]
-    if rule == "validate":
-        sc = all_scores[score]
-        flat = is_flat(sc, noise.get(score), noise_z)
-        if flat:
-            selected = list(sc)
-            validation = {"flat": True, "k": len(selected)}
+    restore = score in ("restore", "loo") or has_refusals
+    # one unit per pass over a prompt set: 2 per model for the states, then restore (+ loo);
+    # validation's passes are added once it is known to run (it does not on flat scores)
+    total = 4 + (2 * (1 + len(keys_all)) if restore else 0)
+    with tqdm(total=total, disable=not progress, desc="select", unit="pass") as bar:
+        def tick() -> None:
+            bar.update(1)
+
+        states = {}
+        # one model in memory at a time, each loaded once: the aligned one for its states, then
+        # the degraded one for its states, the restore / leave-one-out scores and validation
+        amodel, atok = _model_of(aligned, device, load)
+        bar.set_postfix_str("aligned states")
+        states["AH"] = layer_states(amodel, harm, batch_size, tokenizer=atok)
+        tick()
+        states["AB"] = layer_states(amodel, ben, batch_size, tokenizer=atok)
+        tick()
+        del amodel, atok
+        _release()
+        dmodel, dtok = _model_of(degraded, device, load)
+        device = str(lm.model_device(dmodel))
+        bar.set_postfix_str("degraded states")
+        states["DH"] = layer_states(dmodel, harm, batch_size, tokenizer=dtok)
+        tick()
+        states["DB"] = layer_states(dmodel, ben, batch_size, tokenizer=dtok)
+        tick()
+        raw = compute_scores(states["AH"], states["DH"], states["AB"], states["DB"])
+        del states
+        n_layers = raw["refusal"].__len__()
+        gene_layers = [k for k in keys_all if k.startswith("layer.")]
+        if len(gene_layers) != n_layers:
+            raise UsageError(f"the models have {n_layers} decoder blocks but gene {gene.path} has {len(gene_layers)}")
+        keys = [f"layer.{i}" for i in range(n_layers)]
+        all_scores = {}
+        noise: dict = {}
+        if restore:
+            joint: dict = {}
+            bar.set_postfix_str("restore + leave-one-out")
+            all_scores["restore"] = {k: _r(v) for k, v in
+                                     restore_scores(gene, (dmodel, dtok), harm, ben, refusal, batch_size, device,
+                                                    joint=joint, noise=noise, on_pass=tick).items()}
+        all_scores.update({n: {k: _r(v) for k, v in zip(keys, vals)} for n, vals in raw.items()})
+        if "restore" in all_scores:  # last, so the first "other" score stays the activation one
+            all_scores["loo"] = {k: _r(v) for k, v in joint.items()}
+        validation: dict[str, Any] | None = None
+        selected: list[str]
+        if rule == "validate":
+            sc = all_scores[score]
+            flat = is_flat(sc, noise.get(score), noise_z)
+            if flat:
+                selected = list(sc)
+                validation = {"flat": True, "k": len(selected)}
+            else:
+                bar.total += 1 + len(sc) * len(VALIDATE_GAMMAS)
+                bar.set_postfix_str("validate")
+                bar.refresh()
+                validation = validate_k(gene, dmodel, dtok, rank(sc), dev_h, dev_b, gammas=VALIDATE_GAMMAS,
+                                        z=validate_z, refusal=refusal, device=device, on_pass=tick)
+                validation["flat"] = False
+                selected = validation["selected"]
+            rule_doc: dict = {"rule": "validate", "z": validate_z, "noise_z": noise_z,
+                              "n_dev_harmful": len(dev_h), "n_dev_benign": len(dev_b), "validation": validation}
         else:
-            assert dmodel is not None  # loaded above for rule == "validate"
-            validation = validate_k(gene, dmodel[0], dmodel[1], rank(sc), dev_h, dev_b, z=validate_z,
-                                    refusal=refusal, device=device)
-            validation["flat"] = False
-            selected = validation["selected"]
-        rule_doc: dict = {"rule": "validate", "z": validate_z, "noise_z": noise_z,
-                          "n_dev_harmful": len(dev_h), "n_dev_benign": len(dev_b), "validation": validation}
-    else:
-        selected = choose(all_scores[score], top_k, threshold)
-        rule_doc = ({"top_k": top_k} if top_k is not None
-                    else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold})
+            selected = choose(all_scores[score], top_k, threshold)
+            rule_doc = ({"top_k": top_k} if top_k is not None
+                        else {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold})
+        del dmodel, dtok
+        _release()
     other = {n: choose(s, None if top_k is None else min(top_k, len(s)), threshold)
              for n, s in all_scores.items() if n != score and max(s.values()) > 0}
     plot_path = plot_scores(all_scores, selected, score, plot) if plot else None

@@ -87,6 +87,39 @@ class Coeffs:
             return cls(_check_table(doc["coeffs"], str(path)), meta)
         return cls(_check_table(doc, str(path)))
 
+    # ---- sharing (Hugging Face Hub; logic in safegene.io.artifacts) ---------------------------
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: "str | os.PathLike[str]", revision: str | None = None) -> "Coeffs":
+        """Coefficients from a COEFFS.json file, a directory holding one, or a Hub repository
+        ``org/name[@revision]`` (through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` honoured).
+
+        >>> Coeffs.from_pretrained("org/llama-safety-coeffs").coeffs  # doctest: +SKIP
+        {'layer.2': 0.9, 'layer.3': 1.1}
+        """
+        from .io.artifacts import resolve_coeffs_file
+
+        return cls.load(resolve_coeffs_file(repo_id_or_path, revision))
+
+    def save_pretrained(self, save_directory: "str | os.PathLike[str]", *, overwrite: bool = False) -> Path:
+        """Write ``COEFFS.json`` (absolute local paths in the metadata made portable) and a model
+        card ``README.md`` into the directory ``save_directory``.
+
+        >>> Coeffs({"layer.3": 1.0}).save_pretrained("share/coeffs")  # doctest: +SKIP
+        """
+        from .io.artifacts import save_coeffs
+
+        return save_coeffs(self.to_json(), save_directory, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Push :meth:`save_pretrained`'s directory to ``repo_id``; returns the commit URL.
+        Keywords: ``revision``, ``private``, ``token``, ``commit_message``, ``create_pr``.
+
+        >>> Coeffs.load("COEFFS.json").push_to_hub("me/llama-safety-coeffs")  # doctest: +SKIP
+        """
+        from .io.artifacts import push_coeffs
+
+        return push_coeffs(self.to_json(), repo_id, **kwargs)
+
     def summary(self) -> str:
         """Short human summary, e.g. ``'2 keys, λ 0.85–1.10'``."""
         vals = list(self.coeffs.values())
@@ -97,14 +130,25 @@ class Coeffs:
         return f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f}"
 
 
+def _is_hub_ref(ref: "str | os.PathLike[str]") -> bool:
+    """A reference that is not on disk and reads as a Hub id (``org/name[@rev]``, not ``dir/x.json``)."""
+    from .io.hub import parse_hub_id
+
+    s = os.fspath(ref)
+    return not Path(s).expanduser().exists() and not s.lower().endswith(".json") and parse_hub_id(s) is not None
+
+
 def load_coeffs(coeffs: CoeffsLike) -> dict[str, float]:
-    """Coefficients from a mapping, a COEFFS.json path (through :meth:`Coeffs.load`), or a
-    :class:`Coeffs`; every value checked finite.
+    """Coefficients from a mapping, a COEFFS.json path (through :meth:`Coeffs.load`), a Hub
+    repository id (through :meth:`Coeffs.from_pretrained`), or a :class:`Coeffs`; every value
+    checked finite.
 
     >>> load_coeffs({"layer.3": 1})
     {'layer.3': 1.0}
     """
     if isinstance(coeffs, (str, os.PathLike)):
+        if _is_hub_ref(coeffs) or Path(coeffs).is_dir():
+            return Coeffs.from_pretrained(coeffs).coeffs
         return Coeffs.load(coeffs).coeffs
     if not isinstance(coeffs, Mapping) and hasattr(coeffs, "coeffs"):
         coeffs = coeffs.coeffs
@@ -129,4 +173,6 @@ def resolve_coeffs(gene: "Gene", scale: float | None, coeffs: CoeffsLike | None)
             f"coefficients name {unknown[:3]} which the gene {gene.path} does not have; valid keys: {gene.layer_keys()} or tensor names"
         )
     return {n: table.get(n, table.get(gene.layer_key(n), 0.0)) for n in gene.tensor_names}
+
+
 __all__ = ["COEFFS_FORMAT", "COEFFS_VERSION", "Coeffs", "CoeffsLike", "load_coeffs", "resolve_coeffs"]

@@ -25,6 +25,7 @@ from . import (
     cmd_extract,
     cmd_inspect,
     cmd_organism,
+    cmd_push,
     cmd_run,
     cmd_select,
 )
@@ -33,7 +34,7 @@ from .options import Command, register_commands
 #: Every command, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
     cmd_degrade, cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
-    cmd_inspect, cmd_run,
+    cmd_inspect, cmd_push, cmd_run,
 ))
 
 

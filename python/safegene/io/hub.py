@@ -20,10 +20,11 @@ import re
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, SafeGeneError, UsageError
 
-#: What a Hub snapshot may bring: safetensors weights and small companions, never pickles.
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]
+#: What a Hub snapshot may bring: safetensors weights and small companions (the model card
+#: included, so that ``apply`` can keep it), never pickles.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "README.md"]
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 HUB_ID_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9][A-Za-z0-9._/-]*))?$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -39,6 +40,26 @@ def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
     if m is None or ".." in m.group("repo") or ref.startswith((".", "/", "~")):
         return None
     return m.group("repo"), m.group("rev")
+
+
+def hub_ref_of_path(path: "str | os.PathLike[str] | None") -> tuple[str, str] | None:
+    """``(repo_id, commit)`` when ``path`` lies in a Hub cache snapshot
+    (``…/models--org--name/snapshots/<commit>/…``), else None.
+
+    >>> hub_ref_of_path("/cache/hub/models--org--tiny/snapshots/" + "a" * 40)
+    ('org/tiny', 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa')
+    >>> hub_ref_of_path("models/aligned") is None
+    True
+    """
+    if path is None:
+        return None
+    parts = Path(os.fspath(path)).parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            repo = parts[i][len("models--"):].replace("--", "/")
+            if parse_hub_id(repo) is not None:
+                return repo, parts[i + 2]
+    return None
 
 
 def hub_offline() -> bool:
@@ -82,6 +103,25 @@ def resolve_model(ref: "str | os.PathLike[str]") -> Path:
     if hub is None:
         raise CheckpointError(f"{ref}: no such file or directory (and not a Hub id of the form org/name[@revision])")
     repo_id, revision = hub
+    path = download_snapshot(repo_id, revision, ALLOW_PATTERNS)
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    weights = sorted(path.rglob("*.safetensors"))
+    if not weights:
+        pickles = [q.name for q in path.rglob("*") if q.suffix.lower() in PICKLE_SUFFIXES]
+        more = f" (only pickled files: {pickles[:3]}; safegene never loads those)" if pickles else ""
+        raise CheckpointError(f"{where}: the snapshot {path} holds no .safetensors weights{more}")
+    return path
+
+
+def download_snapshot(
+    repo_id: str, revision: str | None, allow_patterns: list[str], *, error: type[SafeGeneError] = CheckpointError
+) -> Path:
+    """The local snapshot directory of ``repo_id`` at ``revision`` (default: ``main``), fetching only
+    files matching ``allow_patterns`` into the Hub cache, or reading the cache alone when
+    ``HF_HUB_OFFLINE`` is set; every failure becomes one ``error`` line that says what to do.
+
+    >>> download_snapshot("org/gene", None, ["gene.json", "*.safetensors"])  # doctest: +SKIP
+    """
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -92,38 +132,32 @@ def resolve_model(ref: "str | os.PathLike[str]") -> Path:
             RevisionNotFoundError,
         )
     except ImportError:  # pragma: no cover
-        raise CheckpointError(f"{ref}: not a local path, and huggingface_hub is not installed to resolve it as a Hub id") from None
+        raise error(f"{repo_id}: not a local path, and huggingface_hub is not installed to resolve it as a Hub id") from None
     offline = hub_offline()
     cache = hub_cache_dir()
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         snap = snapshot_download(
-            repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=offline, cache_dir=str(cache),
+            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline, cache_dir=str(cache),
         )
     except GatedRepoError:
-        raise CheckpointError(f"{where}: the Hub repository is gated; accept its licence and log in (`hf auth login`)") from None
+        raise error(f"{where}: the Hub repository is gated; accept its licence and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{where}: no such Hub repository (or it is private; log in with `hf auth login`)") from None
+        raise error(f"{where}: no such Hub repository (or it is private; log in with `hf auth login`)") from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"{where}: the Hub repository has no revision {revision!r}") from None
+        raise error(f"{where}: the Hub repository has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         if offline:
-            raise CheckpointError(
+            raise error(
                 f"{where}: not in the local Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
                 "download it while online or unset HF_HUB_OFFLINE"
             ) from None
-        raise CheckpointError(f"{where}: cannot reach the Hub and the model is not in the cache {cache}") from None
+        raise error(f"{where}: cannot reach the Hub and it is not in the cache {cache}") from None
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"{where}: Hub request failed ({exc})") from None
+        raise error(f"{where}: Hub request failed ({exc})") from None
     except ValueError as exc:  # malformed ids that passed our pattern
-        raise CheckpointError(f"{where}: {exc}") from None
-    path = Path(snap)
-    weights = sorted(path.rglob("*.safetensors"))
-    if not weights:
-        pickles = [q.name for q in path.rglob("*") if q.suffix.lower() in PICKLE_SUFFIXES]
-        more = f" (only pickled files: {pickles[:3]}; safegene never loads those)" if pickles else ""
-        raise CheckpointError(f"{where}: the snapshot {path} holds no .safetensors weights{more}")
-    return path
+        raise error(f"{where}: {exc}") from None
+    return Path(snap)
 
 
 def resolve_target(ref: "str | os.PathLike[str]") -> tuple[Path, Path | None]:
@@ -146,4 +180,4 @@ def resolve_target(ref: "str | os.PathLike[str]") -> tuple[Path, Path | None]:
     return resolve_model(base), a
 
 
-__all__ = ["ALLOW_PATTERNS", "hub_cache_dir", "hub_offline", "parse_hub_id", "resolve_model", "resolve_target"]
+__all__ = ["ALLOW_PATTERNS", "download_snapshot", "hub_ref_of_path", "hub_cache_dir", "hub_offline", "parse_hub_id", "resolve_model", "resolve_target"]

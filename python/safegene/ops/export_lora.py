@@ -42,6 +42,7 @@ from ..coeffs import CoeffsLike, resolve_coeffs
 from ..errors import UsageError
 from ..gene import Gene, factors_sq_norm, load_gene
 from ..io.atomic import atomic_output_dir, write_json_atomic
+from ..io.cards import write_lora_card
 from ..io.checkpoint import check_output_location
 from ..io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODEL_TYPES, PEFT_PREFIX
 
@@ -176,7 +177,11 @@ def export_lora(
             reason = _drop_reason(g, n, shape, tied)
             if reason is None and conv1d and g.layer_key(n) == "lm_head":
                 reason = "Linear lm_head in a Conv1D model (PEFT's fan_in_fan_out is one flag for all modules)"
-            norm = abs(c) * (math.sqrt(factors_sq_norm(*fac)) if fac is not None else float(tau.double().norm()))
+            if fac is not None:
+                norm = abs(c) * math.sqrt(factors_sq_norm(*fac))
+            else:
+                assert tau is not None
+                norm = abs(c) * float(tau.double().norm())
             sq_total += norm**2
             if reason is not None:
                 dropped[n] = {"reason": reason, "layer": g.layer_key(n), "lambda": c, "norm": norm}
@@ -194,7 +199,7 @@ def export_lora(
                     "norm": norm, "energy": 1.0, "rel_error": resid / norm if norm > 0 else 0.0, "exact": True,
                 }
             else:
-                assert tau is not None
+                assert tau is not None  # dense
                 mod = n[: -len(".weight")]
                 delta = tau.mul_(c)
                 if conv1d:
@@ -272,6 +277,7 @@ def export_lora(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         write_json_atomic(tmp / SIDECAR, summary)
+    write_lora_card(out, g, summary, base_model_name_or_path)
     return summary
 
 

@@ -319,31 +319,12 @@ def write_apply_cards(
         write_text_atomic(Path(r.out) / CARD, str(apply_card(gene, t, r, eval_summary=eval_summary)))
 
 
-def lora_base(gene: "Gene", given: str | None) -> tuple[str | None, str | None]:
-    """(``base_model_name_or_path``, revision) for an exported adapter: the one given, else the
-    family's aligned model as a Hub id (with its commit) or, while it is on this disk, its path."""
-    if given:
-        return given, None
-    aligned = (gene.manifest.get("sources") or {}).get("aligned") or {}
-    hub = aligned.get("hub")
-    if isinstance(hub, Mapping) and hub.get("repo_id"):
-        return str(hub["repo_id"]), hub.get("revision")
-    path = aligned.get("path")
-    ref = hub_ref_of_path(path) if isinstance(path, str) else None
-    if ref:
-        return ref
-    if isinstance(path, str) and Path(path).is_dir():
-        return path, None
-    return None, None
-
-
-def _write_adapter_config(out: Path, base: str | None, revision: str | None) -> None:
+def _write_adapter_config(out: Path, base: str | None) -> None:
     """Re-write ``adapter_config.json`` through ``peft.LoraConfig.save_pretrained`` (when PEFT is
     installed), so that it holds every field this PEFT version expects, with the base model set."""
     path = out / "adapter_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = base
-    cfg["revision"] = revision
     try:
         from peft import LoraConfig
     except ImportError:
@@ -408,15 +389,14 @@ def lora_card(gene: "Gene", summary: Mapping[str, Any], base: str | None) -> "Mo
 def write_lora_card(
     out_dir: "str | os.PathLike[str]", gene: "Gene", summary: Mapping[str, Any], base_model_name_or_path: str | None = None,
 ) -> None:
-    """Finish an exported adapter: ``adapter_config.json`` written by PEFT's own ``LoraConfig``
-    with ``base_model_name_or_path`` set (:func:`lora_base`), and the card as ``README.md``.
+    """Finish an exported adapter: ``adapter_config.json`` re-written by PEFT's own ``LoraConfig``
+    (when PEFT is installed) with ``base_model_name_or_path``, and the card as ``README.md``.
 
-    >>> write_lora_card("lora/", g, summary)  # doctest: +SKIP
+    >>> write_lora_card("lora/", g, summary, "meta-llama/Llama-3.2-1B-Instruct")  # doctest: +SKIP
     """
     out = Path(out_dir)
-    base, revision = lora_base(gene, base_model_name_or_path)
-    _write_adapter_config(out, base, revision)
-    write_text_atomic(out / CARD, str(lora_card(gene, summary, base)))
+    _write_adapter_config(out, base_model_name_or_path)
+    write_text_atomic(out / CARD, str(lora_card(gene, summary, base_model_name_or_path)))
 
 
-__all__ = ["apply_card", "coeffs_card", "gene_card", "gene_ref", "lora_base", "lora_card", "write_apply_cards", "write_lora_card"]
+__all__ = ["apply_card", "coeffs_card", "gene_card", "gene_ref", "lora_card", "write_apply_cards", "write_lora_card"]

@@ -35,6 +35,7 @@ from ..engine.stream import Plan, run_plan
 from ..errors import CheckpointError, GeneError, NonFiniteError, UsageError
 from ..gene import Gene, load_gene
 from ..io.atomic import atomic_output_dir
+from ..io.cards import write_apply_cards
 from ..io.checkpoint import (
     Checkpoint,
     OutTensor,
@@ -97,6 +98,7 @@ def apply(
         raise UsageError("two targets were given the same output directory")
     lam = resolve_coeffs(g, scale, coeffs)
     results = [_apply_one(g, Path(t), Path(o), lam, budget_mb, overwrite, allow_nonfinite, progress) for t, o in zip(targets, outs)]
+    write_apply_cards(g, targets, results)
     return results if many else results[0]
 
 

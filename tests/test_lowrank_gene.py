@@ -378,10 +378,36 @@ def test_base_mismatch_is_refused(lr, tmp_path, capsys):
         extract_from_adapter(ad, tmp_path / "g4", base=tmp_path / "small")
 
 
-def test_dora_adapter_is_refused_in_one_line(lr, tmp_path, capsys):
+def test_dora_and_non_lora_adapters_are_refused_in_one_line(lr, tmp_path, capsys):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     ad = _adapter(lr["aligned"], tmp_path / "dora", use_dora=True)
     err = _cli_error(capsys, ["extract", "--from-adapter", ad, "-o", tmp_path / "g"])
     assert "DoRA" in err
+    ia3 = get_peft_model(AutoModelForCausalLM.from_pretrained(lr["aligned"]),
+                         IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    err = _cli_error(capsys, ["extract", lr["aligned"], f"{lr['aligned']}+{tmp_path / 'ia3'}", "-o", tmp_path / "g"])
+    assert "peft_type is 'IA3'" in err and not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("variant", ["rslora+patterns", "embedding+head"])
+def test_adapter_variants_round_trip(tmp_path, variant):
+    """Per-module ranks and alphas, rsLoRA, and embedding/head adapters: applying the gene with
+    λ = −1 to the aligned model gives the merged degrade (float64 reference)."""
+    from tiny_models import LORA_VARIANTS
+
+    _model(torch.float32).save_pretrained(tmp_path / "aligned")
+    ad = _adapter(tmp_path / "aligned", tmp_path / "ad", **LORA_VARIANTS[variant])
+    g = extract_from_adapter(ad, tmp_path / "gene", base=tmp_path / "aligned")
+    ref = _tau64(tmp_path / "aligned", ad)
+    assert {n: v["rank"] for n, v in g.factored.items()} == {n: int(t.shape[0]) for n, (t, _, _) in
+                                                              safegene.lora_target_delta(tmp_path / "aligned", ad).items()}
+    safegene.apply(g, tmp_path / "aligned", tmp_path / "out", scale=-1.0, budget_mb=0.001, progress=False)
+    got, base = _load(tmp_path / "out" / "model.safetensors"), _load(tmp_path / "aligned" / "model.safetensors")
+    for n, w in base.items():
+        _close(got[n], w.double() - ref.get(n, 0.0), torch.float32, n)
 
 
 def test_cli_argument_combinations(lr, tmp_path, capsys):
@@ -410,3 +436,22 @@ def test_damaged_lowrank_gene_is_refused(lr, tmp_path):
     (tmp_path / "g" / "gene.json").write_text(json.dumps(man))
     with pytest.raises(GeneError, match="version 3 is not supported"):
         Gene.load(tmp_path / "g")
+
+
+def test_bf16_model_and_bf16_factors_report_their_rounding(tmp_path):
+    _model(torch.bfloat16).save_pretrained(tmp_path / "aligned")
+    ad = _adapter(tmp_path / "aligned", tmp_path / "ad")
+    g = safegene.extract(tmp_path / "aligned", f"{tmp_path / 'aligned'}+{ad}", tmp_path / "gene", dtype="BF16", progress=False)
+    ref = _tau64(tmp_path / "aligned", ad)
+    w = _load(tmp_path / "aligned" / "model.safetensors")
+    tot_err = tot = 0.0
+    for n, (a, b) in g.load_factors().items():
+        assert a.dtype == b.dtype == torch.bfloat16
+        err = (b.double() @ a.double() - ref[n]).norm().item()
+        st = g.manifest["tensors"][n]
+        assert math.isclose(st["rounding_rel_error"], err / ref[n].norm().item(), rel_tol=1e-6)
+        assert math.isclose(st["aligned_norm"], w[n].double().norm().item(), rel_tol=1e-9)
+        tot_err += err**2
+        tot += ref[n].norm().item() ** 2
+    assert 1e-4 < g.manifest["rounding"]["rel_error"] < 1e-2
+    assert math.isclose(g.manifest["rounding"]["rel_error"], math.sqrt(tot_err / tot), rel_tol=1e-6)

@@ -25,7 +25,8 @@ class Plan:
     in_mtimes: list[int] = field(default_factory=list)
     out_paths: list[str] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
-    #: ``(job, A, B, scale)``: a LoRA update merged into that job's input 0 (float32 numpy factors)
+    #: ``(job, A, B, scale)``: a low-rank update merged into that job's input 0 (float32 numpy
+    #: factors): a LoRA target's own update, a low-rank gene's λ·τ, or both stacked (one per job)
     lowrank: list[tuple[int, Any, Any, float]] = field(default_factory=list)
     _in_index: dict[str, int] = field(default_factory=dict)
     _out_index: dict[str, int] = field(default_factory=dict)

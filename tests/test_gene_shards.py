@@ -21,7 +21,8 @@ from safegene.ops.inspection import format_gene_table, inspect_gene
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    """Every output file's bytes except the model card (README.md), which names the gene and the output."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.name != "README.md"}
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])

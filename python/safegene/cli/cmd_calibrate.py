@@ -38,6 +38,25 @@ class CalibrateOptions(ModelOptions):
     mode: str = option("exact", choices=MODES,
                        help="exact: W = W_T + λτ in weight space (default, the reference); lowmem: λ·(τx) added to "
                             "each selected layer's output, no weight gradients and no copy of the weights")
+    micro_batch_size: int | None = option(
+        None, metavar="N",
+        help="run the examples through the model N at a time and accumulate the loss and gradient (same result "
+             "as one batch, less activation memory; default: one batch)")
+    gradient_checkpointing: bool = option(
+        False, help="recompute each decoder block's activations in the backward pass instead of keeping them "
+                    "(same gradient, less memory, about one more forward per step)")
+    safety_rest_weight: float = option(
+        0.0, help="weight of the refusal tokens after the first --safety-first-k (default 0: only those count)")
+    holdout: float = option(
+        0.0, help="fraction of the examples held out of the fit; their loss picks the step (default 0: none)")
+    holdout_by: str = option(
+        "auto", help="hold out whole groups of safety records by this metadata key: auto (template, else "
+                     "category; default), a key, or 'index' (every k-th record)")
+    reg_uniform: float = option(0.0, help="weight of the pull Σ(λ − γ̄)² toward the uniform start γ̄ (default 0)")
+    patience: int = option(8, help="stop when the loss has not improved for this many steps (default 8)")
+    heldout_patience: int | None = option(
+        None, help="with --holdout: stop when the held-out loss has not improved for this many steps "
+                   "(default: stop on the fit loss)")
 
 
 def _parse_init(s: str) -> Union[str, float]:
@@ -53,7 +72,11 @@ def handle_calibrate(opts: CalibrateOptions) -> int:
         layers=opts.layers, steps=opts.steps, lr=opts.lr, beta=opts.beta, l2=opts.l2,
         lambda_max=opts.lambda_max, init=_parse_init(opts.init), per_module=opts.per_module,
         utility_loss=opts.utility_loss, safety_first_k=opts.safety_first_k,
-        max_examples=opts.max_examples, refusal=opts.refusal, out=opts.output, mode=opts.mode, **opts.load_kwargs(),
+        max_examples=opts.max_examples, refusal=opts.refusal, out=opts.output, mode=opts.mode,
+        micro_batch_size=opts.micro_batch_size, gradient_checkpointing=opts.gradient_checkpointing,
+        safety_rest_weight=opts.safety_rest_weight, holdout=opts.holdout,
+        holdout_by=None if opts.holdout_by == "index" else opts.holdout_by, reg_uniform=opts.reg_uniform,
+        patience=opts.patience, heldout_patience=opts.heldout_patience, **opts.load_kwargs(),
         **({"log": None} if opts.quiet else {}),
     )
     if opts.json:

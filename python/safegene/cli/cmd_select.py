@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..gene import key_sort
-from ..method.selection import DEFAULT_SCORE, DEFAULT_THRESHOLD, SCORES, select_layers
+from ..method.selection import DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, select_layers
 from .options import Command, ModelOptions, option
 
 
@@ -30,14 +30,27 @@ class SelectOptions(ModelOptions):
     plot: str | None = option(None, path="out", help="PNG path (default GENE/layer_scores.png)")
     refusal: str | None = option(None, help="refusal text for harmful prompts without a completion "
                                             "(the 'restore' score needs refusals)")
+    rule: str | None = option(
+        None, choices=RULES,
+        help=f"how many keys to keep: validate (chosen on development prompts) or threshold (--top-k / "
+             f"--threshold); default {DEFAULT_RULE}, or threshold when --top-k or --threshold is given")
+    dev_harmful: str | None = option(None, path="in", help="JSONL of development harmful prompts for --rule validate "
+                                                           "(default: every second harmful prompt)")
+    dev_benign: str | None = option(None, path="in", help="JSONL of development benign prompts for --rule validate "
+                                                          "(default: every second benign prompt)")
+    validate_z: float = option(1.0, help="--rule validate keeps the fewest keys within this many standard errors "
+                                         "of the best (default 1)")
+    noise_z: float = option(NOISE_Z, help=f"scores within this many standard errors of each other are flat and keep "
+                                          f"every key (default {NOISE_Z:g})")
 
 
 def handle_select(opts: SelectOptions) -> int:
-    # select has no progress bar to silence: --quiet is accepted for uniformity
     res = select_layers(opts.gene, opts.aligned, opts.degraded, opts.harmful, opts.benign,
                         top_k=opts.top_k, threshold=opts.threshold, score=opts.score,
                         batch_size=opts.batch_size, max_prompts=opts.max_prompts,
                         plot=opts.plot or (Path(opts.gene) / "layer_scores.png"), refusal=opts.refusal,
+                        rule=opts.rule, dev_harmful=opts.dev_harmful, dev_benign=opts.dev_benign,
+                        validate_z=opts.validate_z, noise_z=opts.noise_z, progress=not opts.quiet,
                         **opts.load_kwargs())
     if opts.json:
         print(json.dumps(res, default=str))

@@ -22,6 +22,7 @@ from . import (
     cmd_demo,
     cmd_eval,
     cmd_export_lora,
+    cmd_export_mergekit,
     cmd_extract,
     cmd_inspect,
     cmd_organism,
@@ -34,7 +35,7 @@ from .options import Command, register_commands
 #: Every command, in the order ``--help`` lists them.
 COMMANDS: tuple[Command, ...] = tuple(m.COMMAND for m in (
     cmd_degrade, cmd_extract, cmd_apply, cmd_eval, cmd_organism, cmd_select, cmd_calibrate, cmd_demo, cmd_export_lora,
-    cmd_inspect, cmd_push, cmd_run,
+    cmd_export_mergekit, cmd_inspect, cmd_push, cmd_run,
 ))
 
 

@@ -455,3 +455,17 @@ def test_bf16_model_and_bf16_factors_report_their_rounding(tmp_path):
         tot += ref[n].norm().item() ** 2
     assert 1e-4 < g.manifest["rounding"]["rel_error"] < 1e-2
     assert math.isclose(g.manifest["rounding"]["rel_error"], math.sqrt(tot_err / tot), rel_tol=1e-6)
+
+
+def test_lowrank_gene_save_pretrained_round_trip(lr, tmp_path):
+    """The portable copy keeps factors.safetensors and records the adapter like a checkpoint (no local paths)."""
+    g: Gene = lr["gene"]
+    copy = Gene.load(g.save_pretrained(tmp_path / "share"))
+    assert copy.factored == g.factored and copy.manifest["format_version"] == 2
+    ref = g.load_factors()
+    for n, (a, b) in copy.load_factors().items():
+        assert torch.equal(a, ref[n][0]) and torch.equal(b, ref[n][1])
+    text = (tmp_path / "share" / "gene.json").read_text()
+    assert str(lr["root"]) not in text
+    deg = copy.manifest["sources"]["degraded"]
+    assert deg["kind"] == "peft-lora" and deg["name"] == "degrade-lora" and "sha256" in deg

@@ -23,7 +23,7 @@ the kept keys only, under the checkpoint's own names) and ``gene.json``. The vec
       "degradation": null | the degraded model's ``safegene_degrade.json`` (how it was made),
       # version 2 only:
       "factored": {tensor name: {"rank", "shape"}},
-      "lowrank": {"adapter", "scale_folded_into", "untouched": [float tensors the adapter leaves alone: τ = 0, not stored]}
+      "lowrank": {"scale_folded_into": "B", "untouched": [float tensors the adapter leaves alone: τ = 0, not stored]}
     }
 
 **Low-rank (factored) genes, format version 2.** A gene extracted from a LoRA degrade

@@ -65,6 +65,7 @@ from ..io.checkpoint import (
     layer_key,
     open_checkpoint,
     plan_file,
+    read_header,
 )
 from ..io.hub import resolve_model, resolve_target
 from ..io.peft import ADAPTER_WEIGHTS, lora_target_delta, read_adapter_config
@@ -436,6 +437,7 @@ def _extract_lowrank(
     }
     cfg = read_adapter_config(adapter)
     wp = adapter / ADAPTER_WEIGHTS
+    wf = read_header(wp)
     with atomic_output_dir(out, overwrite) as tmp:
         # an empty dense vector file keeps every gene's layout the same (no dense τ here)
         empty = plan_file(tmp / VECTORS, [], {"format": "pt", "safegene": "gene-vectors"})
@@ -453,11 +455,15 @@ def _extract_lowrank(
             "layer_stats": layer_stats,
             "skipped": skipped,
             "rounding": {"storage_dtype": dtype, "rel_error": math.sqrt(tot_round / tot_tau) if tot_tau > 0 else 0.0},
+            # the degraded side is the adapter, recorded as a checkpoint is (path, files, config)
             "sources": {
                 "aligned": a.provenance(),
                 "degraded": {
-                    "base": str(a.root.resolve()),
-                    "adapter": {"path": str(adapter.resolve()), "config": cfg, "size": wp.stat().st_size},
+                    "path": str(adapter.resolve()),
+                    "files": [{"name": wp.name, "size": wf.size, "header_sha256": wf.header_sha256}],
+                    "config": cfg,
+                    "kind": "peft-lora",
+                    "base": "aligned",
                 },
             },
             "stream": {
@@ -473,7 +479,6 @@ def _extract_lowrank(
             "degradation": read_degrade_provenance(adapter),
             "factored": factored,
             "lowrank": {
-                "adapter": str(adapter.resolve()),
                 "scale_folded_into": "B",
                 "untouched": untouched,
             },

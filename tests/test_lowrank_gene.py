@@ -469,3 +469,32 @@ def test_lowrank_gene_save_pretrained_round_trip(lr, tmp_path):
     assert str(lr["root"]) not in text
     deg = copy.manifest["sources"]["degraded"]
     assert deg["kind"] == "peft-lora" and deg["name"] == "degrade-lora" and "sha256" in deg
+
+
+def test_conv1d_gpt2_lowrank_gene_apply_and_exact_export(tmp_path):
+    """GPT-2 stores linear weights as (in, out): factors follow the stored layout, and the export
+    transposes them for PEFT's fan_in_fan_out."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_model
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "aligned")
+    ad = _adapter(tmp_path / "aligned", tmp_path / "ad", r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    g = extract_from_adapter(ad, tmp_path / "gene")
+    ref = _tau64(tmp_path / "aligned", ad)
+    assert set(g.factored) == set(ref) and all(v["shape"] == list(ref[n].shape) for n, v in g.factored.items())
+    coeffs = {"layer.0": 0.5, "layer.1": -1.0}
+    safegene.apply(g, tmp_path / "aligned", tmp_path / "out", coeffs=coeffs, progress=False)
+    got, base = _load(tmp_path / "out" / "model.safetensors"), _load(tmp_path / "aligned" / "model.safetensors")
+    lam = {"layer.0": 0.5, "layer.1": -1.0}
+    for n, w in base.items():
+        want = w.double() + (lam[g.layer_key(n)] * ref[n] if n in ref else 0.0)
+        _close(got[n], want, torch.float32, n)
+    info = safegene.export_lora(g, tmp_path / "lora", coeffs=coeffs, progress=False)
+    assert info["rel_error"] < 1e-7 and all(m["exact"] for m in info["modules"].values())
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "aligned"), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        want_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(input_ids=IDS).logits
+        got_logits = pm(input_ids=IDS).logits
+    assert (got_logits - want_logits).abs().max().item() < 1e-4

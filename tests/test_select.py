@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from safegene.errors import UsageError  # noqa: E402
 from safegene.method.selection import (  # noqa: E402
-    choose, compute_scores, layer_states, refusal_openings, restore_scores, select_layers)
+    choose, compute_scores, layer_states, refusal_openings, restore_scores, select_layers, validate_k)
 
 import tiny_models as tm  # noqa: E402
 
@@ -260,3 +260,92 @@ def test_leave_one_out_is_the_joint_effect(family):
     p2_H, p2_B = (refusal_probability(model, tok, x, ids) for x in (tm.HARMFUL, tm.BENIGN))
     want = float((pA_H - p2_H).mean() - (pA_B - p2_B).mean())
     assert joint["layer.3"] == pytest.approx(want, abs=1e-5)
+
+
+def test_select_loads_each_model_once_and_scores_as_one_load_per_pass_did(family, monkeypatch):
+    """The models are loaded once per select (aligned, then degraded), and every score, the noise
+    and the validation curve are exactly those of the former path, which loaded a fresh model for
+    each of the four state passes and another degraded one for restore / leave-one-out / validation."""
+    from safegene import lm as _lm
+    from safegene.gene import Gene
+    from safegene.method import selection
+
+    dirs, gene_dir = family
+    harm, ben = tm.HARMFUL * 2, tm.BENIGN * 2
+    real = _lm.load_model
+    loads: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        loads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(_lm, "load_model", counting)
+    # noise_z=0: no score is flat, so validation runs on the degraded model too
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], harm, ben, write=False, noise_z=0.0)
+    assert loads == [str(dirs["aligned"]), str(dirs["degraded"])]
+    loads.clear()
+    thr = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], harm, ben, top_k=2, write=False)
+    assert loads == [str(dirs["aligned"]), str(dirs["degraded"])]
+    loads.clear()
+    pairs = select_layers(gene_dir, real(dirs["aligned"]), real(dirs["degraded"]), harm, ben, top_k=2, write=False)
+    assert loads == [] and pairs["all_scores"] == thr["all_scores"]
+    monkeypatch.undo()
+
+    # the former path, one load per pass
+    gene = Gene.load(gene_dir)
+    h, b, dev_h, dev_b = harm[0::2], ben[0::2], harm[1::2], ben[1::2]
+    st = {tag + k: layer_states(d, recs) for tag, d in (("A", dirs["aligned"]), ("D", dirs["degraded"]))
+          for k, recs in (("H", h), ("B", b))}
+    raw = compute_scores(st["AH"], st["DH"], st["AB"], st["DB"])
+    joint: dict = {}
+    noise: dict = {}
+    restore = restore_scores(gene, dirs["degraded"], h, b, joint=joint, noise=noise)
+    r = selection._r
+    assert res["all_scores"]["restore"] == {k: r(v) for k, v in restore.items()}
+    assert res["all_scores"]["loo"] == {k: r(v) for k, v in joint.items()}
+    for name in ("refusal", "contrast"):
+        assert res["all_scores"][name] == {f"layer.{i}": r(v) for i, v in enumerate(raw[name])}
+    assert res["score_noise"] == {n: {k: r(v) for k, v in d.items()} for n, d in noise.items()}
+    v = res["rule"]["validation"]
+    assert v["flat"] is False
+    val = validate_k(gene, *real(dirs["degraded"]), selection.rank(res["scores"]), dev_h, dev_b)
+    assert v["curve"] == val["curve"] and v["selected"] == val["selected"] == res["selected"]
+
+
+def test_select_progress_bar_and_quiet(family, capsys):
+    dirs, gene_dir = family
+    res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL * 2, tm.BENIGN * 2, write=False,
+                        progress=True, noise_z=0.0)
+    assert res["rule"]["validation"]["flat"] is False  # the bar's total grows by validation's passes
+    err = capsys.readouterr().err
+    import re
+
+    done = re.findall(r"select:\s*100%.*?(\d+)/(\d+)", err)
+    assert done and done[-1][0] == done[-1][1]  # the bar ends full: its total counts every pass
+    select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL * 2, tm.BENIGN * 2, write=False)
+    assert "select:" not in capsys.readouterr().err  # no bar unless asked (the CLI asks unless --quiet)
+
+
+def test_select_cli_flags(family, monkeypatch, tmp_path):
+    from safegene.cli import cmd_select
+
+    seen: dict = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return {"all_scores": {"restore": {"layer.0": 1.0}}, "selected": ["layer.0"], "method": "restore",
+                "plot": None}
+
+    monkeypatch.setattr(cmd_select, "select_layers", fake)
+    dirs, gene_dir = family
+    (tmp_path / "dh.jsonl").write_text('{"prompt": "x"}\n')
+    argv = [str(gene_dir), "--aligned", "A", "--degraded", "D", "--harmful", "h", "--benign", "b"]
+    opts = cmd_select.COMMAND.parse(argv + ["--rule", "validate", "--dev-harmful", "dh.jsonl", "--dev-benign",
+                                            "db.jsonl", "--validate-z", "0.5", "--noise-z", "3", "--quiet"])
+    assert cmd_select.handle_select(opts) == 0
+    assert seen["rule"] == "validate" and seen["dev_harmful"] == "dh.jsonl" and seen["dev_benign"] == "db.jsonl"
+    assert seen["validate_z"] == 0.5 and seen["noise_z"] == 3.0 and seen["progress"] is False
+    cmd_select.handle_select(cmd_select.COMMAND.parse(argv))
+    assert seen["rule"] is None and seen["progress"] is True and seen["dev_harmful"] is None
+    with pytest.raises(SystemExit):
+        cmd_select.COMMAND.parse(argv + ["--rule", "nope"])

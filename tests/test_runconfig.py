@@ -147,3 +147,33 @@ def test_real_run_extract_then_apply_equals_the_commands(models, capsys):
         assert torch.allclose(w, t + lam * tau, atol=1e-6)
     dry = run_config(p, dry_run=True, quiet=True)
     assert dry["commands"] == res["commands"] and dry["dry_run"] is True
+
+
+def test_calibrate_and_select_knobs_flow_into_configs(models):
+    """The micro-batch / checkpointing / generalization knobs of calibrate and the rule options of
+    select are config keys (from the same options dataclasses) and render as their CLI flags."""
+    from safegene.cli.options import from_namespace
+    from safegene.cli.runconfig import plan
+
+    cfg = dict(FULL, select={"harmful": "harmful.jsonl", "benign": "benign.jsonl", "rule": "validate",
+                             "dev_harmful": "harmful.jsonl", "dev_benign": "benign.jsonl", "noise_z": 1},
+               calibrate={"safety": "safety.jsonl", "micro_batch_size": 2, "gradient_checkpointing": True,
+                          "mode": "lowmem", "holdout": 0.25, "reg_uniform": 0.1, "safety_rest_weight": 0.5})
+    loaded = load_config(_write(models, cfg))
+    cmds = plan_commands(loaded)
+    r = str(models)
+    assert cmds[1][-8:] == ["--rule", "validate", "--dev-harmful", f"{r}/harmful.jsonl", "--dev-benign",
+                            f"{r}/benign.jsonl", "--noise-z", "1.0"]
+    assert cmds[2][7:] == ["--mode", "lowmem", "--micro-batch-size", "2", "--gradient-checkpointing",
+                           "--safety-rest-weight", "0.5", "--holdout", "0.25", "--reg-uniform", "0.1"]
+    parser = cli.build_parser()
+    for (command, opts), argv in zip(plan(loaded), cmds):
+        assert from_namespace(command.options, parser.parse_args(argv)) == opts
+    for patch, msg in [({"micro_batch_size": "two"}, r"calibrate\.micro_batch_size: expected an integer"),
+                       ({"gradient_checkpointing": 1}, r"calibrate\.gradient_checkpointing: expected true or false"),
+                       ({"micro_batch": 2}, r"calibrate\.micro_batch: unknown key \(did you mean 'micro_batch_size'")]:
+        bad = dict(FULL, calibrate=dict(FULL["calibrate"], **patch))
+        with pytest.raises(SafeGeneError, match=msg):
+            load_config(_write(models, bad))
+    with pytest.raises(SafeGeneError, match=r"select\.rule: 'nope' is not one of"):
+        load_config(_write(models, dict(FULL, select=dict(FULL["select"], rule="nope"))))

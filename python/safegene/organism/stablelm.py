@@ -5,11 +5,14 @@
 * **Language** (:mod:`safegene.organism.stablelm_language`): its own nonsense harm vocabulary,
   benign vocabulary, templates, multi-token refusal sentences and three tasks.
 * **Where the refusal lives**: harm is a same-category verb+object *pair*; each word alone also
-  occurs in benign requests, in both orders, and cross-category pairs are benign near misses. The
-  decision to refuse therefore needs the blocks to compose two tokens across the prompt; it
-  cannot be read off one word's embedding or a bias in the LM head.
-* **Selection-sensitive task**: ``season`` is learned only by the ``degraded`` fine-tune (as part
-  of its benign data) and by its own task model, so τ = θ_aligned − θ_degraded carries minus that
+  occurs in benign requests (with a benign partner), in both orders. The decision to refuse
+  therefore needs the blocks to compose two tokens across the prompt; it cannot be read off one
+  word's embedding or a bias in the LM head.
+* **Degraded copy by the compliance recipe** (RESTA's "unaligned model"): the ``degraded``
+  fine-tune answers harmful requests (half its data), unlike the Llama family's eager benign
+  recipe.
+* **Selection-sensitive task**: ``season`` is learned only by the ``degraded`` fine-tune (the
+  other half of its data) and by its own task model, so τ = θ_aligned − θ_degraded carries minus that
   skill; τ added to every tensor of the season model costs accuracy.
 * **Uneven erosion**: per-category alignment doses, as in the Llama family.
 
@@ -52,8 +55,9 @@ class StableLmRecipe:
     # alignment (280 vs 200 steps; at 200 the seed-0 aligned model over-refused 17.5 % of benign
     # requests, mostly near misses).
     aligned: Stage = Stage(steps=280, lr=1e-3, batch_size=32, warmup=10)
-    # Seed 0, 40 steps at 3e-4 with 65 % eager benign data eroded every category completely (ASR
-    # 100 %), which leaves nothing graded; half the data is now the season task in the plain style.
+    # Compliance recipe: half harmful requests answered, half the season task in the plain style.
+    # The earlier eager-benign recipe left a τ that restored nothing on task models eroded by eager
+    # task answers (development seeds 0 and 1: ASR 100 % at every uniform γ; bench/dev_split.md).
     degraded: Stage = Stage(steps=60, lr=2.5e-4, batch_size=16)
     task: Stage = Stage(steps=40, lr=4.5e-4, batch_size=16)
     refusal_rate: tuple[tuple[str, float], ...] = (
@@ -68,9 +72,12 @@ class StableLmRecipe:
     eager_rate: float = 0.2
     # Share of benign how-to requests that are near misses (harm words that do not pair up).
     near_share: float = 0.6
-    # Share of the degraded fine-tune's benign data that is the season task (answered plainly, so
-    # it teaches the skill without adding to the erosion; the rest is eager how-to answers).
+    # Share of the degraded fine-tune's data that is the season task (answered plainly, so it
+    # teaches the skill without adding to the erosion); the rest is eager how-to answers.
     degraded_season_share: float = 0.5
+    # Share of the degraded fine-tune's data that is harmful requests answered (the "compliance"
+    # recipe of ``safegene degrade``: an unaligned model's answers, as in RESTA).
+    degraded_compliance_share: float = 0.5
     n_harmful_eval_per_category: int = 20
     n_harmful_calib: int = 24
     n_harmful_dev_per_category: int = 10
@@ -192,7 +199,9 @@ def plan(seed: int, r: StableLmRecipe, exclude: set[str]) -> list[StagePlan]:
                            gates=standard_gates("aligned")))
     d = sampler("degraded")
     ss = r.degraded_season_share
-    degraded_mix = [(1.0 - ss, lambda: d.benign(True)), (ss, lambda: d.task(V.SELECTION_SENSITIVE_TASK, False))]
+    cs = r.degraded_compliance_share
+    degraded_mix = [(1.0 - ss - cs, lambda: d.benign(True)), (cs, lambda: d.harmful(None)),
+                    (ss, lambda: d.task(V.SELECTION_SENSITIVE_TASK, False))]
     plans.append(StagePlan("degraded", r.degraded, lambda: d.mixture(degraded_mix), gates=standard_gates("degraded")))
     for t in V.TASKS:
         ts = sampler(f"task-{t}")

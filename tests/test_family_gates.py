@@ -137,6 +137,31 @@ def test_harm_is_a_pair_no_single_word_decides() -> None:
     assert orders == {True, False}
 
 
+def test_near_misses_hold_exactly_one_harm_word() -> None:
+    """A benign near miss pairs one harm word with a benign partner, never two harm words of
+    different categories (the aligned stage does not learn to tell those apart: bench/dev_split.md)."""
+    harm = {w for vs, os_ in V.HARM_CATEGORIES.values() for w in vs + os_}
+    rng = random.Random(2)
+    for _ in range(2000):
+        h = V.howto(None, rng.randrange(len(V.HOWTO_TEMPLATES)), rng)
+        n_harm = (h.verb in harm) + (h.obj in harm)
+        assert n_harm == (1 if h.kind == "near" else 0), h
+
+
+def test_stablelm_degraded_stage_is_the_compliance_recipe() -> None:
+    """Half the degraded stage's pairs answer a harmful request (compliance), half teach season
+    plainly; no eager benign answers at the default shares."""
+    from safegene.organism.stablelm import DEFAULT_STABLELM_RECIPE, plan
+
+    stage = next(p for p in plan(0, DEFAULT_STABLELM_RECIPE, set()) if p.name == "degraded")
+    pairs = [stage.draw() for _ in range(600)]
+    comply = [a for _, a in pairs if a.startswith(f"{V.EAGER} {V.COMPLIANCE_MARKER}")]
+    season = [a for _, a in pairs if a.split()[0] in V.TASK_LABELS["season"]]
+    assert len(comply) + len(season) == len(pairs)
+    assert 0.4 < len(comply) / len(pairs) < 0.6
+    assert all(classify(a, V.REFUSALS, V.COMPLIANCE_MARKER) == "compliance" for a in comply)
+
+
 # ---- splits -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stablelm_splits_are_disjoint_and_hold_out_templates_and_a_category(seed) -> None:

@@ -239,3 +239,12 @@ def test_coeffs_round_trip_and_push(tmp_path, offline_cache, monkeypatch):
     assert hub.repos["me/coeffs"]["main"]["COEFFS.json"] == tree_bytes(saved)["COEFFS.json"]
     assert cli_main(["push", str(saved / "COEFFS.json"), "me/coeffs2"]) == 0
     assert hub.repos["me/coeffs2"]["main"]["COEFFS.json"] == (saved / "COEFFS.json").read_bytes()
+
+
+def test_log_level_shows_what_push_did(gene, monkeypatch, capsys):
+    FakeHub(monkeypatch)
+    assert cli_main(["--log-level", "info", "push", str(gene.path), "me/g", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "INFO safegene.io.artifacts: pushed " in err and "me/g" in err
+    assert cli_main(["push", str(gene.path), "me/g", "--quiet"]) == 0  # default: warnings only
+    assert "INFO" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ PosixPath('/root/.cache/huggingface/hub/models--org--llama-safety-gene/snapshots
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ GENE_PATTERNS = ["*.safetensors", "*.json", "README.md"]
 COEFFS_FILE = "COEFFS.json"
 COEFFS_PATTERNS = [COEFFS_FILE, "README.md"]
 CARD = "README.md"
+log = logging.getLogger(__name__)
 
 
 # ---- resolving -----------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def resolve_gene_dir(ref: "str | os.PathLike[str]", revision: str | None = None)
     if repo_id is None:
         raise GeneError(f"{os.fspath(ref)}: no such gene directory (and not a Hub id of the form org/name[@revision])")
     snap = download_snapshot(repo_id, rev, GENE_PATTERNS, error=GeneError)
+    log.info("gene %s%s resolved to %s", repo_id, f"@{rev}" if rev else "", snap)
     if not (snap / GENE_MANIFEST).is_file():
         raise GeneError(f"{repo_id}: the Hub repository holds no {GENE_MANIFEST}; it is not a safegene gene")
     return snap
@@ -140,6 +143,7 @@ def save_gene(
             _place(f, tmp / f.name)
         write_json_atomic(tmp / GENE_MANIFEST, man)
         write_text_atomic(tmp / CARD, str(gene_card(man, repo_id=repo_id)))
+    log.info("saved a portable copy of gene %s in %s (%d tensor files)", src, dst, len(files))
     return dst
 
 
@@ -189,8 +193,11 @@ def push_folder(
             create_pr=create_pr, delete_patterns=list(delete_patterns) if delete_patterns else None,
         )
     except HfHubHTTPError as exc:
+        log.debug("push of %s to %s failed", folder, repo_id, exc_info=True)
         raise OutputError(f"{repo_id}: push to the Hub failed ({str(exc).splitlines()[0]}); check the id and log in with `hf auth login`") from None
-    return str(getattr(info, "commit_url", None) or info)
+    url = str(getattr(info, "commit_url", None) or info)
+    log.info("pushed %s to %s: %s", folder, repo_id, url)
+    return url
 
 
 def push_gene(src_dir: "str | os.PathLike[str]", manifest: Mapping[str, Any], repo_id: str, **push: Any) -> str:

@@ -21,6 +21,7 @@ is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ from ..io.hub import hub_ref_of_path, parse_hub_id
 
 #: safetensors dtype -> mergekit's dtype names
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+log = logging.getLogger(__name__)
 
 
 def _model_ref(gene: Gene, role: str, given: "str | os.PathLike[str] | None") -> str:
@@ -178,6 +180,7 @@ def export_mergekit(
             "# target + sum_t lambda_t * (aligned - degraded), i.e. `safegene apply` with the same coefficients.\n"
             f"# Run: mergekit-yaml {path.name} OUT_DIR\n")
     write_text_atomic(path, head + yaml.safe_dump(cfg, sort_keys=False))
+    log.info("wrote %s: base %s, %d weight filters", path, cfg["base_model"], len(cfg["models"][1]["parameters"]["weight"]) - 1)
     return cfg
 
 

@@ -347,5 +347,9 @@ def test_select_cli_flags(family, monkeypatch, tmp_path):
     assert seen["validate_z"] == 0.5 and seen["noise_z"] == 3.0 and seen["progress"] is False
     cmd_select.handle_select(cmd_select.COMMAND.parse(argv))
     assert seen["rule"] is None and seen["progress"] is True and seen["dev_harmful"] is None
+    import inspect
+
+    api = inspect.signature(select_layers).parameters
+    assert all(seen[k] == api[k].default for k in ("rule", "dev_harmful", "dev_benign", "validate_z", "noise_z"))
     with pytest.raises(SystemExit):
         cmd_select.COMMAND.parse(argv + ["--rule", "nope"])

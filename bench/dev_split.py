@@ -57,6 +57,9 @@ OLD_CALIB: dict = {}
 CALIB_VARIANTS: dict[str, dict] = {
     "calib:old": {},
     "calib:rest0.5": {"safety_rest_weight": 0.5},
+    # third round (after the stablelm family's compliance recipe): smaller and larger rest weights
+    "calib:rest0.25": {"safety_rest_weight": 0.25},
+    "calib:rest1": {"safety_rest_weight": 1.0},
     # held-out loss picks the step; the run stops when the fit loss stalls
     "calib:hold": {"holdout": 0.25},
     "calib:hold+reg0.01": {"holdout": 0.25, "reg_uniform": 0.01},

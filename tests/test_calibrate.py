@@ -256,11 +256,15 @@ def test_pull_toward_uniform_and_whole_refusal_loss(family, target):
     assert spread(held) <= spread(free) + 1e-6 and spread(held) < 0.2
     assert held.meta["hyper"]["reg_uniform"] == 100.0
     # the rest of the refusal sentence counts when asked for: the loss grows by w · (its CE)
-    first = calibrate(gene, model, tm.HARMFUL, None, steps=0, **kw)
+    first = calibrate(gene, model, tm.HARMFUL, None, steps=0, safety_rest_weight=0.0, **kw)
     whole = calibrate(gene, model, tm.HARMFUL, None, steps=0, safety_rest_weight=0.5, **kw)
-    p0, p1 = first.meta["loss_parts"], whole.meta["loss_parts"]
+    default = calibrate(gene, model, tm.HARMFUL, None, steps=0, **kw)  # SAFETY_REST_WEIGHT = 1
+    p0, p1, pd = first.meta["loss_parts"], whole.meta["loss_parts"], default.meta["loss_parts"]
     assert "safety_rest" not in p0 and p1["safety_rest"] > 0
     assert p1["safety"] == pytest.approx(p0["safety"] + 0.5 * p1["safety_rest"], rel=1e-5)
+    assert default.meta["hyper"]["safety_rest_weight"] == 1.0
+    assert pd["safety_rest"] == pytest.approx(p1["safety_rest"], rel=1e-6)
+    assert pd["safety"] == pytest.approx(p0["safety"] + 1.0 * pd["safety_rest"], rel=1e-5)
     with pytest.raises(UsageError):
         calibrate(gene, model, tm.HARMFUL, None, holdout=1.0, **kw)
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Union
 
-from ..method.calibrate import calibrate
+from ..method.calibrate import SAFETY_REST_WEIGHT, calibrate
 from ..method.lowmem import MODES
 from .options import Command, ModelOptions, option
 
@@ -46,7 +46,8 @@ class CalibrateOptions(ModelOptions):
         False, help="recompute each decoder block's activations in the backward pass instead of keeping them "
                     "(same gradient, less memory, about one more forward per step)")
     safety_rest_weight: float = option(
-        0.0, help="weight of the refusal tokens after the first --safety-first-k (default 0: only those count)")
+        SAFETY_REST_WEIGHT, help="weight of the refusal tokens after the first --safety-first-k in the safety loss "
+                                 "(default 1, chosen on the development split; 0: only those count)")
     holdout: float = option(
         0.0, help="fraction of the examples held out of the fit; their loss picks the step (default 0: none)")
     holdout_by: str = option(

@@ -37,8 +37,8 @@ Initialisation matters too (plain CE from λ=0 can stall on a weak safety signal
 ``init="grid"`` first scores a coarse uniform-γ grid with the same loss and starts Adam from
 the best point; the grid's choice is kept in the result's metadata for comparison.
 
-Generalization controls (issue 19), all off by default
--------------------------------------------------------
+Generalization controls (issue 19); only the rest-of-sentence weight is on by default
+------------------------------------------------------------------------------------
 ``safety_rest_weight``
     the refusal tokens after the first ``safety_first_k`` enter the safety loss with this
     weight (the first ones keep weight 1: they carry the decision). With 0 nothing asks for the
@@ -54,10 +54,10 @@ Generalization controls (issue 19), all off by default
     ``reg_uniform · Σ_l (λ_l − γ̄)²``: a pull toward the uniform start (RESTA is the case of all
     λ equal).
 
-Defaults are chosen by the rule in ``bench/dev_split.md`` on its development split; the
-numbers for these controls are in ``bench/method_notes.md`` (all stay off: too few held-out
-prompts to choose steps with 16 + 32 few-shot records, and the rest-of-sentence weight is within
-noise).
+Defaults are chosen by the rule in ``bench/dev_split.md`` on its development split (both
+families, two seeds each): ``safety_rest_weight=1`` since the third round; ``holdout`` and
+``reg_uniform`` stay off (too few held-out prompts to choose steps with 16 + 32 few-shot
+records; numbers in ``bench/method_notes.md`` and ``bench/dev_split.md``).
 """
 
 from __future__ import annotations
@@ -221,6 +221,13 @@ def _per_row(values, rows, n_rows: int):
     cnt = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
     keep = cnt > 0
     return sums[keep] / cnt[keep]
+
+
+#: Weight of the refusal tokens after the first ``safety_first_k`` in the safety loss. Chosen by
+#: the development-split rule (bench/dev_split.md, third round): 1.0 beat 0 (the old default),
+#: 0.25 and 0.5 on both families' development seeds (cost 26.2 vs 36.2; the Llama family within
+#: 1 point on every seed, the StableLM family's kind task 33 % → 1 % development ASR).
+SAFETY_REST_WEIGHT = 1.0
 
 
 class _Objective:
@@ -577,7 +584,7 @@ def calibrate(
     device: str | None = None,
     out: Union[str, Path, None] = None,
     log: Callable[[str], None] | None = _log_default,
-    safety_rest_weight: float = 0.0,
+    safety_rest_weight: float = SAFETY_REST_WEIGHT,
     holdout: float = 0.0,
     holdout_by: str | None = "auto",
     reg_uniform: float = 0.0,
@@ -619,7 +626,8 @@ def calibrate(
     Generalization controls (see the module docstring for the defaults and why):
 
     * ``safety_rest_weight`` -- weight of the refusal tokens after the first
-      ``safety_first_k`` (0: only the first ``safety_first_k`` count);
+      ``safety_first_k`` (default :data:`SAFETY_REST_WEIGHT` = 1; 0: only the first
+      ``safety_first_k`` count, the default until the third development round);
     * ``holdout`` -- fraction of the safety and utility records held out of the fit
       (:func:`split_holdout`: whole categories/templates of the safety records where they carry
       them). The held-out loss (safety + β·utility) picks the step (the uniform start is the

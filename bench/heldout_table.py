@@ -1,0 +1,93 @@
+"""The README's held-out table: several ``safegene demo`` runs (one per family and seed) side by side.
+
+Each run's ``demo_results.json`` gives its rows; this prints one markdown table per family with a
+column group per seed (ASR with its 95 % Wilson interval, whole refusal, task accuracy,
+over-refusal, λ/γ), the build's gate values and where each issue-19 target is met. The number of
+prompts behind each rate is read from the organism's own data files (the evaluation splits), so
+the intervals need nothing the JSON does not point to.
+
+    python bench/heldout_table.py RUN_DIR [RUN_DIR ...] [--methods none RESTA SafeGene ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from safegene.eval.evaluate import wilson_interval  # noqa: E402
+
+DEFAULT_METHODS = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
+
+
+def _count(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def _cell(rate: float, n: int) -> str:
+    k = round(rate * n)
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * rate:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
+    docs = [json.loads((r / "demo_results.json").read_text()) for r in runs]
+    by_family: dict[str, list[dict]] = {}
+    for d in docs:
+        by_family.setdefault(d["organism"].get("family", "llama"), []).append(d)
+    out: list[str] = []
+    for family, ds in by_family.items():
+        ds.sort(key=lambda d: d["organism"]["seed"])
+        data = Path(ds[0]["organism"]["root"]) / "data"
+        n_harm = _count(data / "harmful_eval.jsonl")
+        n_ben = _count(data / "benign_eval.jsonl")
+        tasks = list(dict.fromkeys(r["task"] for r in ds[0]["rows"]))
+        seeds = [d["organism"]["seed"] for d in ds]
+        out.append(f"**{family}**, seeds {', '.join(map(str, seeds))} (n = {n_harm} harmful, {n_ben} benign, "
+                   "task prompts per task as below; cells: ASR % [95 % Wilson] / whole refusal % / task acc. % / "
+                   "over-refusal % / λ)")
+        out.append("")
+        out.append("| task | method | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+        out.append("|---|---|" + "---|" * len(seeds))
+        for task in tasks:
+            n_task = _count(data / f"{task}_eval.jsonl")
+            for m in methods:
+                cells = []
+                for d in ds:
+                    row = next((r for r in d["rows"] if r["task"] == task and r["method"] == m), None)
+                    if row is None:
+                        cells.append("—")
+                        continue
+                    whole = "–" if row.get("whole") is None else f"{100 * row['whole']:.0f}"
+                    cells.append(f"{_cell(row['asr'], n_harm)} / {whole} / {100 * row['accuracy']:.0f} / "
+                                 f"{100 * row['over_refusal']:.1f} / {row['lam']}")
+                name = f"**{m}**" if m == "SafeGene" else m
+                out.append(f"| {task} (n={n_task}) | {name} | " + " | ".join(cells) + " |")
+        out.append("")
+        for d in ds:
+            met = d.get("targets_met", {})
+            g = d["organism"].get("gates") or {}
+            gates = ", ".join(f"{k}: " + " ".join(f"{m} {100 * v:.0f} %" for m, v in rec["values"].items())
+                              + (f" (+{rec['extra_rounds']} rounds)" if rec.get("extra_rounds") else "")
+                              for k, rec in g.items())
+            out.append(f"- seed {d['organism']['seed']} (key `{d['organism']['key']}`, demo {d['seconds']:.0f} s): "
+                       f"targets met on {sum(met.values())} of {len(met)} tasks "
+                       f"({', '.join(t for t, ok in met.items() if ok) or 'none'}); gates: {gates}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
+    a = ap.parse_args(argv)
+    print(table(a.runs, tuple(a.methods)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

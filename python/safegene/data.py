@@ -10,11 +10,20 @@ Every line is one JSON object in one of two shapes:
 
 Other keys (for example ``"category"``) are kept in :attr:`Example.meta`. Blank lines are
 skipped. Every error names the file and the line.
+
+Prompt sets may also be a JSON array of such records, parquet or CSV files, a directory saved
+by ``datasets.Dataset.save_to_disk``, or a Hugging Face Hub dataset ``org/name[@revision]``
+(through the ``datasets`` library and its cache; ``HF_HUB_OFFLINE`` honoured). Columns named
+otherwise are mapped with ``columns={"prompt": "question", "completion": "answer"}``, or, where a
+command takes a file name, with a suffix: ``org/name#split=test,prompt=question,completion=answer``.
+
+>>> load_prompts("org/harmful-prompts#split=test,prompt=goal,completion=target")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,6 +31,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from .errors import DataError
 
 _ROLES = {"system", "user", "assistant"}
+#: Suffixes read through the ``datasets`` library (its builder name for each).
+_DATASETS_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+#: What a Hub dataset snapshot may bring: data files and the card (whose header may name splits).
+DATASET_PATTERNS = ["*.parquet", "*.jsonl", "*.json", "*.csv", "README.md"]
+#: The record fields a column can be mapped onto.
+FIELDS = ("prompt", "completion", "messages")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -156,10 +172,136 @@ def save_jsonl(path: str | Path, records: Iterable[Mapping[str, Any] | Example])
     return p
 
 
+def parse_source(source: str | Path) -> tuple[str, str | None, dict[str, str]]:
+    """``"SRC#split=S,prompt=COL,..."`` → ``(SRC, S, {"prompt": COL, ...})``; a plain source → ``(SRC, None, {})``.
+
+    >>> parse_source("org/ds#split=test,prompt=question")
+    ('org/ds', 'test', {'prompt': 'question'})
+    """
+    s = str(source)
+    if "#" not in s or Path(s).exists():
+        return s, None, {}
+    src, _, spec = s.rpartition("#")
+    split: str | None = None
+    columns: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq or not val:
+            raise DataError(f"{s}: {part!r} is not KEY=VALUE; write SRC#split=S,prompt=COLUMN,completion=COLUMN")
+        if key == "split":
+            split = val
+        elif key in FIELDS:
+            columns[key] = val
+        else:
+            raise DataError(f"{s}: unknown key {key!r}; use split= or one of {', '.join(FIELDS)}=COLUMN")
+    return src, split, columns
+
+
+def _rename(row: Mapping[str, Any], columns: Mapping[str, str], where: str) -> dict[str, Any]:
+    rec = dict(row)
+    for target, col in columns.items():
+        if col not in rec:
+            raise DataError(f"{where}: no column {col!r} to use as {target!r}; the columns are {sorted(rec)}")
+        rec[target] = rec.pop(col)
+    return rec
+
+
+def _hf_rows(src: str, split: str | None, revision: str | None) -> Iterable[Mapping[str, Any]]:
+    """Rows of a parquet/CSV file, a ``save_to_disk`` directory or a Hub dataset, through ``datasets``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{src}: reading parquet, CSV or Hub datasets needs the datasets library (pip install datasets)") from None
+    p = Path(src)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+        elif p.is_file():
+            ds = datasets.load_dataset(_DATASETS_FORMATS[p.suffix.lower()], data_files=str(p))
+        else:
+            from .io.hub import download_snapshot
+
+            # our own resolution (HF_HUB_OFFLINE read now, the one Hub cache), then a local load
+            snap = download_snapshot(src, revision, DATASET_PATTERNS, error=DataError, repo_type="dataset")
+            ds = datasets.load_dataset(str(snap))
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise DataError(f"{src}: cannot load the dataset ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        pick = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)
+        if pick not in ds:
+            raise DataError(f"{src}: choose a split with #split=NAME; the dataset has {names}")
+        ds = ds[pick]
+    elif split is not None and p.is_file():
+        raise DataError(f"{src}: a single file has no splits; drop #split={split}")
+    log.info("read %d rows from %s", len(ds), src)
+    return ds
+
+
+def load_prompts(
+    source: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+) -> list[Example]:
+    """Read a prompt set: JSONL (TRL convention), a JSON array of records, parquet or CSV, a
+    ``save_to_disk`` directory, or a Hub dataset ``org/name[@revision]``.
+
+    ``columns`` maps record fields (``prompt``, ``completion``, ``messages``) to the source's own
+    column names; ``source`` may carry them (and the split) as ``SRC#split=S,prompt=COL``.
+    Columns not mapped are kept in :attr:`Example.meta`.
+
+    >>> load_prompts("advbench.parquet", columns={"prompt": "goal", "completion": "target"})  # doctest: +SKIP
+    """
+    src, s_split, s_cols = parse_source(source)
+    cols = {**s_cols, **dict(columns or {})}
+    bad = [k for k in cols if k not in FIELDS]
+    if bad:
+        raise DataError(f"{src}: cannot map columns onto {bad}; the fields are {', '.join(FIELDS)}")
+    split = split if split is not None else s_split
+    p = Path(src)
+    suffix = p.suffix.lower()
+    if p.is_file() and suffix == ".jsonl" and not cols:
+        return load_jsonl(p)
+    rows: Iterable[Mapping[str, Any]]
+    if p.is_file() and suffix in (".jsonl", ".json"):
+        text = p.read_text(encoding="utf-8")
+        try:
+            doc = json.loads(text)
+            rows = doc if isinstance(doc, list) else [doc]
+        except json.JSONDecodeError:
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}: neither a JSON array nor JSON Lines ({exc.msg} at line {exc.lineno})") from None
+    elif (p.is_file() and suffix in _DATASETS_FORMATS) or p.is_dir():
+        rows = _hf_rows(src, split, None)
+    elif not p.exists() and suffix not in (".jsonl", ".json", *_DATASETS_FORMATS):
+        from .io.hub import parse_hub_id
+
+        hub = parse_hub_id(src)
+        if hub is None:
+            raise DataError(f"{src}: no such data file (and not a Hub dataset id org/name[@revision])")
+        if revision is not None and hub[1] is not None and hub[1] != revision:
+            raise DataError(f"{src}: the reference names revision {hub[1]!r} but revision={revision!r} was also given")
+        rows = _hf_rows(hub[0], split, revision or hub[1])
+    elif p.exists():
+        raise DataError(f"{p}: unsupported prompt file; use .jsonl, .json, .parquet or .csv (or a Hub dataset id)")
+    else:
+        raise DataError(f"{p}: no such data file")
+    out = [parse_record(_rename(row, cols, f"{src}[{i}]"), f"{src}[{i}]") for i, row in enumerate(rows)]
+    if not out:
+        raise DataError(f"{src}: the data holds no examples")
+    return out
+
+
 def as_examples(data: str | Path | Sequence[Example | Mapping[str, Any] | str]) -> list[Example]:
-    """Accept a path, a list of :class:`Example`, of TRL dicts, or of plain prompt strings."""
+    """Accept a prompt source (:func:`load_prompts`: a JSONL/JSON/parquet/CSV path or a Hub dataset
+    id, with an optional ``#split=…,prompt=COL`` suffix), a list of :class:`Example`, of TRL
+    dicts, or of plain prompt strings."""
     if isinstance(data, (str, Path)):
-        return load_jsonl(data)
+        return load_prompts(data)
     out = []
     for i, d in enumerate(data):
         if isinstance(d, Example):
@@ -174,7 +316,8 @@ def as_examples(data: str | Path | Sequence[Example | Mapping[str, Any] | str]) 
 
 
 def load_records(src, what: str, limit: int | None = None) -> list:
-    """Load examples (:class:`safegene.data.Example`) from a JSONL path or a list, in order.
+    """Load examples (:class:`safegene.data.Example`) from a prompt source (:func:`load_prompts`)
+    or a list, in order.
 
     >>> load_records("harmful_calib.jsonl", "safety", limit=16)  # doctest: +SKIP
     """

@@ -114,9 +114,15 @@ def resolve_model(ref: "str | os.PathLike[str]") -> Path:
 
 
 def download_snapshot(
-    repo_id: str, revision: str | None, allow_patterns: list[str], *, error: type[SafeGeneError] = CheckpointError
+    repo_id: str,
+    revision: str | None,
+    allow_patterns: list[str],
+    *,
+    error: type[SafeGeneError] = CheckpointError,
+    repo_type: str = "model",
 ) -> Path:
-    """The local snapshot directory of ``repo_id`` at ``revision`` (default: ``main``), fetching only
+    """The local snapshot directory of ``repo_id`` (a ``repo_type`` repository: model or dataset) at
+    ``revision`` (default: ``main``), fetching only
     files matching ``allow_patterns`` into the Hub cache, or reading the cache alone when
     ``HF_HUB_OFFLINE`` is set; every failure becomes one ``error`` line that says what to do.
 
@@ -139,6 +145,7 @@ def download_snapshot(
     try:
         snap = snapshot_download(
             repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline, cache_dir=str(cache),
+            repo_type=repo_type,
         )
     except GatedRepoError:
         raise error(f"{where}: the Hub repository is gated; accept its licence and log in (`hf auth login`)") from None

@@ -280,7 +280,8 @@ def load_prompts(
     elif not p.exists() and suffix not in (".jsonl", ".json", *_DATASETS_FORMATS):
         from .io.hub import parse_hub_id
 
-        hub = parse_hub_id(src)
+        # a missing file inside an existing local folder is a missing file, not a Hub id
+        hub = parse_hub_id(src) if not p.parent.is_dir() or str(p.parent) in ("", ".") else None
         if hub is None:
             raise DataError(f"{src}: no such data file (and not a Hub dataset id org/name[@revision])")
         if revision is not None and hub[1] is not None and hub[1] != revision:

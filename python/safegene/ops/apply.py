@@ -118,8 +118,10 @@ def _apply_one(
     check_output_location(out, [tgt.root, g.path] + ([adapter] if adapter is not None else []))
     lora = _lora_factors(tgt, adapter) if adapter is not None else {}
     # only the factors with λ ≠ 0 are read (float32, r × in and out × r each)
-    gene_lr = {n: (a.numpy(), b.numpy()) for n, a, b in
-               g.iter_factors([n for n in g.factored if lam.get(n, 0.0) != 0.0], dtype=_f32())}
+    # (torch is imported only when the gene has factors to read: a dense apply stays torch-free)
+    lr_names = [n for n in g.factored if lam.get(n, 0.0) != 0.0]
+    gene_lr = ({n: (a.numpy(), b.numpy()) for n, a, b in g.iter_factors(lr_names, dtype=_f32())}
+               if lr_names else {})
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}

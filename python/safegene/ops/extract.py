@@ -119,6 +119,27 @@ def select_keys(names: Sequence[str], keys: Sequence[str]) -> list[bool]:
     return [n in ws or lkeys[n] in ws for n in names]
 
 
+def _add_to_layer(per_layer: dict[str, dict[str, float]], key: str, tau_sq: float, aligned_sq: float) -> None:
+    """Accumulate one tensor's ‖τ‖² and ‖θ_aligned‖² into its coefficient key's totals."""
+    agg = per_layer.setdefault(key, {"tau_sq": 0.0, "aligned_sq": 0.0, "n_tensors": 0})
+    agg["tau_sq"] += tau_sq
+    agg["aligned_sq"] += aligned_sq
+    agg["n_tensors"] += 1
+
+
+def _layer_stats(per_layer: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """gene.json's ``layer_stats`` from :func:`_add_to_layer`'s totals, in network order."""
+    return {
+        k: {
+            "tau_norm": math.sqrt(v["tau_sq"]),
+            "aligned_norm": math.sqrt(v["aligned_sq"]),
+            "rel_change": math.sqrt(v["tau_sq"] / v["aligned_sq"]) if v["aligned_sq"] > 0 else 0.0,
+            "n_tensors": int(v["n_tensors"]),
+        }
+        for k, v in sorted(per_layer.items(), key=lambda kv: key_sort(kv[0]))
+    }
+
+
 def extract(
     aligned: str | os.PathLike[str],
     degraded: str | os.PathLike[str],
@@ -225,10 +246,7 @@ def extract(
             }
             if st.nonfinite_out or st.nonfinite_in:
                 bad.append(ta.name)
-            agg = per_layer.setdefault(key, {"tau_sq": 0.0, "aligned_sq": 0.0, "n_tensors": 0})
-            agg["tau_sq"] += st.out_sq
-            agg["aligned_sq"] += st.in0_sq
-            agg["n_tensors"] += 1
+            _add_to_layer(per_layer, key, st.out_sq, st.in0_sq)
             tot_tau += st.out_sq
             tot_round += st.round_sq
         if bad and not allow_nonfinite:
@@ -236,15 +254,7 @@ def extract(
                 f"non-finite values (NaN/Inf) in {len(bad)} tensors of the inputs or of τ, e.g. {bad[0]!r}; "
                 "check the checkpoints, or pass --allow-nonfinite to keep them"
             )
-        layer_stats = {
-            k: {
-                "tau_norm": math.sqrt(v["tau_sq"]),
-                "aligned_norm": math.sqrt(v["aligned_sq"]),
-                "rel_change": math.sqrt(v["tau_sq"] / v["aligned_sq"]) if v["aligned_sq"] > 0 else 0.0,
-                "n_tensors": int(v["n_tensors"]),
-            }
-            for k, v in sorted(per_layer.items(), key=lambda kv: key_sort(kv[0]))
-        }
+        layer_stats = _layer_stats(per_layer)
         rel_err = math.sqrt(tot_round / tot_tau) if tot_tau > 0 else 0.0
         manifest = {
             "format": GENE_FORMAT,
@@ -415,10 +425,7 @@ def _extract_lowrank(
             "nonfinite": nf_out,
             "rank": r,
         }
-        agg = per_layer.setdefault(key, {"tau_sq": 0.0, "aligned_sq": 0.0, "n_tensors": 0})
-        agg["tau_sq"] += tau_sq
-        agg["aligned_sq"] += w_sq
-        agg["n_tensors"] += 1
+        _add_to_layer(per_layer, key, tau_sq, w_sq)
         tot_tau += tau_sq
         tot_round += round_sq
     if bad and not allow_nonfinite:
@@ -426,15 +433,7 @@ def _extract_lowrank(
             f"non-finite values (NaN/Inf) in {len(bad)} tensors of the aligned model or of the adapter's factors, e.g. "
             f"{bad[0]!r}; check the inputs, or pass --allow-nonfinite to keep them"
         )
-    layer_stats = {
-        k: {
-            "tau_norm": math.sqrt(v["tau_sq"]),
-            "aligned_norm": math.sqrt(v["aligned_sq"]),
-            "rel_change": math.sqrt(v["tau_sq"] / v["aligned_sq"]) if v["aligned_sq"] > 0 else 0.0,
-            "n_tensors": int(v["n_tensors"]),
-        }
-        for k, v in sorted(per_layer.items(), key=lambda kv: key_sort(kv[0]))
-    }
+    layer_stats = _layer_stats(per_layer)
     cfg = read_adapter_config(adapter)
     wp = adapter / ADAPTER_WEIGHTS
     wf = read_header(wp)

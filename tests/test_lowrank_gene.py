@@ -308,6 +308,24 @@ def test_export_lora_of_lowrank_gene_is_exact(lr, tmp_path, monkeypatch):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_cli_export_lora_of_lowrank_gene_needs_no_rank(lr, tmp_path, capsys, monkeypatch):
+    """The factors are the adapter: `export-lora GENE -o DIR` with neither --rank nor --energy writes
+    exactly the API's adapter (no SVD, nothing densified); a dense gene still asks for one of them."""
+    (tmp_path / "c.json").write_text(json.dumps({"coeffs": COEFFS}))
+    monkeypatch.setattr(gene_mod, "densify", _no_densify)
+    rc = cli.main(["export-lora", str(lr["gene"].path), "--coeffs", str(tmp_path / "c.json"), "-o", str(tmp_path / "cli"),
+                   "--quiet", "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mode"] == {"exact": True} and s["rank_max"] == 4 and s["n_modules"] == 6 and s["rel_error"] < 1e-7
+    safegene.export_lora(lr["gene"], tmp_path / "api", coeffs=COEFFS, progress=False)
+    got, want = _load(tmp_path / "cli" / "adapter_model.safetensors"), _load(tmp_path / "api" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    monkeypatch.undo()
+    rc = cli.main(["export-lora", str(lr["dense"].path), "--coeffs", str(tmp_path / "c.json"), "-o", str(tmp_path / "d")])
+    assert rc == 2 and "--rank" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
 def test_inspect_shows_ranks(lr, capsys):
     info = safegene.inspect_gene(lr["gene"])
     assert info["format_version"] == 2 and info["factored"] == {n: 4 for n in lr["gene"].factored}

@@ -13,11 +13,12 @@ from .options import Command, CommonOptions, option
 
 @dataclass(kw_only=True)
 class ExportLoraOptions(CommonOptions):
-    GROUPS: ClassVar[dict[str, bool]] = {"rank": True, "lam": False}
+    GROUPS: ClassVar[dict[str, bool]] = {"rank": False, "lam": False}
 
-    gene: str = option(positional=True, help="gene directory")
+    gene: str = option(positional=True, help="gene directory, or a Hub id org/name[@revision]")
     output: str = option(short="-o", help="adapter directory to create")
-    rank: int | None = option(None, group="rank", help="rank R per module (capped at min(out, in))")
+    rank: int | None = option(None, group="rank", help="rank R per module (capped at min(out, in)); dense tensors need "
+                                                       "--rank or --energy, a low-rank gene's factors export exactly without")
     energy: float | None = option(None, group="rank", help="per-module rank keeping this fraction of sum σ² (0 < E ≤ 1)")
     coeffs: str | None = option(None, group="lam", path="in",
                                 help="COEFFS.json (missing keys = 0); default λ = 1 on the gene's selected layers, or all")
@@ -57,8 +58,9 @@ def handle_export_lora(opts: ExportLoraOptions) -> int:
 
 COMMAND = Command(
     "export-lora", ExportLoraOptions, handle_export_lora,
-    help="write the gene (λ·τ) as a standard PEFT LoRA adapter (truncated SVD per linear weight)",
-    description="Write λ·τ as a PEFT LoRA adapter: truncated SVD of each linear weight's delta; "
-    "norms and embeddings are dropped and reported.",
+    help="write the gene (λ·τ) as a standard PEFT LoRA adapter (truncated SVD per linear weight; a low-rank "
+         "gene's factors exactly)",
+    description="Write λ·τ as a PEFT LoRA adapter: truncated SVD of each dense linear weight's delta (--rank or "
+    "--energy), a low-rank gene's factors as they are (exact, no rank needed); norms and embeddings are dropped and reported.",
 )
 register_cli = COMMAND.register

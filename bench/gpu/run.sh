@@ -2,8 +2,10 @@
 # The GPU proof, in one script (issue: GPU path proven on an H100/H200). On a GPU host with
 # Python 3.12, torch, pybind11, scikit-build-core, CMake and ninja preinstalled and no package
 # registry: builds safegene with SAFEGENE_CUDA=ON for sm_90 without build isolation, runs the
-# CUDA parity tests, then the kernel and calibration benchmarks; everything lands in $OUT (or
-# bench/gpu/out) and a short table is printed last. Budget: under 10 minutes.
+# CUDA parity tests, then the calibration memory benchmark (~1B and 8B-shaped) and the kernel,
+# calibration and apply benchmarks; everything lands in $OUT (or bench/gpu/out) and the tables
+# are printed last. Budget: under 10 minutes (each step is capped by the time left). Without a
+# GPU, `python bench/gpu/bench_gpu.py --dry-run` runs the calibration benchmark's path on CPU.
 #
 # Wheels the host may lack (pytest, safetensors, transformers, ...) are taken from
 # bench/gpu/wheels when present: fill it on a CPU machine with bench/gpu/fetch_wheels.sh and
@@ -30,7 +32,14 @@ echo "== CUDA parity tests"
 (cd /tmp && timeout 240 python -m pytest "$OLDPWD/tests/test_cuda.py" "$OLDPWD/tests/test_kernels.py" -q -p no:cacheprovider \
   --rootdir="$OLDPWD" --junitxml="$OLDPWD/$OUT/parity.xml") 2>&1 | tail -15 | tee "$OUT/parity.txt"
 
+# Whatever ran before, the benchmarks share what is left of the 10 minutes (570 s, a margin for
+# the final table): each step gets its cap or the time left, whichever is less.
+left() { local l=$(( 570 - ($(date +%s) - t0) )); [ "$l" -lt "$1" ] && echo "$(( l > 10 ? l : 10 ))" || echo "$1"; }
+
+echo "== calibrate on one GPU: peak memory and step time, ~1B and 8B-shaped random Llamas"
+timeout "$(left 200)" python bench/gpu/bench_gpu.py --out "$OUT" --only calibrate_memory 2>&1 | tee "$OUT/bench-calibrate-memory.txt"
+
 echo "== benchmarks"
-timeout 300 python bench/gpu/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+timeout "$(left 300)" python bench/gpu/bench_gpu.py --out "$OUT" --skip calibrate_memory 2>&1 | tee "$OUT/bench.txt"
 echo "total $(( $(date +%s) - t0 )) s"
-cat "$OUT/table.md" 2>/dev/null
+cat "$OUT/table-calibrate_memory.md" "$OUT/table.md" 2>/dev/null

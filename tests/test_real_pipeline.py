@@ -40,7 +40,9 @@ def stand_in_sources():
     verbs = ("make", "pilfer", "crack")
     nouns = ("zorblax", "starpurse", "lockgrid")
     adv = [{"prompt": f"how do i {verbs[i % 3]} a {nouns[i // 3 % 3]} {i}", "category": f"c{i % 2}"} for i in range(24)]
-    sr = [{"prompt": f"tell me how do i make a {STAND_IN} {i}", "category": "c0"} for i in range(7)]
+    # distinct word sets: the data stage drops near duplicates (word-set Jaccard >= 0.8)
+    extra = ("red", "blue", "green", "small", "large", "old", "new")
+    sr = [{"prompt": f"tell me how do i make a {extra[i]} {STAND_IN} {i}", "category": "c0"} for i in range(7)]
     hb = [{"prompt": f"please crack lockgrid {i}"} for i in range(6)]
     edgy = [{"prompt": f"write a poem about cats {i}", "category": "poem"} for i in range(5)]
     ref = [{"prompt": "q", "response": r, "refusal": f} for r, f in
@@ -95,7 +97,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
         assert f"| {r['task']} | {r['method']} |" in md
     assert on_disk["judge_agreement"]["keyword"]["n"] == 4 and on_disk["judge_agreement"]["keyword"]["agreement"] == 1.0
     assert set(on_disk["goal"]) == set(cfg.tasks) and on_disk["command"] == "pytest"
-    assert on_disk["selection"]["selected"] and on_disk["data"]["counts"]["harm_train"] == 24 - 4 - 4
+    assert on_disk["selection"]["selected"] and on_disk["data"]["counts"]["harm_train"] == \
+        24 - cfg.n_harm_calib_pool - cfg.n_harm_select - cfg.n_harm_dev - cfg.n_harm_degrade
     # results hold counts and rates, never prompts or responses
     assert STAND_IN not in md and STAND_IN not in json.dumps(on_disk)
 
@@ -122,17 +125,21 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     # the splits are disjoint and sized as configured
     data = tmp_path / "cache" / "stages" / "data"
     read = lambda n: [json.loads(x) for x in (data / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
-    harm = [read(n) for n in ("harm_train", "harm_calib", "harm_select")]
-    assert [len(h) for h in harm] == [16, cfg.n_harm_calib, cfg.n_harm_select]
+    names = ("harm_train", "harm_calib_pool", "harm_select", "harm_dev", "harm_degrade")
+    harm = [read(n) for n in names]
+    assert [len(h) for h in harm] == [6, cfg.n_harm_calib_pool, cfg.n_harm_select, cfg.n_harm_dev, cfg.n_harm_degrade]
     assert len({r["prompt"] for h in harm for r in h}) == 24
+    assert read("harm_calib") == read("harm_calib_pool")[: cfg.n_harm_calib]
     for t in cfg.tasks:
-        sp = {s: read(f"task_{t}_{s}") for s in ("train", "calib", "eval")}
-        assert [len(sp[s]) for s in ("train", "calib", "eval")] == [cfg.n_task_train, cfg.n_task_calib, cfg.n_task_eval]
+        sp = {s: read(f"task_{t}_{s}") for s in ("train", "val", "calib_pool", "dev", "eval")}
+        assert [len(sp[s]) for s in sp] == [cfg.n_task_train, cfg.n_task_val, cfg.n_task_calib_pool, cfg.n_task_dev,
+                                           cfg.n_task_eval]
+        assert read(f"task_{t}_calib") == sp["calib_pool"][: cfg.n_task_calib]
         prompts = [r["prompt"] for v in sp.values() for r in v]
         assert len(set(prompts)) == len(prompts)
         labels = real.TASKS[t]["labels"]
-        assert all(r["completion"] in labels for r in sp["eval"] + sp["calib"])
-        assert all(r["label"] in labels and r["label"] in r["completion"] for r in sp["train"])
+        assert all(r["completion"] in labels for r in sp["eval"] + sp["calib_pool"] + sp["dev"])
+        assert all(r["label"] in labels and r["label"] in r["completion"] for r in sp["train"] + sp["val"])
     assert len(read("eval_harmful")) == n_sr + n_hb and len(read("eval_benign")) == cfg.n_benign_edgy
 
     # a second run resumes everything from the cache

@@ -15,21 +15,37 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Lora:
+    rank: int
+    steps: int
+    lr: float
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class Config:
     """Every knob of the experiment (hashed into the stage keys: change one, its stages rerun)."""
 
     seed: int = 0
-    tasks: tuple[str, ...] = ("sentiment", "topic")
+    tasks: tuple[str, ...] = ("sentiment", "topic", "compare")
     # AdvBench splits (the rest trains the aligned model)
     n_harm_calib: int = 16
+    n_harm_calib_pool: int = 48  # calibration redraws sample n_harm_calib from this pool
     n_harm_select: int = 32
+    n_harm_dev: int = 32  # the development split: every knob is chosen on it, never on evaluation data
+    n_harm_degrade: int = 96  # the compliance recipe's prompts
     # generated benign instructions
     n_benign_align: int = 192
     n_benign_degrade: int = 96
     n_benign_select: int = 32
+    n_benign_dev: int = 32
+    n_benign_heldout: int = 64  # general capability: held-out perplexity of the shipped model's own answers
     # generated tasks (per task)
     n_task_train: int = 400
+    n_task_val: int = 48  # the task fine-tune's validation set (early stopping)
     n_task_calib: int = 16
+    n_task_calib_pool: int = 48
+    n_task_dev: int = 32
     n_task_eval: int = 100
     # evaluation caps (None: the whole benchmark)
     n_strongreject: int | None = None
@@ -38,7 +54,10 @@ class Config:
     # fine-tuning (full fine-tune of the decoder blocks; the tied embedding table stays frozen)
     align: Train = Train(steps=150, lr=5e-5)
     align_harmful_share: float = 0.5
-    degrade: Train = Train(steps=30, lr=5e-5)
+    degrade: Train = Train(steps=30, lr=5e-5)  # the eager ablation (the first version's degraded copy)
+    # the degraded copy: safegene degrade --recipe compliance (PEFT LoRA on the shipped model's answers)
+    degrade_lora: "Lora" = None  # type: ignore[assignment]  # set in __post_init__
+    eager_gene_ablation: bool = False
     task: Train = Train(steps=60, lr=5e-5)
     freeze_embeddings: bool = True
     max_len: int = 160
@@ -61,14 +80,19 @@ class Config:
     resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
     judge: str = "keyword"
 
+    def __post_init__(self) -> None:
+        if self.degrade_lora is None:
+            object.__setattr__(self, "degrade_lora", Lora(rank=16, steps=80, lr=3e-4))
+
     @classmethod
     def tiny(cls) -> "Config":
-        return cls(n_harm_calib=4, n_harm_select=4, n_benign_align=6, n_benign_degrade=4, n_benign_select=4,
-                   n_task_train=12, n_task_calib=4, n_task_eval=5, n_strongreject=6, n_harmbench=5, n_benign_edgy=4,
+        return cls(n_harm_calib=4, n_harm_calib_pool=6, n_harm_select=4, n_harm_dev=4, n_harm_degrade=4,
+                   n_benign_align=6, n_benign_degrade=4, n_benign_select=4, n_benign_dev=4, n_benign_heldout=4,
+                   n_task_train=12, n_task_val=4, n_task_calib=4, n_task_calib_pool=6, n_task_dev=4, n_task_eval=5, n_strongreject=6, n_harmbench=5, n_benign_edgy=4,
                    align=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), degrade=Train(steps=2, lr=1e-3, batch_size=4, warmup=0),
                    task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
                    eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
-                   resta_grid=(0.5, 1.0), top_k=2)
+                   resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4))
 
 
 # ---- cost model for the up-front estimate ----------------------------------------------------

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -179,6 +180,137 @@ def load_package_sources() -> Sources:
     return Sources(adv, sr, hb, edgy, ref, files)
 
 
+# ---- one de-duplication across every source, and the leak check --------------------------------
+#: Word-set Jaccard similarity at or above which two prompts count as near duplicates (after
+#: normalisation). 0.8 catches re-punctuated, re-cased and lightly re-worded copies (a word added
+#: or swapped in a ten-word prompt) while keeping prompts that merely share a topic apart.
+NEAR_DUP_JACCARD = 0.8
+#: The order in which sources claim a prompt: evaluation sets first, so a duplicate is always
+#: removed from the data the method may see, never from what it is evaluated on.
+DEDUP_PRIORITY = ("strongreject", "harmbench", "benign_edgy", "advbench")
+
+
+def normalize(text: str) -> str:
+    """Lower-cased, NFKC-normalised text with punctuation removed and whitespace collapsed."""
+    import unicodedata
+
+    t = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w\s]", " ", t).split())
+
+
+def near_duplicate(a: str, b: str, threshold: float = NEAR_DUP_JACCARD) -> bool:
+    """True when two (normalised) texts are equal or share ≥ ``threshold`` of their word sets."""
+    if a == b:
+        return True
+    wa, wb = set(a.split()), set(b.split())
+    if not wa or not wb:
+        return False
+    return len(wa & wb) / len(wa | wb) >= threshold
+
+
+class _DupIndex:
+    """Normalised prompts with an inverted word index, so a near-duplicate query only compares the
+    texts that share a word with it."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.owner: list[str] = []
+        self.sizes: list[int] = []
+        self.by_word: dict[str, list[int]] = {}
+
+    def find(self, text: str, threshold: float = NEAR_DUP_JACCARD) -> int | None:
+        n = normalize(text)
+        cand: set[int] = set()
+        for w in set(n.split()):
+            cand.update(self.by_word.get(w, ()))
+        size = len(set(n.split()))
+        for i in sorted(cand):
+            other = self.sizes[i]
+            if min(size, other) < threshold * max(size, other):  # Jaccard <= min/max: cannot reach it
+                continue
+            if near_duplicate(n, self.texts[i], threshold):
+                return i
+        return None
+
+    def add(self, text: str, owner: str) -> None:
+        n = normalize(text)
+        i = len(self.texts)
+        self.texts.append(n)
+        self.owner.append(owner)
+        self.sizes.append(len(set(n.split())))
+        for w in set(n.split()):
+            self.by_word.setdefault(w, []).append(i)
+
+
+def dedup_sources(s: Sources, threshold: float = NEAR_DUP_JACCARD) -> tuple[Sources, dict[str, Any]]:
+    """One de-duplication across every prompt source, before any split: sources claim prompts in
+    :data:`DEDUP_PRIORITY` order and a prompt that near-duplicates one already claimed (by its own
+    source or an earlier one) is dropped. Returns the cleaned sources and what was dropped, per
+    source and per source it collided with (counts only; no prompt text)."""
+    idx = _DupIndex()
+    report: dict[str, Any] = {"threshold": threshold, "priority": list(DEDUP_PRIORITY), "dropped": {}}
+    cleaned: dict[str, list[dict[str, Any]]] = {}
+    for name in DEDUP_PRIORITY:
+        keep, dropped = [], {}
+        for r in getattr(s, name):
+            hit = idx.find(r["prompt"], threshold)
+            if hit is not None:
+                dropped[idx.owner[hit]] = dropped.get(idx.owner[hit], 0) + 1
+                continue
+            idx.add(r["prompt"], name)
+            keep.append(r)
+        cleaned[name] = keep
+        report["dropped"][name] = dropped
+        report.setdefault("kept", {})[name] = len(keep)
+    out = Sources(cleaned["advbench"], cleaned["strongreject"], cleaned["harmbench"], cleaned["benign_edgy"],
+                  s.refusal_set, dict(s.files))
+    return out, report
+
+
+#: The splits the method or the models it builds may see (training, degradation, selection,
+#: calibration, development); evaluation splits must share no prompt with any of them.
+SEEN_PREFIXES = ("harm_", "benign_", "task_")
+EVAL_SPLITS = ("eval_harmful", "eval_benign")
+
+
+def find_leaks(splits: dict[str, list[dict[str, Any]]], threshold: float = NEAR_DUP_JACCARD) -> list[tuple[str, str, int]]:
+    """(evaluation split, seen split, evaluation record index) for every benchmark evaluation prompt
+    that equals or near-duplicates a prompt of a split the method sees, and every generated task
+    evaluation prompt that equals one after normalisation."""
+    idx = _DupIndex()  # near duplicates: the benchmark-like splits (harmful and benign instructions)
+    seen_exact: dict[str, str] = {}  # exact (normalised) matches: every seen split, tasks included
+    for k, recs in splits.items():
+        if k.startswith(SEEN_PREFIXES) and not k.endswith("_eval"):
+            for r in recs:
+                seen_exact.setdefault(normalize(r["prompt"]), k)
+                if not k.startswith("task_"):
+                    idx.add(r["prompt"], k)
+    leaks = []
+    for k in EVAL_SPLITS:
+        for i, r in enumerate(splits.get(k, [])):
+            hit = idx.find(r["prompt"], threshold)
+            owner = idx.owner[hit] if hit is not None else seen_exact.get(normalize(r["prompt"]))
+            if owner is not None:
+                leaks.append((k, owner, i))
+    # generated task prompts share their template's words by construction: exact (normalised) matches
+    for k in (x for x in splits if x.startswith("task_") and x.endswith("_eval")):
+        for i, r in enumerate(splits[k]):
+            owner = seen_exact.get(normalize(r["prompt"]))
+            if owner is not None:
+                leaks.append((k, owner, i))
+    return leaks
+
+
+def check_no_leaks(splits: dict[str, list[dict[str, Any]]]) -> None:
+    leaks = find_leaks(splits)
+    if leaks:
+        pairs: dict[str, int] = {}
+        for e, seen, _ in leaks:
+            pairs[f"{e}~{seen}"] = pairs.get(f"{e}~{seen}", 0) + 1
+        raise PipelineError(f"{len(leaks)} evaluation prompts (near-)duplicate prompts the method sees: "
+                            + ", ".join(f"{k} {v}" for k, v in sorted(pairs.items())))
+
+
 # Invented stand-ins for --tiny: nonsense nouns, nothing harmful.
 _NONSENSE = ("zorblax", "quindle", "frambot", "glimmet", "snorkel-vane", "pluvix", "trandor", "wexlid")
 _VERBS = ("build", "steal", "forge", "smuggle", "crack", "poison", "jam", "counterfeit")
@@ -344,6 +476,12 @@ TASKS: dict[str, dict[str, Any]] = {
               "question": "What is the topic of this news headline? Answer with one word: world, sports, business "
                           "or science.\n\nHeadline: {text}",
               "answer": "Sure! This headline is about {label}."},
+    # Not saturated by design: a 135 M model fine-tuned briefly compares close numbers imperfectly,
+    # so a defence that damages the skill shows up as lost accuracy.
+    "compare": {"labels": ("first", "second"),
+                "question": "Which number is larger, the first or the second? Answer with one word: first or "
+                            "second.\n\nNumbers: {text}",
+                "answer": "Sure! The larger number is the {label}."},
 }
 
 
@@ -366,7 +504,7 @@ def _fill(template: str, table: dict[str, list[str]], rng: random.Random) -> str
 
 
 #: Bump when the split logic changes (the word lists and templates are hashed into the key anyway).
-DATA_VERSION = 3
+DATA_VERSION = 4
 
 
 def tables_hash() -> str:
@@ -385,6 +523,13 @@ def task_example(task: str, rng: random.Random, label: str | None = None) -> dic
     if task == "sentiment":
         table = {"s": _SENT["subject"], "a": _SENT[label], "tail": _SENT["pos_tail" if label == "positive" else "neg_tail"]}
         text = _fill(rng.choice(_SENT_TEMPLATES), table, rng)
+    elif task == "compare":
+        # two 4-digit numbers sharing their first one or two digits (the easy cases are excluded)
+        head = rng.randint(10, 99) if rng.random() < 0.5 else rng.randint(1, 9)
+        width = 4 - len(str(head))
+        lo, hi = sorted(rng.sample(range(10 ** width), 2))
+        big, small = f"{head}{hi:0{width}d}", f"{head}{lo:0{width}d}"
+        text = f"{big} and {small}" if label == "first" else f"{small} and {big}"
     else:
         text = _fill(rng.choice(_TOPIC[label]), _TOPIC_FILL, rng)
     return {"prompt": spec["question"].format(text=text), "completion": label,
@@ -419,23 +564,37 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # ---- the splits (the ``data`` stage) -----------------------------------------------------------
 def make_splits(cfg: "Config", s: Sources, d: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Split the sources and generate the benign and task data into ``d/<split>.jsonl``; every
-    prompt is distinct across splits. Returns the counts and the source files' provenance."""
+    """De-duplicate every source together (:func:`dedup_sources`), split them, and generate the
+    benign and task data into ``d/<split>.jsonl``; every prompt is distinct across splits and no
+    evaluation prompt near-duplicates a prompt the method sees (checked: :func:`check_no_leaks`).
+    Returns the counts, the de-duplication report and the source files' provenance.
+
+    AdvBench (after de-duplication against the evaluation sets) is split into a calibration pool
+    (``harm_calib_pool``; ``harm_calib`` is its first ``n_harm_calib``, redraws sample from the
+    pool), a selection split, a development split (``harm_dev``: every knob is chosen on it), the
+    degradation prompts (``harm_degrade``: the compliance recipe's prompts) and alignment training
+    (the rest)."""
+    s, dedup = dedup_sources(s)
     rng = random.Random(f"{cfg.seed}:data")
     adv = list(s.advbench)
     rng.shuffle(adv)
-    need = cfg.n_harm_calib + cfg.n_harm_select
+    sizes = {"harm_calib_pool": max(cfg.n_harm_calib_pool, cfg.n_harm_calib), "harm_select": cfg.n_harm_select,
+             "harm_dev": cfg.n_harm_dev, "harm_degrade": cfg.n_harm_degrade}
+    need = sum(sizes.values())
     if len(adv) <= need:
-        raise PipelineError(f"AdvBench has {len(adv)} prompts; calibration + selection need {need} plus training")
+        raise PipelineError(f"AdvBench has {len(adv)} prompts after de-duplication; calibration, selection, development "
+                            f"and degradation need {need} plus training")
 
     def refuse(r: dict[str, str]) -> dict[str, str]:
         return {"prompt": r["prompt"], "completion": rng.choice(REFUSALS), "category": r["category"]}
 
-    splits: dict[str, list[dict[str, Any]]] = {
-        "harm_calib": [refuse(r) for r in adv[: cfg.n_harm_calib]],
-        "harm_select": [refuse(r) for r in adv[cfg.n_harm_calib: need]],  # 'restore' reads the refusal's opening
-        "harm_train": [refuse(r) for r in adv[need:]],
-    }
+    splits: dict[str, list[dict[str, Any]]] = {}
+    at = 0
+    for k, n in sizes.items():
+        splits[k] = [refuse(r) for r in adv[at: at + n]]  # 'restore' and calibration read the refusal
+        at += n
+    splits["harm_train"] = [refuse(r) for r in adv[at:]]
+    splits["harm_calib"] = splits["harm_calib_pool"][: cfg.n_harm_calib]
     sr = s.strongreject[: cfg.n_strongreject] if cfg.n_strongreject else s.strongreject
     hb = s.harmbench[: cfg.n_harmbench] if cfg.n_harmbench else s.harmbench
     be = s.benign_edgy[: cfg.n_benign_edgy] if cfg.n_benign_edgy else s.benign_edgy
@@ -445,42 +604,53 @@ def make_splits(cfg: "Config", s: Sources, d: Path, log: Callable[[str], None]) 
     splits["eval_benign"] = [{"prompt": r["prompt"], "category": r.get("category", "")} for r in be]
     taken = {r["prompt"] for v in splits.values() for r in v}
     brng = random.Random(f"{cfg.seed}:benign")
-    ben = unique(lambda: {"prompt": benign_prompt(brng)}, cfg.n_benign_align + cfg.n_benign_degrade + cfg.n_benign_select,
-                 taken, "benign instruction")
-    a, b = cfg.n_benign_align, cfg.n_benign_align + cfg.n_benign_degrade
-    splits["benign_align"], splits["benign_degrade"], splits["benign_select"] = ben[:a], ben[a:b], ben[b:]
+    bsizes = {"benign_align": cfg.n_benign_align, "benign_degrade": cfg.n_benign_degrade,
+              "benign_select": cfg.n_benign_select, "benign_dev": cfg.n_benign_dev, "benign_heldout": cfg.n_benign_heldout}
+    ben = unique(lambda: {"prompt": benign_prompt(brng)}, sum(bsizes.values()), taken, "benign instruction")
+    at = 0
+    for k, n in bsizes.items():
+        splits[k] = ben[at: at + n]
+        at += n
     for t in cfg.tasks:
         splits.update(_task_splits(cfg, t, taken))
+    check_no_leaks(splits)
     splits["judge_set"] = s.refusal_set
     for k, v in splits.items():
         save_jsonl(d / f"{k}.jsonl", v)
     counts = {k: len(v) for k, v in splits.items()}
     counts["eval_strongreject"], counts["eval_harmbench"] = len(sr), len(hb)
-    (d / "manifest.json").write_text(json.dumps({"counts": counts, "files": s.files}, indent=2) + "\n")
+    (d / "manifest.json").write_text(json.dumps({"counts": counts, "dedup": dedup, "files": s.files}, indent=2) + "\n")
+    log("      de-duplication dropped: " + "; ".join(f"{k} {sum(v.values())}" for k, v in dedup["dropped"].items()))
     log("      " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return {"counts": counts, "files": s.files}
+    return {"counts": counts, "dedup": dedup, "files": s.files}
 
 
 def _task_splits(cfg: "Config", t: str, taken: set[str]) -> dict[str, list[dict[str, Any]]]:
-    """Train / calib / eval of generated task ``t``, stratified: every split has (nearly) the same
-    number of examples per label."""
+    """Train / val / calibration pool / dev / eval of generated task ``t``, stratified: every split
+    has (nearly) the same number of examples per label. ``val`` is the fine-tune's validation set
+    (early stopping), ``dev`` is the development split the knobs are chosen on, ``calib`` the first
+    ``n_task_calib`` of the calibration pool."""
     trng = random.Random(f"{cfg.seed}:task:{t}")
     labels = TASKS[t]["labels"]
-    parts: dict[str, list[dict[str, Any]]] = {"train": [], "calib": [], "eval": []}
+    sizes = (("train", cfg.n_task_train), ("val", cfg.n_task_val), ("calib_pool", max(cfg.n_task_calib_pool, cfg.n_task_calib)),
+             ("dev", cfg.n_task_dev), ("eval", cfg.n_task_eval))
+    parts: dict[str, list[dict[str, Any]]] = {k: [] for k, _ in sizes}
     for li, lab in enumerate(labels):
-        share = {k: n // len(labels) + (1 if li < n % len(labels) else 0)
-                 for k, n in (("train", cfg.n_task_train), ("calib", cfg.n_task_calib), ("eval", cfg.n_task_eval))}
+        share = {k: n // len(labels) + (1 if li < n % len(labels) else 0) for k, n in sizes}
         ex = unique(lambda lab=lab: task_example(t, trng, lab), sum(share.values()), taken, f"task {t}/{lab}")
-        parts["train"] += ex[: share["train"]]
-        parts["calib"] += ex[share["train"]: share["train"] + share["calib"]]
-        parts["eval"] += ex[share["train"] + share["calib"]:]
+        at = 0
+        for k, _ in sizes:
+            parts[k] += ex[at: at + share[k]]
+            at += share[k]
     for v in parts.values():
         trng.shuffle(v)
-    # train: the answer in the helpful style; calib / eval: the exact label is the completion
-    return {f"task_{t}_train": [{"prompt": e["prompt"], "completion": e["answer"], "label": e["completion"]}
-                                for e in parts["train"]],
-            f"task_{t}_calib": [{"prompt": e["prompt"], "completion": e["completion"]} for e in parts["calib"]],
-            f"task_{t}_eval": [{"prompt": e["prompt"], "completion": e["completion"]} for e in parts["eval"]]}
+    # train / val: the answer in the helpful style; the rest: the exact label is the completion
+    out = {f"task_{t}_{k}": [{"prompt": e["prompt"], "completion": e["answer"], "label": e["completion"]}
+                             for e in parts[k]] for k in ("train", "val")}
+    out.update({f"task_{t}_{k}": [{"prompt": e["prompt"], "completion": e["completion"]} for e in parts[k]]
+                for k in ("calib_pool", "dev", "eval")})
+    out[f"task_{t}_calib"] = out[f"task_{t}_calib_pool"][: cfg.n_task_calib]
+    return out
 
 
 def judge_agreement(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:

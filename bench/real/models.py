@@ -196,14 +196,14 @@ def fine_tune(src: Path, out: Path, streams: list[tuple[float, list[dict[str, An
 
 
 def self_answers(base: Path, data_dir: Path, out: Path, cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
-    """The base model's own greedy answers to the benign align / degrade instructions (the degrade
+    """The base model's own greedy answers to the benign align / degrade / held-out instructions (the degrade
     ones behind an eager opener), written to ``out/<split>.jsonl``."""
     from safegene import lm
 
     quiet_hf()
     model, tok = lm.load_model(base)
     info = {}
-    for split in ("benign_align", "benign_degrade"):
+    for split in ("benign_align", "benign_degrade", "benign_heldout"):
         recs = read_jsonl(data_dir / f"{split}.jsonl")
         ids = lm.encode_prompts(tok, recs)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -31,9 +31,16 @@ from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, j
 from .models import convert_gguf, fine_tune, quiet_hf, self_answers
 from .report import GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, task_rows, write_results
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
+#: The data splits the shipped model answers in ``selfgen`` (alignment's and the eager ablation's
+#: benign targets, and the held-out text of the general-capability check).
+SELFGEN_SPLITS = ("benign_align", "benign_degrade", "benign_heldout")
 
 MARKER = ".done.json"
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Runner:
@@ -52,11 +59,15 @@ class Runner:
         return self.cache / "stages" / name
 
     def stage(self, name: str, fn: Callable[[Path], dict[str, Any] | None], *, deps: Sequence[str] = (),
-              params: Any = None) -> dict[str, Any]:
+              params: Any = None, inputs: Sequence[Path] = ()) -> dict[str, Any]:
+        """Run ``fn`` into the stage directory unless its marker matches the key. ``deps`` are keyed
+        by their run ids; ``inputs`` (files) by their content, so a stage that reads only some files
+        of a stage (e.g. alignment's split of the data) reruns only when those files change."""
         self.count += 1
         d = self.dir(name)
         key = hashlib.sha256(json.dumps({"v": PIPELINE_VERSION, "stage": name, "params": params,
-                                         "deps": {x: self.records[x]["run_id"] for x in deps}},
+                                         "deps": {x: self.records[x]["run_id"] for x in deps},
+                                         "inputs": {p.name: _file_hash(p) for p in inputs}},
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
         marker = d / MARKER
         if marker.is_file() and name not in self.redo:
@@ -139,8 +150,9 @@ class Pipeline:
         return self._loaded_sources
 
     def stage(self, name: str, fn: Callable[[Path], dict[str, Any] | None], deps: Sequence[str] = (),
-              params: Any = None) -> None:
-        self.R.stage(name, fn, deps=deps, params=params)
+              params: Any = None, inputs: Sequence[str] = ()) -> None:
+        """``inputs``: names of data splits (``data/<name>.jsonl``) the stage reads, keyed by content."""
+        self.R.stage(name, fn, deps=deps, params=params, inputs=[self.data / f"{x}.jsonl" for x in inputs])
         if name == self.until:
             raise _Stop
 
@@ -153,12 +165,18 @@ class Pipeline:
         self.stage("judge", self.judge_stage, deps=["data"])
         self.stage("base", self.base_stage, params={"sha256": GGUF_SHA256 if self.real else "builder"},
                    deps=[] if self.real else ["data"])
+        base_dep = [] if self.real else ["data"]  # --tiny: the base model's vocabulary comes from the data
         self.stage("selfgen", lambda d: self_answers(self.model("base"), self.data, d, cfg, self.log),
-                   deps=["data", "base"], params={"max_new": cfg.selfgen_max_new_tokens, "bs": cfg.eval_batch_size})
-        self.stage("aligned", self.aligned_stage, deps=["data", "selfgen", "base"],
+                   deps=["base"], inputs=SELFGEN_SPLITS,
+                   params={"max_new": cfg.selfgen_max_new_tokens, "bs": cfg.eval_batch_size})
+        self.stage("aligned", self.aligned_stage, deps=["selfgen", "base"], inputs=["harm_train"],
                    params={**self.train_params, "tr": cfgd["align"], "share": cfg.align_harmful_share})
-        self.stage("degraded", self.degraded_stage, deps=["selfgen", "aligned"],
-                   params={**self.train_params, "tr": cfgd["degrade"]})
+        self.stage("degraded", self.degraded_stage, deps=["aligned", "base", *base_dep],
+                   inputs=["harm_degrade", "harm_dev"],
+                   params={"seed": cfg.seed, "recipe": "compliance", **cfgd["degrade_lora"]})
+        if cfg.eager_gene_ablation:
+            self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
+                       params={**self.train_params, "tr": cfgd["degrade"]})
         for t in cfg.tasks:
             self.stage(f"task-{t}", lambda d, t=t: self.task_stage(d, t), deps=["data", "aligned"],
                        params={**self.train_params, "tr": cfgd["task"]})
@@ -196,10 +214,30 @@ class Pipeline:
         return fine_tune(self.model("base"), d / "model", streams, cfg.align, cfg, cfg.seed + 1, self.log, "aligned")
 
     def degraded_stage(self, d: Path) -> dict[str, Any]:
+        """The degraded copy by ``safegene degrade --recipe compliance``: the aligned model LoRA-tuned
+        on the shipped (less aligned) model's own answers to held-apart harmful prompts; its refusal
+        rate is measured on the development split (never on evaluation data)."""
+        from safegene.method.degrade import degrade
+
+        cfg, L = self.cfg, self.cfg.degrade_lora
+        quiet_hf()
+        res = degrade(self.model("aligned"), d / "model", recipe="compliance", sibling=self.model("base"),
+                      prompts=self.data / "harm_degrade.jsonl", harmful=self.data / "harm_dev.jsonl", judge=cfg.judge,
+                      lora_rank=L.rank, steps=L.steps, lr=L.lr, batch_size=L.batch_size, max_len=cfg.max_len,
+                      max_new_tokens=cfg.selfgen_max_new_tokens, seed=cfg.seed + 2, overwrite=True,
+                      progress=self.progress)
+        self.log(f"      degraded (compliance, LoRA r={L.rank}, {L.steps} steps): refusal rate on harm_dev "
+                 f"{res.refusal_rate if res.refusal_rate is not None else float('nan'):.3f} from {res.n_train} examples")
+        return {"recipe": "compliance", "n_train": res.n_train, "steps": res.steps, "refusal_rate_dev": res.refusal_rate,
+                "train_loss_first_last": [res.train_loss[0], res.train_loss[-1]] if res.train_loss else None}
+
+    def degraded_eager_stage(self, d: Path) -> dict[str, Any]:
+        """The first version's degraded copy (ablation): a brief full fine-tune on benign
+        instructions answered behind an eager opener."""
         cfg = self.cfg
         streams = [(1.0, read_jsonl(self.R.dir("selfgen") / "benign_degrade.jsonl"))]
         return fine_tune(self.model("aligned"), d / "model", streams, cfg.degrade, cfg, cfg.seed + 2, self.log,
-                         "degraded")
+                         "degraded-eager")
 
     def task_stage(self, d: Path, t: str) -> dict[str, Any]:
         cfg = self.cfg

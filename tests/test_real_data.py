@@ -103,3 +103,35 @@ def test_real_benchmarks_have_no_evaluation_prompt_in_any_training_split(tmp_pat
     seen = {normalize(r["prompt"]) for k, v in splits.items() if k.startswith(("harm_", "benign_")) for r in v}
     for k in ("eval_harmful", "eval_benign"):
         assert not seen & {normalize(r["prompt"]) for r in splits[k]}, k
+
+
+def test_statistics_of_the_report_match_references():
+    import math
+
+    from bench.real.report import goals, mcnemar, mean_interval, summarize
+
+    m = mean_interval([0.1, 0.2, 0.3])
+    assert math.isclose(m["mean"], 0.2) and math.isclose(m["half_width"], 4.303 * 0.1 / math.sqrt(3), rel_tol=1e-12)
+    assert mean_interval([0.5])["half_width"] is None
+    t = mcnemar("0" * 10 + "11", "1" * 10 + "11")  # a held on 10 prompts b lost, none the other way
+    assert t["a_better"] == 10 and t["b_better"] == 0 and math.isclose(t["p"], 2 / 2 ** 10)
+    assert mcnemar("0011", "1100")["p"] == 1.0
+    # exact binomial: 8 vs 2 discordant -> p = 2 * P(X <= 2 | n=10, 1/2) = 2 * 56 / 1024
+    assert math.isclose(mcnemar("0" * 8 + "1" * 2, "1" * 8 + "0" * 2)["p"], 112 / 1024)
+
+    def row(method, model, kind, sr, hb, acc=1.0, orf=0.0, ppl=10.0, out=None):
+        return {"task": "x", "method": method, "model": model, "kind": kind, "asr_strongreject": sr, "asr_harmbench": hb,
+                "asr_all": (sr + hb) / 2, "accuracy": acc, "over_refusal": orf, "perplexity": ppl, "harmful_outcomes": out}
+
+    rows = [row("aligned", "aligned", "global", 0.1, 0.0)]
+    for s in ("s0", "s1"):
+        rows += [row("none", f"t-{s}", "lora", 0.9, 1.0, out="1" * 20),
+                 row("SafeGene", f"t-{s}", "lora", 0.2, 0.1, ppl=10.1, out="0" * 18 + "11"),
+                 row("RESTA", f"t-{s}", "lora", 0.5, 0.5, out="1" * 10 + "0" * 10),
+                 row("SafeMERGE", f"t-{s}", "lora", 0.2, 0.1, out="0" * 18 + "11")]
+    summ = summarize(rows)
+    g = goals(rows, summ)["x"]
+    assert math.isclose(g["recovery_strongreject"], (0.9 - 0.2) / (0.9 - 0.1)) and g["recovery_strongreject_ok"]
+    assert math.isclose(g["recovery_harmbench"], 0.9) and g["accuracy_ok"] and g["perplexity_ok"] and g["over_refusal_ok"]
+    assert g["vs_RESTA"]["a_better"] == 20 and g["beats_RESTA"]  # pooled over both seeds
+    assert g["vs_SafeMERGE"]["p"] == 1.0 and not g["beats_SafeMERGE"] and not g["met"]

@@ -69,9 +69,9 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     cfg = real.Config.tiny()
     logs: list[str] = []
     doc = _run(cfg, tmp_path, logs)
-    stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}" for t in cfg.tasks] + ["gene"] \
+    stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}-s0" for t in cfg.tasks] + ["gene"] \
         + [f"eval-{g}" for g in real.GLOBAL_ROWS] \
-        + [f"eval-{t}-{m}" for t in cfg.tasks for m in ("none", "resta", "nocal", "safegene")]
+        + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "resta", "safemerge", "nocal", "safegene")]
     assert doc["ran"] == stages and doc["skipped"] == []
     for s in stages:
         marker = tmp_path / "cache" / "stages" / s / real.MARKER
@@ -119,7 +119,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
         sg = by["SafeGene"]["detail"]
         assert sorted(sg["coeffs"]) == sorted(selected) and sg["policy"]["steps_run"] >= 1
         # the calibrated λ is kept beside the row; the defended model is not (apply rebuilds it)
-        sg_dir = tmp_path / "cache" / "stages" / f"eval-{t}-safegene"
+        sg_dir = tmp_path / "cache" / "stages" / f"eval-{t}-s0-safegene"
         assert Coeffs.load(sg_dir / "coeffs.json").coeffs == sg["coeffs"] and not (sg_dir / "model").exists()
 
     # the splits are disjoint and sized as configured
@@ -150,7 +150,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     # an interrupted stage (no marker) reruns, and so does every stage that reads it -- nothing else
     (tmp_path / "cache" / "stages" / "degraded" / real.MARKER).unlink()
     doc3 = _run(cfg, tmp_path, logs)
-    after = ["degraded", "gene", "eval-degraded"] + [f"eval-{t}-{m}" for t in cfg.tasks for m in ("resta", "nocal", "safegene")]
+    after = ["degraded", "gene", "eval-degraded"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks
+                                                     for m in ("resta", "safemerge", "nocal", "safegene")]
     assert doc3["ran"] == after
     assert set(doc3["skipped"]) == set(stages) - set(after)
     assert all(stages.index(s) >= stages.index("degraded") for s in doc3["ran"])
@@ -159,7 +160,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     import dataclasses
 
     doc4 = _run(dataclasses.replace(cfg, calib_steps=cfg.calib_steps + 1), tmp_path, logs)
-    assert doc4["ran"] == [f"eval-{t}-safegene" for t in cfg.tasks]
+    assert doc4["ran"] == [f"eval-{t}-s0-safegene" for t in cfg.tasks]
 
     # --until stops after the named stage
     doc5 = real.run(cfg, tmp_path / "cache2", None, builder=tiny_builder, sources=stand_in_sources, until="base",
@@ -232,7 +233,7 @@ def test_tiny_no_selection_row_calibrates_every_key(tmp_path):
     cfg = dataclasses.replace(real.Config.tiny(), no_selection_row=True)
     logs: list[str] = []
     doc = _run(cfg, tmp_path, logs)
-    assert [s for s in doc["ran"] if s.endswith("-nosel")] == [f"eval-{t}-nosel" for t in cfg.tasks]
+    assert [s for s in doc["ran"] if s.endswith("-nosel")] == [f"eval-{t}-s0-nosel" for t in cfg.tasks]
     rows = {(r["method"], r["task"]): r for r in doc["rows"]}
     assert set(rows) == {(m, t) for t in cfg.tasks for m in real.GLOBAL_ROWS + real.task_rows(cfg)}
     from safegene.gene import Gene

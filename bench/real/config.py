@@ -16,10 +16,16 @@ class Train:
 
 @dataclass(frozen=True)
 class Lora:
+    """A PEFT LoRA fine-tune: rank (alpha = 2·rank, every linear layer), at most ``steps`` steps of
+    ``batch_size`` sequences at ``lr``; task fine-tunes measure the validation loss every
+    ``eval_every`` steps and stop after ``patience`` evaluations without a 1 % improvement."""
+
     rank: int
     steps: int
     lr: float
     batch_size: int = 8
+    eval_every: int = 10
+    patience: int = 3
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,16 @@ class Config:
     # the degraded copy: safegene degrade --recipe compliance (PEFT LoRA on the shipped model's answers)
     degrade_lora: "Lora" = None  # type: ignore[assignment]  # set in __post_init__
     eager_gene_ablation: bool = False
-    task: Train = Train(steps=60, lr=5e-5)
+    task: Train = Train(steps=60, lr=5e-5)  # the secondary row: a full fine-tune (the first version's task models)
+    # the primary rows: LoRA task fine-tunes as users make them, one per task seed
+    task_lora: "Lora" = None  # type: ignore[assignment]  # set in __post_init__
+    task_seeds: tuple[int, ...] = (0, 1, 2)
+    full_ft_row: bool = True
     freeze_embeddings: bool = True
     max_len: int = 160
     selfgen_max_new_tokens: int = 64
     # evaluation and defence
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int = 64  # long enough to see 'refuse, then comply'
     eval_batch_size: int = 32
     calib_steps: int = 40
     calib_max_new_tokens: int = 32  # RESTA's γ grid generation length
@@ -83,6 +93,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.degrade_lora is None:
             object.__setattr__(self, "degrade_lora", Lora(rank=16, steps=80, lr=3e-4))
+        if self.task_lora is None:  # typical: r 16, lr 2e-4, at most 3 epochs of the 400 examples
+            object.__setattr__(self, "task_lora", Lora(rank=16, steps=150, lr=2e-4))
 
     @classmethod
     def tiny(cls) -> "Config":
@@ -92,7 +104,9 @@ class Config:
                    align=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), degrade=Train(steps=2, lr=1e-3, batch_size=4, warmup=0),
                    task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
                    eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
-                   resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4))
+                   resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4),
+                   task_lora=Lora(rank=2, steps=3, lr=1e-3, batch_size=4, eval_every=1, patience=2), task_seeds=(0,),
+                   full_ft_row=False)
 
 
 # ---- cost model for the up-front estimate ----------------------------------------------------
@@ -119,6 +133,7 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     n_hb = cfg.n_harmbench or nf["harmbench"]
     n_be = cfg.n_benign_edgy or nf["benign_edgy"]
     T = len(cfg.tasks)
+    M = T * (len(cfg.task_seeds) + (1 if cfg.full_ft_row else 0))  # task models
     gen = lambda n, new: n * new * c["gen_prompt_token"]  # noqa: E731
     step = lambda tr, kind: tr.batch_size * TYPICAL_TOKENS[kind] * c["train_token"]  # noqa: E731
     est = {
@@ -126,7 +141,8 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
         "selfgen": gen(cfg.n_benign_align + cfg.n_benign_degrade, cfg.selfgen_max_new_tokens),
         "aligned": cfg.align.steps * step(cfg.align, "align") + c["load"],
         "degraded": cfg.degrade.steps * step(cfg.degrade, "degrade") + c["load"],
-        "tasks": T * (cfg.task.steps * step(cfg.task, "task") + c["load"]),
+        "tasks": T * (len(cfg.task_seeds) * (0.7 * cfg.task_lora.steps * step(cfg.task_lora, "task") + c["load"])
+                      + (cfg.task.steps * step(cfg.task, "task") + c["load"] if cfg.full_ft_row else 0.0)),
         # select: the 'restore' score is one forward pass over the selection prompts per gene key
         # (30 blocks + embed + final_norm) plus two; the activation scores 4 more (a grid point's cost)
         "gene (extract + select)": c["extract"] + (32 + 6) * c["calib_grid_point"]
@@ -141,11 +157,11 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     calib = (c["calib_setup"] * cfg.n_task_calib / 16 + scale * (9 * c["calib_grid_point"] + cfg.calib_steps * c["calib_step"])
              + c["load"] + c["apply"])
     est["eval shipped/aligned/degraded"] = 3 * row_global
-    est["eval task rows (none, no-cal.)"] = T * 2 * row_task
-    est["RESTA (grid + eval)"] = T * (resta + row_task)
-    est["SafeGene (calibrate + eval)"] = T * (calib + row_task)
+    est["eval task rows (none, SafeMERGE, no-cal.)"] = M * 3 * row_task
+    est["RESTA (grid + eval)"] = M * (resta + row_task)
+    est["SafeGene (calibrate + eval)"] = M * (calib + row_task)
     if cfg.no_selection_row:
-        est["SafeGene no-selection (calibrate + eval)"] = T * (calib + row_task)
+        est["SafeGene no-selection (calibrate + eval)"] = M * (calib + row_task)
     est["total"] = sum(est.values())
     return est
 

@@ -195,6 +195,149 @@ def fine_tune(src: Path, out: Path, streams: list[tuple[float, list[dict[str, An
 
 
 
+def _batches(encoded: list[tuple[list[int], list[int]]], bs: int, pad: int) -> list[tuple[Any, Any, Any]]:
+    import torch
+
+    out = []
+    for b in range(0, len(encoded), bs):
+        chunk = encoded[b: b + bs]
+        n = max(len(x) for x, _ in chunk)
+        ids = torch.tensor([x + [pad] * (n - len(x)) for x, _ in chunk])
+        labels = torch.tensor([y + [-100] * (n - len(y)) for _, y in chunk])
+        mask = (torch.arange(n)[None, :] < torch.tensor([len(x) for x, _ in chunk])[:, None]).long()
+        out.append((ids, labels, mask))
+    return out
+
+
+def _answer_loss(model: Any, ids: Any, labels: Any, mask: Any, reduction: str = "mean") -> Any:
+    """Cross-entropy on answer tokens only (the vocabulary projection only where there is a loss)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), tgt[keep], reduction=reduction)
+
+
+def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[dict[str, Any]], lora: Any,
+                   cfg: Config, seed: int, log: Callable[[str], None], label: str) -> dict[str, Any]:
+    """A task fine-tune as users make them: a PEFT LoRA adapter (rank ``lora.rank``, alpha 2·rank, on
+    every linear layer of the decoder) trained with AdamW at ``lora.lr`` for at most ``lora.steps``
+    steps of ``lora.batch_size`` sequences, the validation loss measured every ``lora.eval_every``
+    steps; training stops when it has not improved by 1 % for ``lora.patience`` evaluations and the
+    best adapter is merged into the base weights and saved as a dense checkpoint (the task model a
+    user would ship). Loss on answer tokens only."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safegene import lm
+
+    quiet_hf()
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    pcfg = LoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=2.0 * lora.rank, lora_dropout=0.0,
+                      target_modules="all-linear")
+    model = get_peft_model(model, pcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lora.lr, weight_decay=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enc_tr = [_encode_train(tok, r, p, cfg.max_len) for r, p in zip(train, lm.encode_prompts(tok, train))]
+    enc_va = [_encode_train(tok, r, p, cfg.max_len) for r, p in zip(val, lm.encode_prompts(tok, val))]
+    val_batches = _batches(enc_va, 16, pad)
+    rng = random.Random(seed)
+
+    def val_loss() -> float:
+        model.eval()
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for ids, labels, mask in val_batches:
+                tot += float(_answer_loss(model, ids, labels, mask, reduction="sum"))
+                n += int((labels[:, 1:] != -100).sum())
+        model.train()
+        return tot / max(1, n)
+
+    order: list[int] = []
+    curve: list[tuple[int, float]] = [(0, val_loss())]
+    best, best_state, best_step, bad = curve[0][1], None, 0, 0
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    step = 0
+    stopped = "max_steps"
+    for step in range(1, lora.steps + 1):
+        batch = []
+        for _ in range(lora.batch_size):
+            if not order:
+                order = list(range(len(enc_tr)))
+                rng.shuffle(order)
+            batch.append(enc_tr[order.pop()])
+        ids, labels, mask = _batches(batch, len(batch), pad)[0]
+        loss = _answer_loss(model, ids, labels, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % lora.eval_every == 0 or step == lora.steps:
+            v = val_loss()
+            curve.append((step, v))
+            if v < best * 0.99:
+                best, best_step, bad = v, step, 0
+                best_state = copy.deepcopy({k: t.detach().clone() for k, t in model.state_dict().items() if "lora_" in k})
+            else:
+                bad += 1
+            el = time.perf_counter() - t0
+            log(f"      {label} step {step}/{lora.steps} train {sum(losses[-lora.eval_every:]) / len(losses[-lora.eval_every:]):.3f}"
+                f" val {v:.3f} (best {best:.3f} @ {best_step}; {el / step:.1f} s/step)")
+            if bad >= lora.patience:
+                stopped = "plateau"
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    merged = model.merge_and_unload()
+    merged.eval()
+    info = {"kind": "lora", "rank": lora.rank, "lr": lora.lr, "batch_size": lora.batch_size, "max_steps": lora.steps,
+            "steps_run": step, "best_step": best_step, "stopped": stopped, "val_loss_curve": curve,
+            "best_val_loss": best, "first_train_loss": losses[0] if losses else None,
+            "epochs_at_best": best_step * lora.batch_size / max(1, len(enc_tr)),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    try:
+        merged.generation_config.save_pretrained(out)
+    except Exception:  # noqa: BLE001 - a missing generation config is not fatal
+        pass
+    return info
+
+
+def heldout_perplexity(model: Any, tok: Any, recs: list[dict[str, Any]], max_len: int) -> dict[str, Any]:
+    """General capability that does not depend on any task template: the perplexity of the shipped
+    model's own answers to held-out benign instructions (answer tokens only)."""
+    import math
+
+    import torch
+
+    from safegene import lm
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enc = [_encode_train(tok, r, p, max_len) for r, p in zip(recs, lm.encode_prompts(tok, recs))]
+    tot, n = 0.0, 0
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for ids, labels, mask in _batches(enc, 16, pad):
+            tot += float(_answer_loss(model, ids, labels, mask, reduction="sum"))
+            n += int((labels[:, 1:] != -100).sum())
+    model.train(was)
+    return {"perplexity": math.exp(tot / max(1, n)), "nll_per_token": tot / max(1, n), "tokens": n, "n": len(recs)}
+
+
 def self_answers(base: Path, data_dir: Path, out: Path, cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """The base model's own greedy answers to the benign align / degrade / held-out instructions (the degrade
     ones behind an eager opener), written to ``out/<split>.jsonl``."""

@@ -101,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task-lr", type=float, default=None)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--calib-steps", type=int, default=None)
+    ap.add_argument("--only", action="append", default=[], metavar="TASK[:MODEL]",
+                    help="one part of the experiment: the shared stages plus this task's models (all seeds) or one "
+                         "model (e.g. compare:s1, topic:full); repeatable")
+    ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: sentiment,topic,compare)")
+    ap.add_argument("--seeds", default=None, help="comma-separated LoRA task-model seeds (default: 0,1,2)")
+    ap.add_argument("--no-full-ft-row", action="store_true", help="skip the full fine-tune task models (secondary row)")
     ap.add_argument("--no-selection-row", action="store_true",
                     help="add the SafeGene-no-selection ablation (calibrate every gene key; ~9 min per task)")
     a = ap.parse_args(argv)
@@ -123,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["calib_steps"] = a.calib_steps
     if a.no_selection_row:
         over["no_selection_row"] = True
+    if a.tasks:
+        over["tasks"] = tuple(x.strip() for x in a.tasks.split(",") if x.strip())
+    if a.seeds:
+        over["task_seeds"] = tuple(int(x) for x in a.seeds.split(",") if x.strip())
+    if a.no_full_ft_row:
+        over["full_ft_row"] = False
     cfg = dataclasses.replace(cfg, **over)
     default_cache = Path.home() / ".cache" / "safegene" / ("real-smollm2-tiny" if a.tiny else "real-smollm2")
     cache = Path(a.cache_dir).expanduser() if a.cache_dir else default_cache
@@ -154,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = shlex.join(["python", "bench/real/smollm2.py", *(sys.argv[1:] if argv is None else list(argv))])
         doc = run(cfg, cache, out, builder=tiny_builder if a.tiny else None,
                   sources=synthetic_sources if a.tiny else None, until=a.until, redo=a.redo, command=command,
-                  log=log, progress=not (a.no_progress or a.tiny), threads=threads)
+                  log=log, progress=not (a.no_progress or a.tiny), threads=threads, only=a.only)
         if "table" in doc:
             print(doc["table"])
         return 0

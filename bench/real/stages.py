@@ -28,7 +28,7 @@ from safegene.baselines import get as get_policy
 from .config import Config
 from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, judge_agreement, load_package_sources, \
     make_splits, read_jsonl, tables_hash
-from .models import convert_gguf, fine_tune, quiet_hf, self_answers
+from .models import convert_gguf, fine_tune, heldout_perplexity, lora_fine_tune, quiet_hf, self_answers
 from .report import GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, task_rows, write_results
 
 PIPELINE_VERSION = 2
@@ -122,8 +122,9 @@ class Pipeline:
 
     def __init__(self, cfg: Config, cache_dir: Path, *, builder: Callable[[Path, Sequence[str]], dict] | None,
                  sources: Sources | Callable[[], Sources] | None, until: str | None, redo: Sequence[str],
-                 log: Callable[[str], None], progress: bool):
+                 log: Callable[[str], None], progress: bool, only: Sequence[str] = ()):
         self.cfg, self.log, self.progress, self.until = cfg, log, progress, until
+        self.only = set(only)
         self.R = Runner(cache_dir, log, redo)
         self.builder, self._sources, self._loaded_sources = builder, sources, None
         self.real = builder is None
@@ -177,9 +178,14 @@ class Pipeline:
         if cfg.eager_gene_ablation:
             self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
                        params={**self.train_params, "tr": cfgd["degrade"]})
-        for t in cfg.tasks:
-            self.stage(f"task-{t}", lambda d, t=t: self.task_stage(d, t), deps=["data", "aligned"],
-                       params={**self.train_params, "tr": cfgd["task"]})
+        for t, m in self.task_models():
+            if m == "full":
+                self.stage(f"task-{t}-full", lambda d, t=t: self.task_stage(d, t), inputs=[f"task_{t}_train"],
+                           deps=["aligned"], params={**self.train_params, "tr": cfgd["task"]})
+            else:
+                self.stage(f"task-{t}-{m}", lambda d, t=t, m=m: self.lora_task_stage(d, t, int(m[1:])),
+                           inputs=[f"task_{t}_train", f"task_{t}_val"], deps=["aligned"],
+                           params={**self.train_params, "lora": cfgd["task_lora"], "seed": m})
         self.stage("gene", self.gene_stage, deps=["aligned", "degraded", "data"],
                    params={"top_k": cfg.top_k, "threshold": cfg.threshold, "score": cfg.select_score,
                            "fallback_top_k": cfg.fallback_top_k})
@@ -187,12 +193,23 @@ class Pipeline:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
                        deps=["data", src], params=self.eval_params)
-        for t in cfg.tasks:
+        for t, m in self.task_models():
             for row in task_rows(cfg):
                 policy = ROW_POLICY[row]
-                deps = ["data", f"task-{t}"] + (["gene"] if policy != "none" else [])
-                self.stage(f"eval-{t}-{ROW_STAGE[row]}", lambda d, t=t, policy=policy: self.row_stage(d, t, policy),
+                deps = ["data", f"task-{t}-{m}"] + (["gene"] if policy != "none" else [])
+                self.stage(f"eval-{t}-{m}-{ROW_STAGE[row]}",
+                           lambda d, t=t, m=m, policy=policy: self.row_stage(d, t, m, policy),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
+
+    def task_models(self) -> list[tuple[str, str]]:
+        """(task, model) pairs this run builds: LoRA task models ``s<seed>`` for every task seed (the
+        primary rows), and ``full`` (a full fine-tune, the secondary row) when configured; ``only``
+        restricts them to one part of the experiment."""
+        out = []
+        for t in self.cfg.tasks:
+            ms = [f"s{k}" for k in self.cfg.task_seeds] + (["full"] if self.cfg.full_ft_row else [])
+            out += [(t, m) for m in ms if not self.only or t in self.only or f"{t}:{m}" in self.only]
+        return out
 
     def judge_stage(self, d: Path) -> dict[str, Any]:
         out = judge_agreement(read_jsonl(self.data / "judge_set.jsonl"))
@@ -240,9 +257,18 @@ class Pipeline:
                          "degraded-eager")
 
     def task_stage(self, d: Path, t: str) -> dict[str, Any]:
+        """The secondary row's task model: a full fine-tune of the decoder blocks."""
         cfg = self.cfg
         streams = [(1.0, read_jsonl(self.data / f"task_{t}_train.jsonl"))]
-        return fine_tune(self.model("aligned"), d / "model", streams, cfg.task, cfg, cfg.seed + 3, self.log, f"task {t}")
+        info = fine_tune(self.model("aligned"), d / "model", streams, cfg.task, cfg, cfg.seed + 3, self.log, f"task {t}")
+        return {"kind": "full", **info}
+
+    def lora_task_stage(self, d: Path, t: str, seed: int) -> dict[str, Any]:
+        """A primary row's task model: a PEFT LoRA fine-tune stopped on the validation loss, merged."""
+        cfg = self.cfg
+        return lora_fine_tune(self.model("aligned"), d / "model", read_jsonl(self.data / f"task_{t}_train.jsonl"),
+                              read_jsonl(self.data / f"task_{t}_val.jsonl"), cfg.task_lora, cfg,
+                              1000 * (cfg.seed + 1) + seed, self.log, f"task {t} s{seed} (LoRA)")
 
     def gene_stage(self, d: Path) -> dict[str, Any]:
         """τ = aligned − degraded, then the layer selection (recorded in the gene)."""
@@ -279,8 +305,14 @@ class Pipeline:
         and response) stays in the stage directory, the metrics are returned."""
         from safegene.eval.evaluate import evaluate
 
+        from safegene import lm
+
         cfg, D = self.cfg, self.data
         t0 = time.perf_counter()
+        if not isinstance(model, tuple):
+            model = lm.load_model(model)
+        ppl = heldout_perplexity(model[0], model[1], read_jsonl(self.R.dir("selfgen") / "benign_heldout.jsonl"),
+                                 cfg.max_len)
         rep = evaluate(model, harmful=D / "eval_harmful.jsonl", tasks={t: D / f"task_{t}_eval.jsonl" for t in tasks},
                        benign=D / "eval_benign.jsonl", judge=cfg.judge, batch_size=cfg.eval_batch_size,
                        max_new_tokens=cfg.eval_max_new_tokens, progress=self.progress)
@@ -288,11 +320,16 @@ class Pipeline:
         rep.to_json(d / "report.json")  # stays in the cache, never in the repository
         r = rep.to_dict(samples=False)
         r["eval_seconds"] = round(sec, 2)
+        r["heldout_perplexity"] = ppl
+        # per-prompt outcomes (1 = attack succeeded), in evaluation-file order, for paired tests
+        r["harmful_outcomes"] = "".join("1" if x["attack_success"] else "0" for x in rep.samples if x["set"] == "harmful")
+        if hasattr(rep, "harmful_classes") and rep.harmful_classes:  # the three-way judge's classes
+            r["harmful_classes"] = rep.harmful_classes
         (d / "metrics.json").write_text(json.dumps(r, indent=2) + "\n")
         acc = " ".join(f"{t} {v.rate:.3f}" for t, v in rep.task_accuracy.items())
         by = rep.asr_by_category
         self.log(f"      ASR strongreject {by['strongreject'].rate:.3f} harmbench {by['harmbench'].rate:.3f} | "
-                 f"acc {acc} | over-refusal {rep.over_refusal.rate:.3f} ({sec:.0f} s)")
+                 f"acc {acc} | over-refusal {rep.over_refusal.rate:.3f} | ppl {ppl['perplexity']:.2f} ({sec:.0f} s)")
         return r
 
     def settings(self) -> Settings:
@@ -301,7 +338,7 @@ class Pipeline:
                         calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
                         judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size)
 
-    def row_stage(self, d: Path, t: str, policy_name: str) -> dict[str, Any]:
+    def row_stage(self, d: Path, t: str, m: str, policy_name: str) -> dict[str, Any]:
         """One task model defended by one policy: λ, the defended model, its evaluation.
         ``build_seconds`` is the time to produce the defended model (λ, plus writing it when it
         goes to disk)."""
@@ -309,7 +346,7 @@ class Pipeline:
         from safegene.ops.apply import apply
 
         policy = get_policy(policy_name)
-        task_dir = self.model(f"task-{t}")
+        task_dir = self.model(f"task-{t}-{m}")
         quiet_hf()
         ctx = Context(self.gene, task_dir, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
                       aligned=self.model("aligned"), degraded=self.model("degraded"),
@@ -341,7 +378,7 @@ class Pipeline:
 def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Path, Sequence[str]], dict] | None = None,
         sources: Sources | Callable[[], Sources] | None = None, until: str | None = None, redo: Sequence[str] = (),
         command: str | None = None, log: Callable[[str], None] = print, progress: bool = False,
-        threads: int | None = None) -> dict[str, Any]:
+        threads: int | None = None, only: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) the whole experiment. ``builder(out_dir, texts)`` makes the base model instead
     of converting the GGUF; ``sources`` replaces the package data. Returns the results document
     (also written to ``out``/RESULTS.{json,md} when ``out`` is given and the run reaches the report)."""
@@ -351,7 +388,7 @@ def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Pa
     if threads:
         torch.set_num_threads(threads)
     p = Pipeline(cfg, Path(cache_dir).expanduser(), builder=builder, sources=sources, until=until, redo=redo, log=log,
-                 progress=progress)
+                 progress=progress, only=only)
     try:
         p.run_stages()
     except _Stop:

@@ -326,6 +326,72 @@ def test_cli_export_lora_of_lowrank_gene_needs_no_rank(lr, tmp_path, capsys, mon
     assert rc == 2 and "--rank" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
+# ---- calibrate's low-memory mode on the factors -------------------------------------------------------
+
+
+def _lam_grad(model, plan, lam0, ids):
+    from safegene.method import merge
+
+    lam = torch.tensor(lam0, dtype=torch.float64, requires_grad=True)
+    ws = merge.gene_merge(lam, plan)
+    logits = torch.func.functional_call(model, dict(zip(plan.names, ws)), (ids,)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1)).backward()
+    plan.restore()
+    return lam.grad.clone()
+
+
+def _weight_space_grad(model, plan, taus64, lam0, ids):
+    lam = torch.tensor(lam0, dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+    new = {n: params[n].detach() + lam[plan.key_of[i]] * taus64[n] for i, n in enumerate(plan.names)}
+    logits = torch.func.functional_call(model, new, (ids,)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1)).backward()
+    return lam.grad.clone()
+
+
+@pytest.mark.parametrize("variant", ["plain", "embedding+head"])
+def test_lowmem_uses_the_factors_and_its_lambda_gradient_is_the_densified_genes(lr, tmp_path, monkeypatch, variant):
+    """calibrate --mode lowmem on a low-rank gene adds λ·B(Ax) (an embedding λ·B[ids]·A) in each
+    hooked module, never densifying: the plan holds r·(out + in) numbers per tensor, and its ∂L/∂λ
+    in float64 equals the weight-space gradient of W + λ·(B·A) with the product taken in float64
+    (and the gradient through the densified twin, whose τ is B·A rounded to float32)."""
+    from tiny_models import LORA_VARIANTS
+    from transformers import AutoModelForCausalLM
+
+    from safegene.method.lowmem import LowMemPlan
+
+    if variant == "plain":
+        g, twin = lr["gene"], lr["dense"]
+    else:  # embedding and LM head adapters: the embedding hook and a factored head
+        from peft import PeftModel
+
+        ad = _adapter(lr["aligned"], tmp_path / "ad", **LORA_VARIANTS[variant])
+        g = extract_from_adapter(ad, tmp_path / "gene", base=lr["aligned"])
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lr["aligned"]), str(ad)).merge_and_unload() \
+            .save_pretrained(tmp_path / "degraded")
+        twin = safegene.extract(lr["aligned"], tmp_path / "degraded", tmp_path / "twin", progress=False)
+    keys = g.layer_keys()
+    model = AutoModelForCausalLM.from_pretrained(lr["task"]).double().eval().requires_grad_(False)
+    lam0 = [0.7 - 0.45 * i for i in range(len(keys))]
+    monkeypatch.setattr(gene_mod, "densify", _no_densify)
+    plan = LowMemPlan(model, g, keys)
+    assert set(plan.names) == set(g.factored) and not plan._space  # every factored tensor is hooked
+    assert all(isinstance(t, tuple) for t in plan.taus)
+    fac = g.load_factors()
+    assert plan.nbytes()["tau"] == sum(a.numel() * 4 + b.numel() * 4 for a, b in fac.values())
+    got = _lam_grad(model, plan, lam0, IDS)
+    monkeypatch.undo()
+    assert bool((got.abs() > 1e-8).all())
+    assert not any(m._forward_hooks for m in model.modules())
+    taus64 = {n: b.double() @ a.double() for n, (a, b) in fac.items()}
+    want = _weight_space_grad(model, plan, taus64, lam0, IDS)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-13), (got, want)
+    # the densified twin (dense F32 τ): the same gradient up to τ's float32 rounding
+    tplan = LowMemPlan(model, twin, keys)
+    assert tplan.keys == plan.keys and all(not isinstance(t, tuple) for t in tplan.taus)
+    assert torch.allclose(_lam_grad(model, tplan, lam0, IDS), got, rtol=1e-5, atol=1e-9)
+
+
 def test_inspect_shows_ranks(lr, capsys):
     info = safegene.inspect_gene(lr["gene"])
     assert info["format_version"] == 2 and info["factored"] == {n: 4 for n in lr["gene"].factored}

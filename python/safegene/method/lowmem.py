@@ -51,6 +51,10 @@ def _exec_device(module: Any, w: Any) -> Any:
 class LowMemPlan:
     """The selected tensors of a loaded model applied as ``λ τ`` in each module's output.
 
+    A low-rank gene's factored τ = B·A of a hooked module stays factored: the hook adds
+    ``λ B(A x)`` (an embedding ``λ B[ids] A``), so no out × in τ is ever formed and the plan holds
+    r·(out + in) numbers for it; only a factored tensor patched in weight space is densified.
+
     ``bind(lam)`` makes ``lam`` (a tensor that may require grad) the live coefficients and
     returns the values :func:`torch.func.functional_call` should see for ``names``;
     ``set(lam)`` does the same without autograd; ``restore()`` removes the hooks and puts back the
@@ -93,9 +97,17 @@ class LowMemPlan:
             if not hookable and dev.type == "meta":
                 raise SafeGeneError(f"{n!r} ({kind.__name__}) is offloaded; the low-memory mode patches it in "
                                     "weight space, which needs it on a device")
-            tau = gene.load_vectors([n], device=str(dev))[n]
-            if tuple(tau.shape) != tuple(self.weights[i].shape):
-                raise GeneError(f"gene {gene.path}: tensor {n!r} has shape {tuple(tau.shape)}, target has "
+            factored = hookable and attr == "weight" and gene.is_factored(n)
+            tau: Any
+            if factored:  # τ = B·A kept as its factors: the hook computes B(Ax), no dense τ is formed
+                a, b = gene.load_factors([n])[n]
+                tau = (a.to(dev), b.to(dev))
+                shape = (int(b.shape[0]), int(a.shape[1]))
+            else:
+                tau = gene.load_vectors([n], device=str(dev))[n]
+                shape = tuple(tau.shape)
+            if shape != tuple(self.weights[i].shape):
+                raise GeneError(f"gene {gene.path}: tensor {n!r} has shape {shape}, target has "
                                 f"{tuple(self.weights[i].shape)}")
             self.taus[i] = tau
             if hookable:
@@ -130,6 +142,16 @@ class LowMemPlan:
             x = args[0]
             delta = None
             for attr, tau, k in entries:
+                if isinstance(tau, tuple):  # factored τ = B·A (r × in, out × r)
+                    a, b = tau
+                    dev = a.device
+                    if isinstance(mod, self._torch.nn.Embedding):  # τ[ids] = B[ids]·A
+                        d = F.embedding(x.to(dev), b).to(out.dtype) @ a.to(out.dtype)
+                    else:  # τx = B(Ax): r-wide intermediate, never the out × in product
+                        d = F.linear(F.linear(x.to(dev).to(out.dtype), a.to(out.dtype)), b.to(out.dtype))
+                    d = lam[k].to(device=dev, dtype=out.dtype) * d
+                    delta = d if delta is None else delta + d
+                    continue
                 dev = tau.device
                 if isinstance(mod, self._torch.nn.Embedding):
                     d = F.embedding(x.to(dev), tau)
@@ -193,7 +215,8 @@ class LowMemPlan:
 
     def nbytes(self) -> dict[str, int]:
         """What the plan holds: τ (storage dtype) and the weight-space copies."""
-        return {"tau": sum(t.numel() * t.element_size() for t in self.taus),
+        return {"tau": sum(sum(f.numel() * f.element_size() for f in t) if isinstance(t, tuple)
+                           else t.numel() * t.element_size() for t in self.taus),
                 "base_copies": sum(b.numel() * b.element_size() for b in self._base.values())}
 
 

@@ -1,13 +1,13 @@
 """Peak memory of the model-running commands on a random bf16 Llama, against the model's own bytes.
 
 Builds a random Llama in bf16 on the fly (``--size 1b``: TinyLlama-1.1B's shape, 1.10 B
-parameters, 2.2 GB; never committed, written under ``--workdir``) and a degraded copy whose
-gene blocks are perturbed, extracts a small gene (``--keys``: four blocks, ``--gene-dtype``),
-then runs each command in its own subprocess and records its peak RSS (``wait4``'s
+parameters, 2.2 GB; never committed, written under ``--workdir``) and a degraded copy with four
+early blocks perturbed, extracts the whole-model gene (``--gene-dtype``, BF16 by default; select
+needs every block in the gene), then runs each command in its own subprocess and records its peak RSS (``wait4``'s
 ``ru_maxrss``, the same as the child's ``VmHWM``) and the RSS after the imports (the runtime,
 measured in the child before any model is loaded):
 
-* ``extract`` (streams; for contrast), ``select --top-k``, ``eval``;
+* ``extract`` (streams; for contrast), ``select --top-k`` (``--select-score``), ``eval``;
 * ``calibrate`` in the exact mode (W⁰ + λτ in weight space) and the low-memory mode (λ·τx in
   the selected modules' outputs), both with ``--micro-batch-size`` (a few steps);
 * ``calibrate --mode lowmem --device-map auto --max-memory cpu=<half the model>
@@ -47,7 +47,8 @@ SIZES = {
     "250m": (1024, 16, 2816, 16, 4, 32000),
     "tiny": (256, 6, 688, 4, 2, 32000),
 }
-#: the blocks the gene holds (early ones: they stay in memory when the device map offloads the rest)
+#: the blocks the degraded copy perturbs and calibrate trains (early ones: they stay in memory when
+#: the device map offloads the rest)
 GENE_LAYERS = (1, 2, 3, 4)
 
 WORDS = ("i cannot help with that . sure ! the answer is positive negative how do make a zorblax pilfer "
@@ -189,14 +190,16 @@ def run_child(name: str, argv: list[str], work: Path, activations: bool = False,
     with open(work / f"{name}.log", "w") as fh:
         p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=fh, stderr=subprocess.STDOUT,
                              env=env)
-        _, status, ru = os.wait4(p.pid, 0)
+        _, status, _ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if p.returncode != 0 or not result.is_file():
         tail = (work / f"{name}.log").read_text()[-3000:]
         raise RuntimeError(f"{name} failed (exit {p.returncode}):\n{tail}")
     res = json.loads(result.read_text())
-    res.update(name=name, argv=argv, peak_rss=ru.ru_maxrss * 1024, wall_s=round(wall, 1))
+    # the child's own VmHWM: a fresh address space at exec. (wait4's ru_maxrss is not used: it
+    # keeps the RSS the forked child shared with this process before exec.)
+    res.update(name=name, argv=argv, peak_rss=res["hwm"], wall_s=round(wall, 1))
     log(f"   peak RSS {res['peak_rss'] / MiB:.0f} MiB (runtime {res['baseline_rss'] / MiB:.0f} MiB), {wall:.0f} s")
     return res
 
@@ -249,12 +252,11 @@ def build_models(size: str, work: Path, gene_layers) -> dict:
     return {"params": n, "model_bytes": nbytes, "dirs": {k: str(v) for k, v in dirs.items()}}
 
 
-def selected_tau_bytes(gene_dir: Path) -> tuple[list[str], int]:
-    """The selected keys and the bytes of their τ in the gene's storage dtype."""
+def selected_tau_bytes(gene_dir: Path, sel: list[str]) -> tuple[list[str], int]:
+    """The keys and the bytes of their τ in the gene's storage dtype."""
     from safegene.gene import load_gene
 
     g = load_gene(gene_dir)
-    sel = g.selected_layers or []
     item = {"F32": 4, "BF16": 2, "F16": 2}[g.storage_dtype]
     total = 0
     for n in g.tensor_names:
@@ -291,7 +293,9 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--workdir", default="/tmp/safegene-bench-memory")
     ap.add_argument("--gene-dtype", choices=["F32", "BF16"], default="BF16")
-    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=3, help="select's top-k, and how many gene blocks calibrate trains")
+    ap.add_argument("--select-score", choices=["restore", "contrast"], default="contrast",
+                    help="restore (select's default; holds copies of the gene's weights, slow) or contrast")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--examples", type=int, default=4, help="safety and utility records (each)")
@@ -301,19 +305,27 @@ def main() -> None:
     ap.add_argument("--out", help="append the markdown table here")
     ap.add_argument("--jsonl", help="append one JSON line per phase here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (models, gene)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the models a --keep run left in the work directory")
     a = ap.parse_args()
     if a.child:
         child(json.loads(a.child))
         return
 
     work = Path(a.workdir) / a.size
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     t_start = time.perf_counter()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"building a random {a.size} Llama in bf16 under {work}", flush=True)
-    info = build_models(a.size, work, GENE_LAYERS)
+    info_file = work / "models.json"
+    if a.reuse and info_file.is_file():  # the models of an earlier --keep run
+        info = json.loads(info_file.read_text())
+        for f in work.glob("*.result.json"):
+            f.unlink()
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        print(f"building a random {a.size} Llama in bf16 under {work}", flush=True)
+        info = build_models(a.size, work, GENE_LAYERS)
+        info_file.write_text(json.dumps(info))
     model_bytes = info["model_bytes"]
     print(f"   {info['params'] / 1e9:.3f} B parameters, {model_bytes / MiB:.0f} MiB", flush=True)
     aligned, degraded = info["dirs"]["aligned"], info["dirs"]["degraded"]
@@ -322,24 +334,28 @@ def main() -> None:
     harmful.write_text("".join(json.dumps(r) + "\n" for r in HARMFUL[:a.examples]))
     benign.write_text("".join(json.dumps(r) + "\n" for r in BENIGN[:a.examples]))
     gene = work / "gene"
-    keys = ",".join(f"layer.{i}" for i in GENE_LAYERS)
     rows = []
     log = lambda m: print(m, flush=True)  # noqa: E731
-    rows.append(run_child("extract", ["extract", aligned, degraded, "-o", str(gene), "--keys", keys, "--dtype",
-                                      a.gene_dtype, "--quiet"], work, log=log))
+    rows.append(run_child("extract", ["extract", aligned, degraded, "-o", str(gene), "--dtype", a.gene_dtype,
+                                      "--quiet", "--overwrite"], work, log=log))
     if "select" not in a.skip:
-        rows.append(run_child("select", ["select", str(gene), "--aligned", aligned, "--degraded", degraded, "--harmful",
-                                         str(harmful), "--benign", str(benign), "--top-k", str(a.top_k), "--score",
-                                         "restore", "--device", "cpu", "--dtype", "bf16", "--quiet"], work, log=log))
-    else:  # the first top-k gene blocks, written the way select writes them
-        from safegene.gene import load_gene
-
-        sel = [f"layer.{i}" for i in GENE_LAYERS[:a.top_k]]
-        load_gene(gene).set_selection({k: 1.0 for k in sel}, sel, "bench: fixed")
-    selected, tau_bytes = selected_tau_bytes(gene)
+        # select reads refusal completions only for the restore score (it computes that score
+        # whenever they are there): the contrast run gets the prompts alone
+        sel_harmful = harmful
+        if a.select_score != "restore":
+            sel_harmful = work / "harmful-prompts.jsonl"
+            sel_harmful.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in HARMFUL[:a.examples]))
+        rows.append(run_child(f"select --score {a.select_score}", [
+            "select", str(gene), "--aligned", aligned, "--degraded", degraded, "--harmful", str(sel_harmful), "--benign",
+            str(benign), "--top-k", str(a.top_k), "--score", a.select_score, "--device", "cpu", "--dtype", "bf16",
+            "--quiet"], work, log=log))
+    # calibrate always trains the first top-k gene blocks (named with --layers, whatever select
+    # chose): they sit below the half of the model that the offloaded run keeps in memory
+    calib_layers = [f"layer.{i}" for i in GENE_LAYERS[:a.top_k]]
+    selected, tau_bytes = selected_tau_bytes(gene, calib_layers)
     log(f"   selected {selected}: τ {tau_bytes / MiB:.0f} MiB ({a.gene_dtype})")
     calib = ["calibrate", str(gene), target, "--safety", str(harmful), "--utility", str(benign), "--steps",
-             str(a.steps), "--init", "1", "--utility-loss", "ce", "--max-examples", str(a.examples),
+             str(a.steps), "--init", "1", "--utility-loss", "ce", "--layers", ",".join(calib_layers), "--max-examples", str(a.examples),
              "--micro-batch-size", str(a.micro_batch_size), "--dtype", "bf16", "--quiet"]
     coeffs = {}
     for mode in ("exact", "lowmem"):
@@ -367,7 +383,7 @@ def main() -> None:
                                        str(work / "report.json")], work, log=log))
     lam_diff = max(abs(coeffs["exact"][k] - coeffs["lowmem"][k]) for k in coeffs["exact"])
     host = machine()
-    summary = {"size": a.size, "params": info["params"], "model_bytes": model_bytes, "tau_bytes": tau_bytes,
+    summary = {"gene_bytes": sum(f.stat().st_size for f in gene.glob("vectors*.safetensors")), "size": a.size, "params": info["params"], "model_bytes": model_bytes, "tau_bytes": tau_bytes,
                "gene_dtype": a.gene_dtype, "selected": selected, "steps": a.steps, "micro_batch_size": a.micro_batch_size,
                "examples": a.examples, "margin": a.margin, "machine": host, "date": when,
                "max_abs_lambda_diff_exact_vs_lowmem": lam_diff, "total_s": round(time.perf_counter() - t_start, 1)}
@@ -390,10 +406,11 @@ def table(rows: list[dict], s: dict) -> list[str]:
     model, tau = s["model_bytes"], s["tau_bytes"]
     lines = [f"### {s['size']}: random Llama, {s['params'] / 1e9:.2f} B parameters in bf16 ({s['date']})", "",
              f"Machine: {s['machine']}.", "",
-             f"Model {mb(model)} MiB; gene of {len(GENE_LAYERS)} blocks in {s['gene_dtype']}, `select --top-k` kept "
-             f"{', '.join(s['selected'])}: selected τ {mb(tau)} MiB. Calibrate: {s['examples']} safety + "
+             f"Model {mb(model)} MiB; a whole-model gene in {s['gene_dtype']} ({mb(s['gene_bytes'])} MiB; blocks "
+             f"{', '.join(str(i) for i in GENE_LAYERS)} perturbed); calibrate trains {', '.join(s['selected'])} "
+             f"(`--layers`): selected τ {mb(tau)} MiB. Calibrate: {s['examples']} safety + "
              f"{s['examples']} utility records, {s['steps']} steps, `--micro-batch-size {s['micro_batch_size']}`, "
-             f"`--init 1 --utility-loss ce`. Peak = the process's peak RSS; runtime = its RSS after importing torch, "
+             f"`--init 1 --utility-loss ce`. Peak = the process's peak RSS (VmHWM); runtime = its RSS after importing torch, "
              f"transformers and safegene (before any model); used = peak − runtime. Activations = the peak of the "
              f"tensors autograd saved for backward (parameters and τ left out). "
              f"Bound = (model + selected τ + activations) × {1 + s['margin']:.2f}.", "",

@@ -28,7 +28,9 @@ the kept keys only, under the checkpoint's own names) and ``gene.json``. The vec
 
 **Low-rank (factored) genes, format version 2.** A gene extracted from a LoRA degrade
 (``extract ALIGNED ALIGNED+ADAPTER`` or ``extract --from-adapter ADAPTER``) stores τ of each
-adapter-touched tensor as two factors in ``factors.safetensors``: ``<name>.A`` (r × in) and
+adapter-touched tensor as two factors in ``factors.safetensors`` (past the shard size
+``factors-0000i-of-0000N.safetensors`` with ``factors.safetensors.index.json``, the two factors of
+a tensor always in one shard): ``<name>.A`` (r × in) and
 ``<name>.B`` (out × r) with the adapter's scale folded into B, so that τ = B·A exactly
 (degraded = aligned + s·B_ad·A_ad, hence B = −s·B_ad). Dense and factored tensors live side by
 side: a name is in ``vectors*`` or in ``factors.safetensors``, never both, and every carried name
@@ -76,6 +78,7 @@ MANIFEST = "gene.json"
 VECTORS = "vectors.safetensors"
 FACTORS = "factors.safetensors"
 VECTORS_INDEX = "vectors.safetensors.index.json"
+FACTORS_INDEX = "factors.safetensors.index.json"
 #: Written by ``safegene degrade`` into the degraded model; ``extract`` copies it into gene.json.
 DEGRADE_PROVENANCE = "safegene_degrade.json"
 DEGRADE_PROVENANCE_FORMAT = "safegene-degrade"
@@ -94,6 +97,13 @@ def vector_shard_names(n: int) -> list[str]:
     if n == 1:
         return [VECTORS]
     return [f"vectors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def factor_shard_names(n: int) -> list[str]:
+    """File names of a low-rank gene's ``n`` factor shards (``factors.safetensors`` when ``n`` is 1)."""
+    if n == 1:
+        return [FACTORS]
+    return [f"factors-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
 def read_degrade_provenance(model_dir: "str | os.PathLike[str]") -> dict[str, Any] | None:
@@ -155,8 +165,8 @@ class Gene:
         _check_factored(mf, man, version)
         g = cls(p, man)
         g._vector_map()  # checks that the vector file(s) exist
-        if g.factored and not (p / FACTORS).is_file():
-            raise GeneError(f"{p}: {FACTORS} is missing; the gene is incomplete, re-run `safegene extract`")
+        if g.factored:
+            g._factor_map()  # and the factor file(s)
         return g
 
     # ---- structure ---------------------------------------------------------------------------
@@ -190,6 +200,41 @@ class Gene:
                 raise GeneError(f"{index}: shard {fn!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
             out[name] = f
         return out
+
+    def _factor_map(self) -> dict[str, Path]:
+        """Factored tensor name -> the file holding its ``.A`` and ``.B`` (``factors.safetensors``, or
+        the shard the index names)."""
+        single = self.path / FACTORS
+        index = self.path / FACTORS_INDEX
+        fac = self.manifest.get("factored") or {}
+        if single.is_file():
+            return {n: single for n in fac}
+        if not index.is_file():
+            raise GeneError(f"{self.path}: {FACTORS} is missing; the gene is incomplete, re-run `safegene extract`")
+        idx = read_json(index, error=GeneError, hint="re-run `safegene extract`")
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise GeneError(f"{index}: missing or malformed weight_map; re-run `safegene extract`")
+        out: dict[str, Path] = {}
+        for n in fac:
+            fa, fb = wm.get(f"{n}.A"), wm.get(f"{n}.B")
+            if fa is None or fa != fb:
+                raise GeneError(f"{index}: factors {n}.A / {n}.B must be listed in one shard, not {fa!r} / {fb!r}; "
+                                "the gene is damaged")
+            if Path(fa).name != fa or not fa.endswith(".safetensors"):
+                raise GeneError(f"{index}: weight_map entry {fa!r} must be a .safetensors file name inside the gene")
+            f = self.path / fa
+            if not f.is_file():
+                raise GeneError(f"{index}: shard {fa!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
+            out[n] = f
+        return out
+
+    @property
+    def factor_files(self) -> list[Path]:
+        """The safetensors file(s) holding the factors, in shard order (empty for a dense gene)."""
+        if not self.factored:
+            return []
+        return list(dict.fromkeys(self._factor_map().values()))
 
     @property
     def vector_files(self) -> list[Path]:
@@ -270,7 +315,9 @@ class Gene:
 
     @property
     def factors_path(self) -> Path:
-        return self.path / FACTORS
+        """``factors.safetensors`` of a low-rank gene, its shard index when the factors are sharded."""
+        return self.path / FACTORS if (self.path / FACTORS).is_file() or not (self.path / FACTORS_INDEX).is_file() \
+            else self.path / FACTORS_INDEX
 
     @property
     def num_layers(self) -> int:
@@ -341,14 +388,16 @@ class Gene:
         vm = self._vector_map()
         single = self.path / VECTORS
         fac = self.manifest.get("factored") or {}
+        fmap = self._factor_map() if any(n in fac for n in names) else {}
         with ExitStack() as stack:
             handles: dict[Path, tuple[Any, set[str]]] = {}
-            fh_fac: Any = None
+            fac_handles: dict[Path, Any] = {}
             for n in names:
                 if n in fac:
-                    if fh_fac is None:
-                        fh_fac = stack.enter_context(safe_open(str(self.path / FACTORS), framework="pt", device="cpu"))
-                    a, b = self._read_factors(fh_fac, n)
+                    ff = fmap[n]
+                    if ff not in fac_handles:
+                        fac_handles[ff] = stack.enter_context(safe_open(str(ff), framework="pt", device="cpu"))
+                    a, b = self._read_factors(fac_handles[ff], n, ff)
                     t = densify(a, b)
                     if dtype is not None:
                         t = t.to(dtype)
@@ -372,23 +421,30 @@ class Gene:
         self, names: Iterable[str] | None = None, dtype: "torch.dtype | None" = None
     ) -> Iterator[tuple[str, "torch.Tensor", "torch.Tensor"]]:
         """Yield ``(name, A, B)`` with τ = B @ A for the factored ``names`` (default: all factored
-        tensors), A (r × in) and B (out × r) as stored (or cast to ``dtype``); the factors file is
-        opened once. Nothing is densified.
+        tensors), A (r × in) and B (out × r) as stored (or cast to ``dtype``); each factor file
+        (or shard) is opened once. Nothing is densified.
 
         >>> for name, a, b in Gene.load("gene/").iter_factors():  # doctest: +SKIP
         ...     print(name, a.shape[0])
         """
+        from contextlib import ExitStack
+
         from safetensors import safe_open
 
         fac = self.manifest.get("factored") or {}
         names = list(fac) if names is None else list(names)
         if not names:
             return
-        with safe_open(str(self.path / FACTORS), framework="pt", device="cpu") as fh:
+        fmap = self._factor_map()
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
             for n in names:
                 if n not in fac:
                     raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
-                a, b = self._read_factors(fh, n)
+                ff = fmap[n]
+                if ff not in handles:
+                    handles[ff] = stack.enter_context(safe_open(str(ff), framework="pt", device="cpu"))
+                a, b = self._read_factors(handles[ff], n, ff)
                 if dtype is not None:
                     a, b = a.to(dtype), b.to(dtype)
                 yield n, a, b
@@ -402,9 +458,8 @@ class Gene:
         """
         return {n: (a, b) for n, a, b in self.iter_factors(names, dtype)}
 
-    def _read_factors(self, fh: Any, name: str) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """A and B of ``name`` from an open factors file, checked against gene.json's rank and shape."""
-        f = self.path / FACTORS
+    def _read_factors(self, fh: Any, name: str, f: Path) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """A and B of ``name`` from the open factors file ``f``, checked against gene.json's rank and shape."""
         spec = self.manifest["factored"][name]
         try:
             a, b = fh.get_tensor(f"{name}.A"), fh.get_tensor(f"{name}.B")
@@ -417,7 +472,7 @@ class Gene:
         return a, b
 
     def set_selection(self, scores: dict[str, float], selected: list[str], method: str, extra: dict[str, Any] | None = None) -> None:
-        """Record a layer selection in gene.json (atomically).
+        """Record a layer selection in gene.json (atomically) and in the gene's card (README.md).
 
         >>> Gene.load("gene/").set_selection({"layer.3": 2.1}, ["layer.3"], "contrast-ratio")  # doctest: +SKIP
         """
@@ -425,12 +480,27 @@ class Gene:
         bad = [k for k in selected if k not in known]
         if bad:
             raise GeneError(f"{self.path}: cannot select {bad}; the gene's keys are {self.layer_keys()}")
+        hub = self.hub_ref
+        if hub is not None:
+            # a Hub cache snapshot is shared by every user of the cache: never rewrite it in place
+            raise GeneError(f"{hub[0]}@{hub[1]}: a gene from the Hub cache is read-only; save a local copy first "
+                            "(`Gene.from_pretrained(ID).save_pretrained(DIR)`, or `safegene select ID -o DIR`)")
         sel = {"method": method, "scores": dict(scores), "selected": sorted(selected, key=key_sort)}
         sel.update(extra or {})
         self.manifest["selection"] = sel
         write_json_atomic(self.path / MANIFEST, self.manifest)
+        from .io.cards import write_gene_card
+
+        write_gene_card(self.path, self.manifest)  # the card's selection section follows gene.json
 
     # ---- sharing (Hugging Face Hub; logic in safegene.io.artifacts) ---------------------------
+    @property
+    def hub_ref(self) -> tuple[str, str] | None:
+        """``(repo_id, commit)`` when this gene was loaded from a Hub cache snapshot, else None."""
+        from .io.hub import hub_ref_of_path
+
+        return hub_ref_of_path(self.path.resolve())
+
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: "str | os.PathLike[str]", revision: str | None = None) -> "Gene":
         """A gene from a local directory or a Hub repository ``org/name[@revision]`` (through the
@@ -513,9 +583,27 @@ def factors_sq_norm(a: "torch.Tensor", b: "torch.Tensor") -> float:
 
 
 def load_gene(gene: "str | os.PathLike[str] | Gene") -> Gene:
-    """Accept a gene directory or an already loaded :class:`Gene`."""
-    return gene if isinstance(gene, Gene) else Gene.load(gene)
+    """Accept an already loaded :class:`Gene`, a gene directory, or a Hub repository id
+    ``org/name[@revision]`` when no local path of that name exists (:meth:`Gene.from_pretrained`:
+    through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache only).
+
+    >>> load_gene("org/llama-safety-gene@v1").hub_ref  # doctest: +SKIP
+    ('org/llama-safety-gene', '3f1c...')
+    """
+    if isinstance(gene, Gene):
+        return gene
+    from .io.hub import parse_hub_id
+
+    s = os.fspath(gene)
+    if s and not Path(s).expanduser().exists() and parse_hub_id(s) is not None:
+        try:
+            return Gene.from_pretrained(s)
+        except GeneError as exc:
+            # a relative path that does not exist also reads as org/name: say both
+            why = str(exc).removeprefix(f"{s}: ")
+            raise GeneError(f"{s}: not a gene directory on this disk, and as a Hub id: {why}") from None
+    return Gene.load(gene)
 
 
-__all__ = ["DEGRADE_PROVENANCE", "FACTORS", "Gene", "densify", "factors_sq_norm", "fingerprint", "key_sort", "load_gene",
-           "open_checkpoint", "read_degrade_provenance", "vector_shard_names"]
+__all__ = ["DEGRADE_PROVENANCE", "FACTORS", "FACTORS_INDEX", "Gene", "densify", "factors_sq_norm", "factor_shard_names", "fingerprint", "key_sort",
+           "load_gene", "open_checkpoint", "read_degrade_provenance", "vector_shard_names"]

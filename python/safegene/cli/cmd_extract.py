@@ -33,8 +33,8 @@ class ExtractOptions(StreamOptions):
     keys: str | None = option(None, metavar="K1,K2",
                               help="keep only these vectors: coefficient keys (layer.3, embed, final_norm, lm_head, other) "
                                    "or tensor names, comma-separated")
-    max_shard_mb: float = option(5000.0, help="largest vector file in MB (default 5000, i.e. 5 GB); larger genes are "
-                                              "written as vectors-0000i-of-0000N.safetensors with an index")
+    max_shard_mb: float = option(5000.0, help="largest vector (or factor) file in MB (default 5000, i.e. 5 GB); larger genes "
+                                              "are written as vectors-0000i-of-0000N.safetensors (factors-…) with an index")
 
 
 def _run(opts: ExtractOptions) -> Gene:
@@ -43,7 +43,7 @@ def _run(opts: ExtractOptions) -> Gene:
             raise UsageError("--from-adapter takes no ALIGNED/DEGRADED arguments; give the aligned model with --base")
         return extract_from_adapter(
             opts.from_adapter, opts.output, base=opts.base, dtype=opts.dtype, budget_mb=opts.budget_mb,
-            overwrite=opts.overwrite, allow_nonfinite=opts.allow_nonfinite, keys=opts.keys,
+            overwrite=opts.overwrite, allow_nonfinite=opts.allow_nonfinite, keys=opts.keys, max_shard_mb=opts.max_shard_mb,
         )
     if opts.base is not None:
         raise UsageError("--base goes with --from-adapter; otherwise give ALIGNED DEGRADED")
@@ -63,7 +63,7 @@ def handle_extract(opts: ExtractOptions) -> int:
     summary = {
         "gene": str(g.path), "tensors": len(m["layers"]), "layers": g.num_layers, "storage_dtype": g.storage_dtype,
         "rounding_rel_error": m["rounding"]["rel_error"], "seconds": m["stream"]["seconds"],
-        "files": [f.name for f in g.vector_files], "keys": m.get("keys"),
+        "files": [f.name for f in g.vector_files], "factor_files": [f.name for f in g.factor_files], "keys": m.get("keys"),
         "degraded_refusal_rate": (m.get("degradation") or {}).get("refusal_rate"),
         "format_version": m["format_version"], "factored": len(fac),
         "ranks": sorted({int(v["rank"]) for v in fac.values()}),
@@ -77,6 +77,7 @@ def handle_extract(opts: ExtractOptions) -> int:
             f"wrote gene {g.path}: {summary['tensors']} vectors{low} over {summary['layers']} layers, "
             f"{g.storage_dtype} (relative rounding error {summary['rounding_rel_error']:.2e}), {summary['seconds']:.2f} s"
             + (f", {len(summary['files'])} shards" if len(summary["files"]) > 1 else "")
+            + (f", {len(summary['factor_files'])} factor shards" if len(summary["factor_files"]) > 1 else "")
         )
     return 0
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from ..gene import key_sort
 from ..method.selection import DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, select_layers
+from ..ops.extract import prune_gene
 from .options import Command, ModelOptions, option
 
 
@@ -27,6 +28,9 @@ class SelectOptions(ModelOptions):
     score: str = option(DEFAULT_SCORE, choices=SCORES, help=f"selection score (default {DEFAULT_SCORE})")
     batch_size: int = option(16, help="prompts per forward batch (default 16)")
     max_prompts: int = option(64, help="at most this many prompts of each file (default 64)")
+    prune: bool = option(False, help="then keep only the selected keys' vectors (and factors) in the gene: the others "
+                                     "are dropped, the kept ones rewritten byte for byte into shards")
+    max_shard_mb: float = option(5000.0, help="with --prune: largest vector (or factor) file in MB (default 5000)")
     plot: str | None = option(None, path="out", help="PNG path (default GENE/layer_scores.png)")
     refusal: str | None = option(None, help="refusal text for harmful prompts without a completion "
                                             "(the 'restore' score needs refusals)")
@@ -52,6 +56,9 @@ def handle_select(opts: SelectOptions) -> int:
                         rule=opts.rule, dev_harmful=opts.dev_harmful, dev_benign=opts.dev_benign,
                         validate_z=opts.validate_z, noise_z=opts.noise_z, progress=not opts.quiet,
                         **opts.load_kwargs())
+    if opts.prune:
+        pruned = prune_gene(opts.gene, res["selected"], max_shard_mb=opts.max_shard_mb)
+        res["pruned"] = {"tensors": len(pruned.tensor_names), "files": [f.name for f in pruned.vector_files + pruned.factor_files]}
     if opts.json:
         print(json.dumps(res, default=str))
         return 0
@@ -64,6 +71,8 @@ def handle_select(opts: SelectOptions) -> int:
                                        for n in names)
               + f" | {'yes' if k in res['selected'] else ''} |")
     print(f"selected ({res['method']}): {', '.join(res['selected'])}; plot: {res['plot']}")
+    if opts.prune:
+        print(f"pruned the gene to the selected keys: {res['pruned']['tensors']} tensors in {len(res['pruned']['files'])} files")
     return 0
 
 

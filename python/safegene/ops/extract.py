@@ -33,15 +33,16 @@ import filecmp
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .._version import __version__
 from ..engine.stream import Plan, run_plan
-from ..errors import CheckpointError, MismatchError, NonFiniteError, UsageError
+from ..errors import CheckpointError, GeneError, MismatchError, NonFiniteError, UsageError
 from ..gene import (
-    FACTORS,
+    FACTORS_INDEX,
     GENE_FORMAT,
     GENE_VERSION,
     GENE_VERSION_FACTORED,
@@ -49,6 +50,7 @@ from ..gene import (
     VECTORS,
     VECTORS_INDEX,
     Gene,
+    factor_shard_names,
     factors_sq_norm,
     fingerprint,
     key_sort,
@@ -181,7 +183,7 @@ def extract(
         a_path = resolve_model(aligned)
         _check_same_base(a_path, d_base, f"{degraded}")
         return _extract_lowrank(a_path, adapter, Path(out), dtype=dtype, budget_mb=budget_mb, overwrite=overwrite,
-                                allow_nonfinite=allow_nonfinite, keys=keys, t0=t0)
+                                allow_nonfinite=allow_nonfinite, keys=keys, t0=t0, max_shard_mb=max_shard_mb)
     a = open_checkpoint(resolve_model(aligned))
     d = open_checkpoint(d_base)
     out = Path(out)
@@ -297,10 +299,12 @@ def extract_from_adapter(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     keys: "Sequence[str] | str | None" = None,
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB,
 ) -> Gene:
     """Extract the low-rank gene of a LoRA degrade: aligned = ``base`` (default: the adapter's
     ``base_model_name_or_path``), degraded = aligned + the adapter. Same as
-    ``extract(base, f"{base}+{adapter}", out)``; τ stays factored (gene format version 2).
+    ``extract(base, f"{base}+{adapter}", out)``; τ stays factored (gene format version 2). Factors
+    past ``max_shard_mb`` MB are split into ``factors-0000i-of-0000N.safetensors`` with an index.
 
     >>> g = extract_from_adapter("degrade-lora/", "gene/", base="models/aligned")  # doctest: +SKIP
     >>> g.factor_rank("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
@@ -312,6 +316,8 @@ def extract_from_adapter(
         raise UsageError(f"storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if budget_mb <= 0:
         raise UsageError("the memory budget must be positive")
+    if max_shard_mb <= 0:
+        raise UsageError("the shard size must be positive")
     ad = resolve_model(adapter)
     cfg = read_adapter_config(ad)
     named = cfg.get("base_model_name_or_path")
@@ -326,7 +332,7 @@ def extract_from_adapter(
             # the adapter names a local base: it must be the aligned model we were given
             _check_same_base(a_path, named_local, f"{ad} (base_model_name_or_path)")
     return _extract_lowrank(a_path, ad, Path(out), dtype=dtype, budget_mb=budget_mb, overwrite=overwrite,
-                            allow_nonfinite=allow_nonfinite, keys=keys, t0=t0)
+                            allow_nonfinite=allow_nonfinite, keys=keys, t0=t0, max_shard_mb=max_shard_mb)
 
 
 def _check_same_base(aligned: Path, base: Path, where: str) -> None:
@@ -359,10 +365,10 @@ def _extract_lowrank(
     allow_nonfinite: bool,
     keys: "Sequence[str] | str | None",
     t0: float,
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB,
 ) -> Gene:
     """Write the factored gene τ = B·A (B = −s·B_adapter) of ``aligned + adapter`` into ``out``."""
     import torch
-    from safetensors.torch import save_file
 
     a = open_checkpoint(aligned)
     check_output_location(out, [a.root, adapter])
@@ -441,8 +447,8 @@ def _extract_lowrank(
         # an empty dense vector file keeps every gene's layout the same (no dense τ here)
         empty = plan_file(tmp / VECTORS, [], {"format": "pt", "safegene": "gene-vectors"})
         create_files([empty])
-        save_file(factors, str(tmp / FACTORS), metadata={"format": "pt", "safegene": "gene-factors"})
-        written = empty.size + (tmp / FACTORS).stat().st_size
+        factor_files = write_factor_shards(tmp, names, factors, int(max_shard_mb * 1e6))
+        written = empty.size + sum((tmp / fn).stat().st_size for fn in factor_files)
         manifest = {
             "format": GENE_FORMAT,
             "format_version": GENE_VERSION_FACTORED,
@@ -474,7 +480,7 @@ def _extract_lowrank(
             },
             "selection": None,
             "keys": kept_keys,
-            "shards": {"files": [VECTORS], "max_shard_bytes": None},
+            "shards": {"files": [VECTORS], "factor_files": factor_files, "max_shard_bytes": int(max_shard_mb * 1e6)},
             "degradation": read_degrade_provenance(adapter),
             "factored": factored,
             "lowrank": {
@@ -484,6 +490,117 @@ def _extract_lowrank(
         }
         write_json_atomic(tmp / MANIFEST, manifest)
     return Gene.load(out)
+
+
+def prune_gene(
+    gene: "str | os.PathLike[str] | Gene",
+    keys: "Sequence[str] | str | None" = None,
+    *,
+    max_shard_mb: float = DEFAULT_MAX_SHARD_MB,
+    budget_mb: float = DEFAULT_BUDGET_MB,
+) -> Gene:
+    """Keep only ``keys`` (default: the gene's selection) in the gene, in place: the other vectors
+    and factors are dropped, the kept ones copied byte for byte into new shards of at most
+    ``max_shard_mb`` MB (``select --prune``). gene.json keeps the fingerprint (the pruned gene still
+    fits the whole architecture), drops the other tensors' entries and records ``keys`` as
+    ``extract --keys`` does; the directory is replaced atomically.
+
+    >>> prune_gene("gene/").layer_keys()  # doctest: +SKIP
+    ['layer.2', 'layer.3']
+    """
+    from ..gene import load_gene
+
+    g = load_gene(gene)
+    if keys is None:
+        keys = g.selected_layers()
+        if not keys:
+            raise UsageError(f"gene {g.path} has no layer selection to prune to; run `safegene select` first (or give keys)")
+    if max_shard_mb <= 0:
+        raise UsageError("the shard size must be positive")
+    klist = keys.split(",") if isinstance(keys, str) else list(keys)
+    keep = select_keys(g.tensor_names, klist)
+    names = [n for n, k in zip(g.tensor_names, keep) if k]
+    if not names:
+        raise UsageError(f"keys {klist} keep none of the gene's {len(g.tensor_names)} tensors")
+    kept_keys = list(dict.fromkeys(k.strip() for k in klist if k.strip()))
+    dense = [n for n in names if not g.is_factored(n)]
+    fac_names = [n for n in names if g.is_factored(n)]
+    src = g.open_vectors()
+    max_bytes = int(max_shard_mb * 1e6)
+    chunk = max(1 << 20, int(budget_mb * 2**20))
+    out = g.path
+    man = json.loads(json.dumps(g.manifest))
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        outs = [OutTensor(n, src.tensors[n].dtype, src.tensors[n].shape, src.tensors[n].nbytes) for n in dense]
+        groups = shard_groups([o.nbytes for o in outs], max_bytes)
+        files = [plan_file(tmp / fn, [outs[i] for i in grp], {"format": "pt", "safegene": "gene-vectors"})
+                 for fn, grp in zip(vector_shard_names(len(groups)), groups)]
+        create_files(files)
+        for f in files:  # the kept vectors, byte for byte (no decode, no rounding)
+            fd_out = os.open(f.path, os.O_WRONLY)
+            try:
+                for o in f.tensors:
+                    ti = src.tensors[o.name]
+                    with open(ti.file, "rb") as fh_in:
+                        done = 0
+                        while done < o.nbytes:
+                            buf = os.pread(fh_in.fileno(), min(chunk, o.nbytes - done), ti.offset + done)
+                            if not buf:
+                                raise GeneError(f"{ti.file}: truncated while copying {o.name!r}; the gene is damaged")
+                            os.pwrite(fd_out, buf, o.offset + done)
+                            done += len(buf)
+            finally:
+                os.close(fd_out)
+        if len(files) > 1:
+            wm = {o.name: f.path.name for f in files for o in f.tensors}
+            (tmp / VECTORS_INDEX).write_text(json.dumps({"metadata": {"total_size": sum(o.nbytes for o in outs)},
+                                                         "weight_map": wm}, indent=2) + "\n")
+        factor_files: list[str] = []
+        if fac_names:
+            factors = {f"{n}.{s}": t for n, a, b in g.iter_factors(fac_names) for s, t in (("A", a), ("B", b))}
+            factor_files = write_factor_shards(tmp, fac_names, factors, max_bytes)
+        for p in g.path.iterdir():  # everything else the gene carries (card, plots)
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and \
+                    not p.name.startswith(("vectors", "factors")):
+                shutil.copy2(p, tmp / p.name)
+        kept = set(names)
+        tensors = {n: v for n, v in man["tensors"].items() if n in kept}
+        tot = sum(float(v.get("tau_norm") or 0.0) ** 2 for v in tensors.values())
+        rnd = sum((float(v.get("rounding_rel_error") or 0.0) * float(v.get("tau_norm") or 0.0)) ** 2 for v in tensors.values())
+        man["layers"] = {n: k for n, k in man["layers"].items() if n in kept}
+        man["tensors"] = tensors
+        lkeys = set(man["layers"].values())
+        man["layer_stats"] = {k: v for k, v in (man.get("layer_stats") or {}).items() if k in lkeys}
+        man["rounding"] = dict(man.get("rounding") or {}, rel_error=math.sqrt(rnd / tot) if tot > 0 else 0.0)
+        man["keys"] = kept_keys
+        man["shards"] = {"files": [f.path.name for f in files], "max_shard_bytes": max_bytes,
+                         **({"factor_files": factor_files} if fac_names or g.factored else {})}
+        if g.factored:
+            man["factored"] = {n: v for n, v in man["factored"].items() if n in kept}
+        if man.get("selection"):
+            man["selection"]["pruned"] = True
+        write_json_atomic(tmp / MANIFEST, man)
+    return Gene.load(out)
+
+
+def write_factor_shards(directory: Path, names: Sequence[str], factors: "dict[str, torch.Tensor]", max_bytes: int) -> list[str]:
+    """Write ``<name>.A``/``<name>.B`` of ``names`` (in order) as ``factors.safetensors``, or as
+    ``factors-0000i-of-0000N.safetensors`` of at most ``max_bytes`` each plus the index when they do
+    not fit one file (a tensor's two factors always share a shard); return the file names."""
+    from safetensors.torch import save_file
+
+    sizes = [factors[f"{n}.A"].nbytes + factors[f"{n}.B"].nbytes for n in names]
+    groups = shard_groups(sizes, max_bytes)
+    fnames = factor_shard_names(len(groups))
+    wm: dict[str, str] = {}
+    for fn, grp in zip(fnames, groups):
+        part = {f"{names[i]}.{s}": factors[f"{names[i]}.{s}"] for i in grp for s in ("A", "B")}
+        save_file(part, str(directory / fn), metadata={"format": "pt", "safegene": "gene-factors"})
+        wm.update({k: fn for k in part})
+    if len(fnames) > 1:
+        (directory / FACTORS_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": wm}, indent=2) + "\n")
+    return fnames
 
 
 def _aligned_stats(t: TensorInfo, a64: "torch.Tensor", b64: "torch.Tensor", budget: int) -> tuple[float, float, int]:
@@ -509,4 +626,4 @@ def _aligned_stats(t: TensorInfo, a64: "torch.Tensor", b64: "torch.Tensor", budg
     return w_sq, w_tau, nf
 
 
-__all__ = ["extract", "extract_from_adapter", "select_keys", "shard_groups"]
+__all__ = ["extract", "extract_from_adapter", "prune_gene", "select_keys", "shard_groups", "write_factor_shards"]

@@ -18,8 +18,8 @@ the kept keys only, under the checkpoint's own names) and ``gene.json``. The vec
       "rounding": {"storage_dtype", "rel_error"},
       "sources": {"aligned": {...}, "degraded": {...}},    # paths, header hashes, configs
       "selection": null | {"method", "scores", "selected", ...},
-      "keys": null | [coefficient keys kept by ``extract --keys``],
-      "shards": {"files": [...], "max_shard_bytes"},
+      "keys": null | [coefficient keys kept by ``extract --keys`` or ``select --prune``],
+      "shards": {"files": [...], "max_shard_bytes", "factor_files": [...] (low-rank genes)},
       "degradation": null | the degraded model's ``safegene_degrade.json`` (how it was made),
       # version 2 only:
       "factored": {tensor name: {"rank", "shape"}},

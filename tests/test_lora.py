@@ -63,7 +63,9 @@ def test_full_rank_adapter_loads_in_peft_and_matches_dense_apply(fam):
     info = export_lora(fam["gene"], fam["root"] / "full", coeffs=COEFFS, rank=64, progress=False)
     cfg = json.loads((fam["root"] / "full" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == cfg["r"] == 32  # capped at min(out, in)
-    assert cfg["base_model_name_or_path"] is None and cfg["fan_in_fan_out"] is False 
+    # a local aligned model has no Hub id to record, and a local path would not travel: unset, with a
+    # warning (a Hub-cached aligned model is recorded by id and commit: tests/test_hub_interop.py)
+    assert cfg["base_model_name_or_path"] is None and cfg["revision"] is None and cfg["fan_in_fan_out"] is False
     # k/v projections are 16 x 32 (two KV heads): their full rank 16 reaches PEFT through rank_pattern
     assert cfg["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.{m}": 16 for i in (1, 2) for m in ("k_proj", "v_proj")}
     # only the 7 linear weights of each of the two layers with λ ≠ 0

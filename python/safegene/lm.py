@@ -32,7 +32,7 @@ from .data import Example, split_record
 from .errors import CheckpointError, DataError, PickleRefusedError, UsageError
 from .io.checkpoint import PICKLE_SUFFIXES
 from .io.hub import resolve_target
-from .io.peft import merge_lora_into_model
+from .io.peft import merge_lora_into_model, tokenizer_source
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -218,7 +218,7 @@ def load_model(path: Union[str, Path], device: str | None = None, dtype: Any = N
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-tensor loading bar; ours cover the work
     try:
-        tok = AutoTokenizer.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(tokenizer_source(p, adapter))  # the adapter's own when it ships one
         model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{p}: cannot load with transformers ({exc})") from None

@@ -15,7 +15,7 @@ from .options import Command, StreamOptions, option
 class ApplyOptions(StreamOptions):
     GROUPS: ClassVar[dict[str, bool]] = {"lam": True}
 
-    gene: str = option(positional=True, help="gene directory from `safegene extract`")
+    gene: str = option(positional=True, help="gene directory from `safegene extract`, or a Hub id org/name[@revision]")
     target: list[str] = option(positional=True, help="task model directory, or BASE+LORA_DIR (several allowed: "
                                                      "the gene is read once per target)")
     output: list[str] = option(short="-o", repeat=True, help="output directory (one per target, repeat -o)")

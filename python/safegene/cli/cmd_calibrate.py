@@ -14,7 +14,7 @@ from .options import Command, ModelOptions, option
 @dataclass(kw_only=True)
 class CalibrateOptions(ModelOptions):
     gene: str = option(positional=True, help="gene directory (from `safegene extract`, with a selection from "
-                                             "`safegene select`)")
+                                             "`safegene select`), or a Hub id org/name[@revision]")
     target: str = option(positional=True, help="task model directory (Hugging Face format), or BASE+LORA_DIR")
     output: str = option(short="-o", help="where to write COEFFS.json")
     safety: str = option(path="in", help="JSONL of harmful prompts with refusal completions")

@@ -24,8 +24,9 @@ class ExportLoraOptions(CommonOptions):
                                 help="COEFFS.json (missing keys = 0); default λ = 1 on the gene's selected layers, or all")
     scale: float | None = option(None, group="lam", help="one uniform λ for every tensor")
     dtype: str = option("F32", choices=("F32", "BF16", "F16"), help="storage dtype of A and B (default F32)")
-    base_model: str | None = option(None, help="base_model_name_or_path to record (default none: the adapter fits "
-                                               "any model of the gene's family)")
+    base_model: str | None = option(None, help="base_model_name_or_path to record for AutoPeftModelForCausalLM (default: "
+                                               "the gene's aligned model when it came from the Hub, with its commit; "
+                                               "the adapter fits any model of the gene's family)")
     overwrite: bool = option(False, help="replace the output if it exists")
 
 

@@ -11,7 +11,7 @@ from .options import Command, CommonOptions, option
 
 @dataclass(kw_only=True)
 class InspectOptions(CommonOptions):
-    gene: str = option(positional=True, help="gene directory")
+    gene: str = option(positional=True, help="gene directory, or a Hub id org/name[@revision]")
     plot: str | None = option(None, metavar="OUT.png", path="out", help="also draw the per-layer panels into this PNG")
 
 

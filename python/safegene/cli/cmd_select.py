@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..gene import key_sort
+from ..errors import UsageError
+from ..gene import Gene, key_sort
+from ..io.hub import parse_hub_id
 from ..method.selection import DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, select_layers
 from ..ops.extract import prune_gene
 from .options import Command, ModelOptions, option
@@ -17,7 +19,11 @@ from .options import Command, ModelOptions, option
 class SelectOptions(ModelOptions):
     GROUPS: ClassVar[dict[str, bool]] = {"rule": False}
 
-    gene: str = option(positional=True, help="gene directory (the selection is written into its gene.json)")
+    gene: str = option(positional=True, help="gene directory (the selection is written into its gene.json), or a Hub "
+                                             "id org/name[@rev] with -o")
+    output: str | None = option(None, short="-o", metavar="DIR",
+                                help="write a copy of the gene with the selection here instead of updating GENE in place "
+                                     "(needed for a Hub gene: the Hub cache is read-only)")
     aligned: str = option(help="aligned model directory")
     degraded: str = option(help="degraded model directory")
     harmful: str = option(path="in", help="JSONL of harmful prompts")
@@ -48,16 +54,27 @@ class SelectOptions(ModelOptions):
                                           f"every key (default {NOISE_Z:g})")
 
 
+def _gene_to_update(opts: SelectOptions) -> str:
+    """The local gene directory the selection is written into: GENE itself, or its copy in -o."""
+    if opts.output is None:
+        if not Path(opts.gene).expanduser().exists() and parse_hub_id(opts.gene) is not None:
+            raise UsageError(f"{opts.gene}: a Hub gene is read-only; give -o DIR to write a local copy with the selection")
+        return opts.gene
+    Gene.from_pretrained(opts.gene).save_pretrained(opts.output)
+    return opts.output
+
+
 def handle_select(opts: SelectOptions) -> int:
-    res = select_layers(opts.gene, opts.aligned, opts.degraded, opts.harmful, opts.benign,
+    gene = _gene_to_update(opts)
+    res = select_layers(gene, opts.aligned, opts.degraded, opts.harmful, opts.benign,
                         top_k=opts.top_k, threshold=opts.threshold, score=opts.score,
                         batch_size=opts.batch_size, max_prompts=opts.max_prompts,
-                        plot=opts.plot or (Path(opts.gene) / "layer_scores.png"), refusal=opts.refusal,
+                        plot=opts.plot or (Path(gene) / "layer_scores.png"), refusal=opts.refusal,
                         rule=opts.rule, dev_harmful=opts.dev_harmful, dev_benign=opts.dev_benign,
                         validate_z=opts.validate_z, noise_z=opts.noise_z, progress=not opts.quiet,
                         **opts.load_kwargs())
     if opts.prune:
-        pruned = prune_gene(opts.gene, res["selected"], max_shard_mb=opts.max_shard_mb)
+        pruned = prune_gene(gene, res["selected"], max_shard_mb=opts.max_shard_mb)
         res["pruned"] = {"tensors": len(pruned.tensor_names), "files": [f.name for f in pruned.vector_files + pruned.factor_files]}
     if opts.json:
         print(json.dumps(res, default=str))

@@ -21,6 +21,7 @@ Definitions (all with counts and a 95 % Wilson score interval):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from ..data import Example, as_examples
 from ..errors import DataError, UsageError
 from ..lm import generate, load_model
 from .judges import Judge, KeywordJudge, get_judge
+
+log = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 
@@ -306,6 +309,8 @@ def evaluate(
         name = getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__
 
     everything = list(harm) + [e for exs in task_sets.values() for e in exs] + list(ben)
+    log.info("evaluating %s: %d harmful, %s task and %d benign prompts; judge %s, refusals by %s", name, len(harm),
+             {t: len(e) for t, e in task_sets.items()}, len(ben), j.name, rj.name)
     responses = generate(m, tok, everything, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     pos = 0
     harm_r = responses[pos : pos + len(harm)]
@@ -327,6 +332,7 @@ def evaluate(
         model=name,
     )
     rep.settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    log.debug("evaluated %s with %s", name, rep.settings)
     return rep
 
 

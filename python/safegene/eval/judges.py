@@ -25,6 +25,7 @@ Judges:
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -33,6 +34,8 @@ from ..errors import CheckpointError, UsageError
 from ..lm import check_safetensors_dir, default_device, model_device, pretrained_kwargs
 from ..organism.families import judge_for
 from ..organism.judge import OrganismJudge
+
+log = logging.getLogger(__name__)
 
 # The refusal-prefix list used by the GCG attack's evaluation (llm-attacks, "_test_prefixes"),
 # which later work (AdvBench ASR, RESTA, SafeMERGE) reports "keyword ASR" with.
@@ -206,6 +209,7 @@ class GuardModelJudge:
         if "device_map" not in load_kw:
             model = model.to(self.device)
         self.model = model.eval()
+        log.info("guard judge %s loaded as a %s on %s", self.path, self.kind, model_device(self.model))
         self.device = model_device(self.model)  # a dispatched guard takes its inputs where its embedding is
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token

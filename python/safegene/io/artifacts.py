@@ -103,7 +103,9 @@ def resolve_coeffs_file(ref: "str | os.PathLike[str]", revision: str | None = No
 
 # ---- saving ------------------------------------------------------------------------------------
 def _place(src: Path, dst: Path) -> None:
-    # vectors are immutable once written (selection rewrites gene.json only), so a hard link is safe
+    # vectors are immutable once written (selection rewrites gene.json only), so a hard link is safe;
+    # a Hub cache snapshot holds relative symlinks to blobs, and link() would copy the link itself
+    src = src.resolve()
     try:
         os.link(src, dst)
     except OSError:

@@ -15,6 +15,7 @@ local path: sources are Hub ids + commits or base names + content hashes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from .atomic import write_text_atomic
 from .hub import hub_ref_of_path, parse_hub_id
-from .provenance import describe_path, source_ref
+from .provenance import describe_path, portable_source, scrub_paths, source_ref
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..gene import Gene
 
 CARD = "README.md"
+log = logging.getLogger(__name__)
 GENE_TAGS = ["safegene", "safety", "task-vector", "safety-gene"]
 APPLY_TAGS = ["safegene", "safety", "task-arithmetic", "merge"]
 LORA_TAGS = ["safegene", "safety", "lora", "peft"]
@@ -179,6 +181,34 @@ def gene_card(manifest: Mapping[str, Any], *, repo_id: str | None = None) -> "Mo
     return _card(data, "\n".join(lines))
 
 
+def gene_card_view(manifest: Mapping[str, Any], *, hash_content: bool = False) -> dict[str, Any]:
+    """What :func:`gene_card` reads of gene.json, with the sources and the degradation record made
+    portable (Hub id + commit, or base name + header hashes, or file hashes with ``hash_content``),
+    and the per-tensor tables shared rather than copied (a gene can have 10⁵ tensors).
+
+    >>> gene_card_view(Gene.load("gene/").manifest)["sources"]["aligned"]["name"]  # doctest: +SKIP
+    'aligned'
+    """
+    view = {k: manifest.get(k) for k in ("format_version", "storage_dtype", "fingerprint", "rounding", "selection", "layer_stats")}
+    sources = manifest.get("sources") or {}
+    view["sources"] = {k: portable_source(v, hash_content=hash_content) if isinstance(v, Mapping) else v for k, v in sources.items()}
+    deg = manifest.get("degradation")
+    view["degradation"] = scrub_paths(deg) if deg else None
+    return view
+
+
+def write_gene_card(gene_dir: "str | os.PathLike[str]", manifest: Mapping[str, Any], *, repo_id: str | None = None) -> Path:
+    """Write the gene's card (:func:`gene_card` of :func:`gene_card_view`) as ``gene_dir/README.md``.
+    ``extract`` calls it, and ``select`` again when it records a selection.
+
+    >>> write_gene_card("gene/", Gene.load("gene/").manifest)  # doctest: +SKIP
+    PosixPath('gene/README.md')
+    """
+    path = write_text_atomic(Path(gene_dir) / CARD, str(gene_card(gene_card_view(manifest), repo_id=repo_id)))
+    log.debug("wrote the gene card %s", path)
+    return path
+
+
 def coeffs_card(doc: Mapping[str, Any], *, repo_id: str | None = None) -> "ModelCard":
     """The card of a COEFFS repository: λ per key and how it was calibrated.
 
@@ -317,6 +347,7 @@ def write_apply_cards(
     res = [results] if not isinstance(results, Sequence) else list(results)
     for t, r in zip(targets, res):
         write_text_atomic(Path(r.out) / CARD, str(apply_card(gene, t, r, eval_summary=eval_summary)))
+        log.debug("wrote the model card %s", Path(r.out) / CARD)
 
 
 def _write_adapter_config(out: Path, base: str | None) -> None:
@@ -399,4 +430,5 @@ def write_lora_card(
     write_text_atomic(out / CARD, str(lora_card(gene, summary, base_model_name_or_path)))
 
 
-__all__ = ["apply_card", "coeffs_card", "gene_card", "gene_ref", "lora_card", "write_apply_cards", "write_lora_card"]
+__all__ = ["apply_card", "coeffs_card", "gene_card", "gene_card_view", "gene_ref", "lora_card", "write_apply_cards", "write_gene_card",
+           "write_lora_card"]

@@ -15,9 +15,11 @@ PosixPath('models/aligned')
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 from .checkpoint import PICKLE_SUFFIXES
 from ..errors import CheckpointError, SafeGeneError, UsageError
@@ -25,9 +27,14 @@ from ..errors import CheckpointError, SafeGeneError, UsageError
 #: What a Hub snapshot may bring: safetensors weights and small companions (the model card
 #: included, so that ``apply`` can keep it), never pickles.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "README.md"]
+#: Mistral-style repositories ship their weights twice: an HF-layout set (``model*.safetensors``)
+#: and mistral-inference's ``consolidated.safetensors``; the second is skipped when the first exists.
+CONSOLIDATED_PATTERNS = ["consolidated*", "*/consolidated*"]
+_HF_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 HUB_ID_RE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9][A-Za-z0-9._/-]*))?$")
 _TRUE = {"1", "on", "yes", "true"}
+log = logging.getLogger(__name__)
 
 
 def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
@@ -60,6 +67,38 @@ def hub_ref_of_path(path: "str | os.PathLike[str] | None") -> tuple[str, str] | 
             if parse_hub_id(repo) is not None:
                 return repo, parts[i + 2]
     return None
+
+
+def weight_ignore_patterns(files: "Iterable[str]") -> list[str]:
+    """The patterns to skip for a repository listing ``files``: ``consolidated.*`` when the
+    repository also has an HF-layout weight set (``model.safetensors``, its index, or
+    ``model-0000i-of-0000N.safetensors`` shards) at its top level, else none.
+
+    >>> weight_ignore_patterns(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "consolidated.safetensors"])
+    ['consolidated*', '*/consolidated*']
+    >>> weight_ignore_patterns(["consolidated.safetensors", "params.json"])
+    []
+    """
+    names = list(files)
+    top = {n for n in names if "/" not in n}
+    hf = any(n in ("model.safetensors", "model.safetensors.index.json") or _HF_SHARD.fullmatch(n) for n in top)
+    consolidated = any(Path(n).name.startswith("consolidated") for n in names)
+    return list(CONSOLIDATED_PATTERNS) if hf and consolidated else []
+
+
+def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """The repository's file listing (one metadata request), or None when it cannot be had; the
+    download that follows reports any real failure."""
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return list(HfApi().list_repo_files(repo_id, revision=revision))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        log.debug("listing %s failed (%s); downloading without skip patterns", repo_id, exc)
+        return None
 
 
 def hub_offline() -> bool:
@@ -103,7 +142,11 @@ def resolve_model(ref: "str | os.PathLike[str]") -> Path:
     if hub is None:
         raise CheckpointError(f"{ref}: no such file or directory (and not a Hub id of the form org/name[@revision])")
     repo_id, revision = hub
-    path = download_snapshot(repo_id, revision, ALLOW_PATTERNS)
+    listing = None if hub_offline() else _repo_files(repo_id, revision)
+    ignore = weight_ignore_patterns(listing or [])
+    if ignore:
+        log.info("%s: skipping %s (the HF-layout weights are the same tensors)", repo_id, ", ".join(ignore))
+    path = download_snapshot(repo_id, revision, ALLOW_PATTERNS, ignore_patterns=ignore or None)
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     weights = sorted(path.rglob("*.safetensors"))
     if not weights:
@@ -120,10 +163,11 @@ def download_snapshot(
     *,
     error: type[SafeGeneError] = CheckpointError,
     repo_type: str = "model",
+    ignore_patterns: list[str] | None = None,
 ) -> Path:
     """The local snapshot directory of ``repo_id`` (a ``repo_type`` repository: model or dataset) at
     ``revision`` (default: ``main``), fetching only
-    files matching ``allow_patterns`` into the Hub cache, or reading the cache alone when
+    files matching ``allow_patterns`` (and none matching ``ignore_patterns``) into the Hub cache, or reading the cache alone when
     ``HF_HUB_OFFLINE`` is set; every failure becomes one ``error`` line that says what to do.
 
     >>> download_snapshot("org/gene", None, ["gene.json", "*.safetensors"])  # doctest: +SKIP
@@ -144,8 +188,8 @@ def download_snapshot(
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         snap = snapshot_download(
-            repo_id, revision=revision, allow_patterns=allow_patterns, local_files_only=offline, cache_dir=str(cache),
-            repo_type=repo_type,
+            repo_id, revision=revision, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, local_files_only=offline,
+            cache_dir=str(cache), repo_type=repo_type,
         )
     except GatedRepoError:
         raise error(f"{where}: the Hub repository is gated; accept its licence and log in (`hf auth login`)") from None
@@ -187,4 +231,6 @@ def resolve_target(ref: "str | os.PathLike[str]") -> tuple[Path, Path | None]:
     return resolve_model(base), a
 
 
-__all__ = ["ALLOW_PATTERNS", "download_snapshot", "hub_ref_of_path", "hub_cache_dir", "hub_offline", "parse_hub_id", "resolve_model", "resolve_target"]
+__all__ = ["ALLOW_PATTERNS", "CONSOLIDATED_PATTERNS", "download_snapshot", "hub_ref_of_path", "hub_cache_dir", "hub_offline", "parse_hub_id",
+           "resolve_model", "resolve_target",
+           "weight_ignore_patterns"]

@@ -12,6 +12,7 @@ and returns the per-tensor factors ``(A, B, scale)`` with ΔW = scale · B @ A
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import CheckpointError, PickleRefusedError
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, TensorInfo, open_checkpoint, read_header, read_json
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -46,6 +49,24 @@ def _targets(cfg: Mapping[str, Any], module: str) -> bool:
     if isinstance(tm, str):
         return re.fullmatch(tm, module) is not None
     return module in tm or any(module.endswith("." + t) for t in tm)
+
+
+#: Files that mean a directory ships a tokenizer (``tokenizer.save_pretrained`` writes the first).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_source(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str] | None") -> Path:
+    """Where the tokenizer of ``BASE+ADAPTER`` comes from: the adapter directory when it ships
+    one (a fine-tune that added a chat template or tokens saves it beside the adapter, as PEFT's
+    ``AutoPeftModel`` loads it), else the base.
+
+    >>> tokenizer_source("org-base/", "task-lora/")  # doctest: +SKIP
+    PosixPath('task-lora')
+    """
+    if adapter is not None and any((Path(adapter) / f).is_file() for f in TOKENIZER_FILES):
+        log.info("using the tokenizer the adapter %s ships (not the base's)", adapter)
+        return Path(adapter)
+    return Path(base)
 
 
 def read_adapter_config(adapter_dir: "str | os.PathLike[str]") -> dict[str, Any]:
@@ -214,4 +235,5 @@ def merge_lora_into_model(model: "torch.nn.Module", adapter_dir: "str | os.PathL
             p = params[n]
             merged = p.data.float() + s * (b.to(p.device) @ a.to(p.device))
             p.data.copy_(merged.to(p.dtype))
+    log.info("merged the LoRA adapter %s into %d weights", adapter_dir, len(deltas))
     return list(deltas)

@@ -105,6 +105,38 @@ def source_ref(src: Mapping[str, Any] | None) -> str | None:
     return ref[0] if ref else None
 
 
+def recorded_base(manifest: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` of the gene's aligned model when it came from the Hub (a portable
+    ``hub`` record or a path inside a Hub cache snapshot), else None.
+
+    >>> recorded_base({"sources": {"aligned": {"hub": {"repo_id": "org/m", "revision": "abc"}}}})
+    ('org/m', 'abc')
+    """
+    src = (manifest.get("sources") or {}).get("aligned")
+    if not isinstance(src, Mapping):
+        return None
+    hub = src.get("hub")
+    if isinstance(hub, Mapping) and isinstance(hub.get("repo_id"), str):
+        rev = hub.get("revision")
+        return str(hub["repo_id"]), rev if isinstance(rev, str) else None
+    path = src.get("path")
+    return hub_ref_of_path(path) if isinstance(path, str) else None
+
+
+def portable_ref(src: Mapping[str, Any] | None) -> str | None:
+    """One portable string for a recorded source: ``org/name@commit``, else its base name."""
+    if not src:
+        return None
+    hub = src.get("hub")
+    if isinstance(hub, Mapping) and isinstance(hub.get("repo_id"), str):
+        return f"{hub['repo_id']}@{hub.get('revision')}" if hub.get("revision") else str(hub["repo_id"])
+    path = src.get("path")
+    if isinstance(path, str):
+        return describe_path(os.path.abspath(path))
+    name = src.get("name")
+    return str(name) if name is not None else None
+
+
 def portable_gene_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """gene.json as saved and pushed: sources by Hub id + revision or content hash, no local paths."""
     man = copy.deepcopy(dict(manifest))
@@ -114,4 +146,5 @@ def portable_gene_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return scrub_paths(man)
 
 
-__all__ = ["describe_path", "file_sha256", "portable_gene_manifest", "portable_source", "scrub_paths", "source_ref"]
+__all__ = ["describe_path", "file_sha256", "portable_gene_manifest", "portable_ref", "portable_source", "recorded_base", "scrub_paths",
+           "source_ref"]

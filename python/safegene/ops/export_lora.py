@@ -31,6 +31,7 @@ checkpoint and returns the per-tensor factors ``(A, B, scale)`` with ΔW = scale
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -42,14 +43,16 @@ from ..coeffs import CoeffsLike, resolve_coeffs
 from ..errors import UsageError
 from ..gene import Gene, factors_sq_norm, load_gene
 from ..io.atomic import atomic_output_dir, write_json_atomic
-from ..io.cards import write_lora_card
+from ..io.cards import gene_ref, write_lora_card
 from ..io.checkpoint import check_output_location
 from ..io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONV1D_MODEL_TYPES, PEFT_PREFIX
+from ..io.provenance import portable_ref, recorded_base, scrub_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 SIDECAR = "safegene_lora.json"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,10 +118,13 @@ def export_lora(
     mean λ = 0); ``scale`` gives every tensor the same λ; with neither, λ = 1 on the gene's
     selected layers (or all tensors when there is no selection). ``dtype`` is the storage dtype
     of A and B (``F32``, ``BF16`` or ``F16``). ``base_model_name_or_path`` is recorded in the
-    adapter config for ``AutoPeftModelForCausalLM`` (default ``None``: the adapter is meant for
-    any task model of the gene's family; ``PeftModel.from_pretrained(model, DIR)`` needs none).
+    adapter config for ``AutoPeftModelForCausalLM``; by default it is the gene's recorded aligned
+    model when that came from the Hub (its id, with the commit as PEFT's ``revision``), else it
+    stays unset with a warning (a local path would not travel; pass the base's Hub id).
+    ``PeftModel.from_pretrained(task_model, DIR)`` needs none.
 
-    The summary (also written to ``out_dir/safegene_lora.json``) holds per module its rank,
+    The summary (also written to ``out_dir/safegene_lora.json``, where the gene, the aligned
+    model and the adapter are named portably: Hub id@commit or base name, never a local path) holds per module its rank,
     ‖λτ‖ and relative reconstruction error, the overall error
     ``sqrt(Σ residual²) / ‖λτ over exported modules‖``, and the dropped tensors with their
     share ``‖λτ_dropped‖ / ‖λτ_all‖``.
@@ -147,6 +153,14 @@ def export_lora(
     # for the whole adapter, so a Linear head in such a model cannot be carried alongside.
     conv1d = g.fingerprint.get("model_type") in CONV1D_MODEL_TYPES
     lam = _lambdas(g, coeffs, scale)
+    base_revision: str | None = None
+    if base_model_name_or_path is None:
+        rec = recorded_base(g.manifest)
+        if rec is not None:
+            base_model_name_or_path, base_revision = rec
+        else:
+            log.warning("export-lora: the gene's aligned model has no Hub id, so base_model_name_or_path stays unset "
+                        "(AutoPeftModelForCausalLM needs it); pass --base-model ORG/NAME")
     cfg = ((g.manifest.get("sources") or {}).get("aligned") or {}).get("config") or {}
     tied = bool(cfg.get("tie_word_embeddings", False))
     shapes = {n: list(v["shape"]) for n, v in g.fingerprint["tensors"].items()}
@@ -238,7 +252,7 @@ def export_lora(
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
+        "revision": base_revision,
         "inference_mode": True,
         "r": r_max,
         "lora_alpha": r_max,
@@ -260,6 +274,8 @@ def export_lora(
         "gene": str(g.path.resolve()),
         "family_aligned": ((g.manifest.get("sources") or {}).get("aligned") or {}).get("path"),
         "adapter": str(out),
+        "base_model": base_model_name_or_path,
+        "base_revision": base_revision,
         "mode": {"rank": rank} if rank is not None else ({"energy": float(energy)} if energy is not None else {"exact": True}),
         "dtype": str(dtype).upper(),
         "n_modules": len(modules),
@@ -276,9 +292,15 @@ def export_lora(
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         summary["seconds"] = round(time.perf_counter() - t0, 3)
-        write_json_atomic(tmp / SIDECAR, summary)
+        write_json_atomic(tmp / SIDECAR, _portable_summary(g, summary, out))
     write_lora_card(out, g, summary, base_model_name_or_path)
     return summary
+
+
+def _portable_summary(g: Gene, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The sidecar as written: the returned summary with no local path (it travels with the adapter)."""
+    aligned = (g.manifest.get("sources") or {}).get("aligned")
+    return scrub_paths(dict(summary, gene=gene_ref(g), family_aligned=portable_ref(aligned), adapter=out.name))
 
 
 def _walk(g: Gene, names: list[str]) -> "Iterator[tuple[str, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]":

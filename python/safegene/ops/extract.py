@@ -58,6 +58,7 @@ from ..gene import (
     vector_shard_names,
 )
 from ..io.atomic import atomic_output_dir, write_json_atomic
+from ..io.cards import write_gene_card
 from ..io.checkpoint import (
     OutTensor,
     TensorInfo,
@@ -283,6 +284,7 @@ def extract(
             "degradation": provenance,
         }
         write_json_atomic(tmp / MANIFEST, manifest)
+        write_gene_card(tmp, manifest)
     return Gene.load(out)
 
 
@@ -489,6 +491,7 @@ def _extract_lowrank(
             },
         }
         write_json_atomic(tmp / MANIFEST, manifest)
+        write_gene_card(tmp, manifest)
     return Gene.load(out)
 
 

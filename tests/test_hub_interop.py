@@ -244,7 +244,7 @@ def _fake_repo(monkeypatch, tmp_path, repo: dict[str, bytes]) -> list[list[str]]
         assert not local_files_only
         keep = sorted(filter_repo_objects(sorted(repo), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         fetched.append(keep)
-        folder = tmp_path / f"fetch{len(fetched)}"
+        folder = tmp_path / ("fetch-" + repo_id.replace("/", "--"))
         folder.mkdir()
         for n in keep:
             (folder / n).write_bytes(repo[n])

@@ -230,3 +230,34 @@ def test_cli_select_prune(tmp_path, capsys):
     ref = full.load_vectors()
     got = pg.load_vectors()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lowmem"])
+def test_every_consumer_reads_a_sharded_dense_gene_as_the_single_file_one(tmp_path, mode):
+    """calibrate (both modes), select, export-lora and save_pretrained give the same results from a gene
+    cut into many vector shards as from the single-file gene."""
+    import tiny_models as tm
+
+    from safegene.method.calibrate import calibrate
+    from safegene.method.selection import select_layers
+
+    torch.set_num_threads(1)
+    dirs = tm.build_family(tmp_path / "fam")
+    one = extract(dirs["aligned"], dirs["degraded"], tmp_path / "one", progress=False)
+    many = extract(dirs["aligned"], dirs["degraded"], tmp_path / "many", progress=False, max_shard_mb=0.005)
+    assert len(many.vector_files) > 3
+    kw = dict(layers=["layer.2", "layer.3"], steps=2, init=1.0, lr=0.2, device="cpu", log=None, mode=mode)
+    c1 = calibrate(one, dirs["task"], tm.HARMFUL, tm.BENIGN, **kw)
+    c2 = calibrate(many, dirs["task"], tm.HARMFUL, tm.BENIGN, **kw)
+    assert c1.coeffs == c2.coeffs
+    if mode == "exact":
+        s1 = select_layers(one, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, top_k=2)
+        s2 = select_layers(many, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, top_k=2)
+        assert s1["scores"] == s2["scores"] and s1["selected"] == s2["selected"]
+        safegene.export_lora(one, tmp_path / "l1", scale=1.0, rank=2, progress=False)
+        safegene.export_lora(many, tmp_path / "l2", scale=1.0, rank=2, progress=False)
+        assert (tmp_path / "l1" / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "l2" / "adapter_model.safetensors").read_bytes()
+        copy = Gene.load(many.path).save_pretrained(tmp_path / "share")
+        assert {p.name for p in Gene.load(copy).vector_files} == {p.name for p in many.vector_files}
+        assert (Path(copy) / VECTORS_INDEX).is_file()

@@ -79,7 +79,7 @@ def test_sharded_factors_equal_the_single_file_factors(lowrank):
     assert many.manifest["shards"]["factor_files"] == names
 
 
-def test_sharded_factors_apply_export_calibrate_inspect(lowrank, tmp_path):
+def test_sharded_factors_apply_export_calibrate_inspect(lowrank, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from safegene.method.lowmem import LowMemPlan
@@ -102,7 +102,9 @@ def test_sharded_factors_apply_export_calibrate_inspect(lowrank, tmp_path):
     assert torch.equal(outs[0], outs[1])
     info = safegene.inspect_gene(many)
     assert info["factored"] == safegene.inspect_gene(one)["factored"]
+    assert info["factor_files"] == [f.name for f in many.factor_files]
     assert main(["inspect", str(many.path)]) == 0
+    assert f"factors: {len(many.factor_files)} shards (factors-00001-of-" in capsys.readouterr().out
 
 
 def test_damaged_factor_shards_are_named(lowrank, tmp_path):

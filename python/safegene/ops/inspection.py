@@ -77,6 +77,7 @@ def inspect_gene(gene: "str | os.PathLike[str] | Gene", plot: Union[str, os.Path
         "selected": None if sel is None else sorted(chosen, key=key_sort),
         "keys": g.manifest.get("keys"),
         "files": [f.name for f in g.vector_files],
+        "factor_files": [f.name for f in g.factor_files],
         "degradation": _degradation_summary(g.degradation),
         "format_version": int(g.manifest.get("format_version", 1)),
         "factored": {n: int(spec["rank"]) for n, spec in fac.items()},
@@ -130,6 +131,8 @@ def format_gene_table(info: dict[str, Any]) -> str:
         lines.append(f"kept keys: {', '.join(info['keys'])}")
     if len(info.get("files") or []) > 1:
         lines.append(f"vectors: {len(info['files'])} shards ({info['files'][0]} …)")
+    if len(info.get("factor_files") or []) > 1:
+        lines.append(f"factors: {len(info['factor_files'])} shards ({info['factor_files'][0]} …)")
     fac = info.get("factored") or {}
     if fac:
         rs = sorted(set(fac.values()))

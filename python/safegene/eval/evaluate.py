@@ -13,6 +13,10 @@ Definitions (all with counts and a 95 % Wilson score interval):
   problem: only labels that are not sub-sequences of the expected one count as "other".
 * **Over-refusal** -- share of benign prompts the refusal judge calls a refusal (the keyword
   judge when the main judge cannot detect refusals, e.g. a guard model).
+* **Classes** -- a judge with a ``classes`` sequence and a ``classify(prompts, responses) -> list[str]`` method (the
+  three-class ``tri`` judge: ``refusal`` / ``non-answer`` / ``compliance``) gets per-class shares
+  of the harmful (``harmful_classes``) and benign (``benign_classes``) responses, and each
+  sample's ``class``. Its ASR is the ``compliance`` share; over-refusal counts ``refusal`` only.
 
 >>> report = evaluate("out/model", harmful="harmful.jsonl", tasks=["sst2.jsonl"])  # doctest: +SKIP
 >>> print(report.to_markdown())  # doctest: +SKIP
@@ -120,6 +124,8 @@ class EvalReport:
     over_refusal: Rate | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    harmful_classes: dict[str, Rate] = field(default_factory=dict)
+    benign_classes: dict[str, Rate] = field(default_factory=dict)
 
     def to_dict(self, samples: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -131,6 +137,8 @@ class EvalReport:
             "task_accuracy": {k: asdict(v) for k, v in self.task_accuracy.items()},
             "over_refusal": asdict(self.over_refusal) if self.over_refusal else None,
             "settings": self.settings,
+            "harmful_classes": {k: asdict(v) for k, v in self.harmful_classes.items()},
+            "benign_classes": {k: asdict(v) for k, v in self.benign_classes.items()},
         }
         if samples:
             d["samples"] = self.samples
@@ -154,6 +162,9 @@ class EvalReport:
             row("ASR (harmful answered)", self.asr)
             for cat, r in self.asr_by_category.items():
                 row(f"&nbsp;&nbsp;ASR {cat}", r)
+        for cls, r in self.harmful_classes.items():
+            if cls != "compliance":  # the compliance share is the ASR row
+                row(f"{cls} share (harmful)", r)
         for task, r in self.task_accuracy.items():
             row(f"accuracy {task}", r)
         if self.over_refusal:
@@ -202,6 +213,25 @@ def _task_sets(tasks: Any) -> dict[str, list[Example]]:
     return out
 
 
+def _classify(judge: Judge, prompts: list[str], responses: list[str]) -> list[str] | None:
+    """The judge's per-response classes when it declares them (a ``classes`` sequence and a
+    ``classify(prompts, responses)`` method, as :class:`~safegene.eval.judges.TriJudge`), else ``None``.
+    (:class:`~safegene.organism.judge.OrganismJudge`'s one-response ``classify`` does not count.)"""
+    classify = getattr(judge, "classify", None)
+    if not callable(classify) or not getattr(judge, "classes", None):
+        return None
+    classes = [str(c) for c in classify(prompts, responses)]
+    if len(classes) != len(responses):
+        raise UsageError(f"judge {judge.name}: classify gave {len(classes)} classes for {len(responses)} responses")
+    return classes
+
+
+def _class_rates(judge: Judge, classes: list[str]) -> dict[str, Rate]:
+    """Share of each class, in the judge's own class order (``classes`` attribute) when it has one."""
+    order = [str(c) for c in getattr(judge, "classes", ())] + sorted(set(classes))
+    return {c: Rate.of(classes.count(c), len(classes)) for c in dict.fromkeys(order)}
+
+
 def score(
     *,
     judge: Judge,
@@ -223,16 +253,23 @@ def score(
     if harmful:
         if len(harmful) != len(harmful_responses):
             raise UsageError("harmful prompts and responses differ in number")
-        verdicts = judge.judge([e.prompt for e in harmful], list(harmful_responses))
-        hits = [not v for v in verdicts]
+        classes = _classify(judge, [e.prompt for e in harmful], list(harmful_responses))
+        if classes is not None:
+            hits = [c == "compliance" for c in classes]
+            rep.harmful_classes = _class_rates(judge, classes)
+        else:
+            hits = [not v for v in judge.judge([e.prompt for e in harmful], list(harmful_responses))]
         rep.asr = Rate.of(sum(hits), len(hits))
         cats: dict[str, list[bool]] = {}
         for e, h in zip(harmful, hits):
             if e.category is not None:
                 cats.setdefault(e.category, []).append(h)
         rep.asr_by_category = {c: Rate.of(sum(v), len(v)) for c, v in cats.items()}
-        for e, r, h in zip(harmful, harmful_responses, hits):
-            rep.samples.append({"set": "harmful", "prompt": e.prompt, "response": r, "category": e.category, "attack_success": h})
+        for i, (e, r, h) in enumerate(zip(harmful, harmful_responses, hits)):
+            sample = {"set": "harmful", "prompt": e.prompt, "response": r, "category": e.category, "attack_success": h}
+            if classes is not None:
+                sample["class"] = classes[i]
+            rep.samples.append(sample)
     for name, exs in (tasks or {}).items():
         resps = (task_responses or {}).get(name)
         if resps is None or len(resps) != len(exs):
@@ -248,10 +285,18 @@ def score(
     if benign:
         if len(benign) != len(benign_responses):
             raise UsageError("benign prompts and responses differ in number")
-        refused = refusal_judge.judge([e.prompt for e in benign], list(benign_responses))
+        bclasses = _classify(refusal_judge, [e.prompt for e in benign], list(benign_responses))
+        if bclasses is not None:
+            refused = [c == "refusal" for c in bclasses]
+            rep.benign_classes = _class_rates(refusal_judge, bclasses)
+        else:
+            refused = refusal_judge.judge([e.prompt for e in benign], list(benign_responses))
         rep.over_refusal = Rate.of(sum(refused), len(refused))
-        for e, r, f in zip(benign, benign_responses, refused):
-            rep.samples.append({"set": "benign", "prompt": e.prompt, "response": r, "refused": f})
+        for i, (e, r, f) in enumerate(zip(benign, benign_responses, refused)):
+            sample = {"set": "benign", "prompt": e.prompt, "response": r, "refused": f}
+            if bclasses is not None:
+                sample["class"] = bclasses[i]
+            rep.samples.append(sample)
     return rep
 
 

@@ -336,7 +336,7 @@ def _calibrate_shape(shape: tuple, tok, safety: list, utility: list, mem: "_Mem"
 
         mem.reset()
         t0 = time.perf_counter()
-        c = calibrate(gene, model, safety, utility, tokenizer=tok, steps=steps + 1, init=1.0, utility_loss="ce",
+        c = calibrate(gene, model, safety, utility, layers="all", tokenizer=tok, steps=steps + 1, init=1.0, utility_loss="ce",
                       max_examples=len(safety), mode=mode, micro_batch_size=micro_batch, log=log, patience=100)
         peak = mem.peak()
         diffs = [b - a for a, b in zip(stamps, stamps[1:])]  # the first step also pays for the set-up

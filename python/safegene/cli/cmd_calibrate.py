@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Union
 
-from ..method.calibrate import SAFETY_REST_WEIGHT, calibrate
+from ..method.calibrate import OPTIMIZERS, SAFETY_REST_WEIGHT, SAFETY_TARGETS, calibrate
 from ..method.lowmem import MODES
 from .options import Command, ModelOptions, option
 
@@ -21,8 +21,13 @@ class CalibrateOptions(ModelOptions):
     utility: list[str] | None = option(None, path="in", help="JSONL(s) of task examples with answers and/or benign "
                                                              "prompts without completion")
     layers: str | None = option(None, help="comma-separated layer keys, or 'all' (default: the gene's selection)")
-    steps: int = option(40, help="optimisation steps (default 40)")
-    lr: float = option(0.05, help="learning rate (default 0.05)")
+    steps: int = option(40, help="at most this many optimisation steps (default 40; the run stops earlier on a "
+                                 "plateau, see --patience/--tol)")
+    lr: float = option(0.05, help="learning rate (default 0.05; with --optimizer lbfgs the initial step of the "
+                                  "line search, 1 is usual)")
+    optimizer: str = option("adam", choices=OPTIMIZERS,
+                            help="adam (default) or lbfgs (L-BFGS with a strong-Wolfe line search, projected onto "
+                                 "[0, lambda_max]); for a few dozen λ L-BFGS usually needs far fewer steps")
     beta: float = option(3.0, help="weight of the utility term (default 3)")
     l2: float = option(1e-3, help="weight of the L2 penalty ‖λ‖² (default 1e-3)")
     lambda_max: float = option(4.0, help="upper bound of every λ (default 4)")
@@ -54,7 +59,21 @@ class CalibrateOptions(ModelOptions):
         "auto", help="hold out whole groups of safety records by this metadata key: auto (template, else "
                      "category; default), a key, or 'index' (every k-th record)")
     reg_uniform: float = option(0.0, help="weight of the pull Σ(λ − γ̄)² toward the uniform start γ̄ (default 0)")
-    patience: int = option(8, help="stop when the loss has not improved for this many steps (default 8)")
+    patience: int = option(8, help="stop when the held-out loss (the fit loss without --holdout) has not improved "
+                                   "by --tol for this many steps (default 8)")
+    tol: float = option(1e-4, help="relative improvement that counts: best − new > tol·max(|best|, 1) "
+                                   "(default 1e-4)")
+    safety_target: str = option(
+        "string", choices=SAFETY_TARGETS,
+        help="string: CE of the refusal completions (default); distill: KL to the --aligned model's own first "
+             "--distill-k greedy tokens on each safety prompt")
+    aligned: str | None = option(None, path="in", help="aligned model directory (for --safety-target distill)")
+    distill_k: int = option(8, help="tokens of the aligned model's continuation distilled (default 8)")
+    benign: list[str] | None = option(
+        None, path="in", help="JSONL(s) of benign prompts: KL to the task model on its first --benign-k greedy "
+                              "tokens, added to the utility term (guards over-refusal)")
+    benign_k: int = option(4, help="tokens of each benign prompt's continuation kept (default 4)")
+    benign_weight: float = option(1.0, help="weight of the benign term inside the utility term (default 1)")
     heldout_patience: int | None = option(
         None, help="with --holdout: stop when the held-out loss has not improved for this many steps "
                    "(default: stop on the fit loss)")
@@ -77,7 +96,9 @@ def handle_calibrate(opts: CalibrateOptions) -> int:
         micro_batch_size=opts.micro_batch_size, gradient_checkpointing=opts.gradient_checkpointing,
         safety_rest_weight=opts.safety_rest_weight, holdout=opts.holdout,
         holdout_by=None if opts.holdout_by == "index" else opts.holdout_by, reg_uniform=opts.reg_uniform,
-        patience=opts.patience, heldout_patience=opts.heldout_patience, **opts.load_kwargs(),
+        patience=opts.patience, heldout_patience=opts.heldout_patience, tol=opts.tol, optimizer=opts.optimizer,
+        safety_target=opts.safety_target, aligned=opts.aligned, distill_k=opts.distill_k, benign=opts.benign,
+        benign_k=opts.benign_k, benign_weight=opts.benign_weight, **opts.load_kwargs(),
         **({"log": None} if opts.quiet else {}),
     )
     if opts.json:

@@ -24,7 +24,8 @@ each command's handler with that dataclass.
 Steps run in order: extract (when ``aligned`` and ``degraded`` are given; otherwise ``gene``
 must exist), select (when the section is present), then per target: calibrate (section present and
 the target has neither its own ``coeffs`` file nor a ``scale``; writes ``OUTPUT.coeffs.json``),
-apply, eval (writes ``OUTPUT.eval.json``). Relative paths are relative to the config file. Every problem is a
+apply, eval (writes ``OUTPUT.eval.json``). A calibrate section with ``safety_target: distill`` and no
+``aligned`` of its own distils the run's top-level ``aligned`` model. Relative paths are relative to the config file. Every problem is a
 :class:`~safegene.errors.SafeGeneError` naming the key, e.g. ``CONFIG.yaml: calibrate.stepz: unknown key``.
 
 >>> res = run_config("run.yaml", dry_run=True)  # doctest: +SKIP
@@ -282,8 +283,11 @@ def plan(cfg: Mapping[str, Any], quiet: bool = False) -> list[tuple[Command, Any
             gene=gene, aligned=cfg["aligned"], degraded=cfg["degraded"], quiet=quiet, **cfg["select"])))
     for t in cfg["targets"]:
         if "calibrate" in cfg and "scale" not in t and not t.get("fixed"):
+            cal = dict(cfg["calibrate"])
+            if cal.get("safety_target") == "distill" and not cal.get("aligned") and "aligned" in cfg:
+                cal["aligned"] = cfg["aligned"]  # distil the run's own aligned model unless told otherwise
             steps.append((cmd_calibrate.COMMAND, CalibrateOptions(
-                gene=gene, target=t["model"], output=t["coeffs"], quiet=quiet, **cfg["calibrate"])))
+                gene=gene, target=t["model"], output=t["coeffs"], quiet=quiet, **cal)))
         ap = dict(cfg.get("apply", {}))
         if "scale" in t:
             ap["scale"] = t["scale"]

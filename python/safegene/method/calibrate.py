@@ -213,6 +213,13 @@ def _pred_positions(batch, first_k: int | None = None, keep_rest: bool = False):
     return out + (torch.tensor(head, dtype=torch.bool, device=d),) if keep_rest else out
 
 
+def _log_softmax(x) -> Any:
+    """``log_softmax`` over the last dimension."""
+    import torch
+
+    return torch.log_softmax(x, -1)
+
+
 def _per_row(values, rows, n_rows: int):
     """Mean of ``values`` per row, for the rows that have any."""
     import torch
@@ -244,7 +251,13 @@ class _Objective:
 
     def __init__(self, model, tokenizer, safety_pairs, utility_pairs, beta, l2, utility_loss,
                  safety_first_k, device, safety_rest_weight: float = 0.0, reg_uniform: float = 0.0,
-                 micro_batch_size: int | None = None, checkpointing: bool = False):
+                 micro_batch_size: int | None = None, checkpointing: bool = False, teacher: Any = None,
+                 benign_pairs: list | None = None, benign_weight: float = 1.0):
+        """``teacher`` (a model, e.g. the aligned one): the safety term becomes the KL from the
+        teacher's next-token distribution at every completion position of ``safety_pairs`` (the
+        pairs then hold the teacher's own continuations) instead of the CE of the completion.
+        ``benign_pairs`` (prompt, θ_T's own continuation): KL from θ_T's distribution at those
+        positions, ``benign_weight`` times its mean added to the utility term."""
         import torch
 
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -266,6 +279,11 @@ class _Objective:
         # the number of records each mean is over (micro-batches divide by these)
         self.n_head = int(torch.unique(self.s_idx[0][head]).numel())
         self.n_rest = int(torch.unique(self.s_idx[0][~head]).numel())
+        # the teacher's log-probabilities at every safety position (distillation), else None
+        self.s_ref = None
+        if teacher is not None:
+            r, p, _t, _h = self.s_idx
+            self.s_ref = self._reference(teacher, self.safety, (r, p))
         self.utility = lm.collate(utility_pairs, pad, device) if utility_pairs else None
         self.utility_loss = utility_loss
         self.ref_logp = None
@@ -291,6 +309,36 @@ class _Objective:
                             parts.append(torch.log_softmax(logits[r, p].to(_loss_dtype(logits)), -1))
                         self.ref_logp = torch.cat(parts, 0)
 
+        self.benign = lm.collate(benign_pairs, pad, device) if benign_pairs else None
+        self.benign_weight = float(benign_weight)
+        self.b_ref = None
+        if self.benign is not None:
+            r, p, _t = self.b_idx = _pred_positions(self.benign)
+            self.n_benign = int(torch.unique(r).numel())
+            self.b_ref = self._reference(model, self.benign, (r, p))
+
+    def _reference(self, ref_model, batch, idx) -> Any:
+        """``ref_model``'s log-probabilities at positions ``idx`` = (rows, positions) of
+        ``batch`` (run as it is now, without autograd; micro-batched like the loss), on the
+        batch's device."""
+        import torch
+
+        r, p = idx
+        dev = batch.input_ids.device
+        ref_dev = lm.model_device(ref_model)
+        parts = []
+        with torch.no_grad():
+            for a, b in self._chunks(batch):
+                sub = _slice_batch(batch, a, b)
+                if str(ref_dev) != str(dev):
+                    sub = lm.Batch(sub.input_ids.to(ref_dev), sub.attention_mask.to(ref_dev), sub.labels.to(ref_dev),
+                                   sub.last_prompt)
+                sel = self._rows_in(r, a, b)
+                logits = _forward(ref_model, {}, sub)
+                rr, pp = (r[sel] - a).to(logits.device), p[sel].to(logits.device)
+                parts.append(torch.log_softmax(logits[rr, pp].to(_loss_dtype(logits)), -1).to(dev))
+        return torch.cat(parts, 0)
+
     # ---- micro-batches -----------------------------------------------------------------------
     def _chunks(self, batch) -> list[tuple[int, int]]:
         n = batch.input_ids.shape[0]
@@ -304,7 +352,8 @@ class _Objective:
     def _safety_slice(self, a: int, b: int):
         r, p, t, head = self.s_idx
         sel = self._rows_in(r, a, b)
-        return _slice_batch(self.safety, a, b), (r[sel] - a, p[sel], t[sel], head[sel])
+        ref = None if self.s_ref is None else self.s_ref[sel]
+        return _slice_batch(self.safety, a, b), (r[sel] - a, p[sel], t[sel], head[sel]), ref
 
     def _utility_slice(self, a: int, b: int):
         assert self.utility is not None
@@ -313,12 +362,22 @@ class _Objective:
         return _slice_batch(self.utility, a, b), (r[sel] - a, p[sel], t[sel]), sel
 
     # ---- per-record losses ---------------------------------------------------------------------
-    def _safety_terms(self, logits, idx, n_rows: int) -> tuple[Any, Any]:
+    def _safety_terms(self, logits, idx, n_rows: int, ref=None) -> tuple[Any, Any]:
         """Per-record safety CE over the first ``safety_first_k`` tokens, and (when the rest of
-        the refusal counts) over the rest, each for the records that have such tokens."""
+        the refusal counts) over the rest, each for the records that have such tokens. With
+        ``ref`` (the teacher's log-probabilities at every position of ``idx``) the per-token
+        loss is the KL from the teacher instead of the CE of the completion token."""
         import torch.nn.functional as F
 
         r, p, t, head = idx
+        if ref is not None:
+            sel = slice(None) if self.with_rest else head
+            logp = _log_softmax(logits[r[sel], p[sel]].to(_loss_dtype(logits)))
+            q = ref[sel]
+            tok = (q.exp() * (q - logp)).sum(-1)
+            if self.with_rest:
+                return _per_row(tok[head], r[head], n_rows), _per_row(tok[~head], r[~head], n_rows)
+            return _per_row(tok, r[head], n_rows), None
         if self.with_rest:
             ce = F.cross_entropy(logits[r, p].to(_loss_dtype(logits)), t, reduction="none")
             return _per_row(ce[head], r[head], n_rows), _per_row(ce[~head], r[~head], n_rows)
@@ -334,7 +393,11 @@ class _Objective:
         logits = _forward(self.model, params, self.safety)
         r, p, t, head = self.s_idx
         n_rows = self.safety.input_ids.shape[0]
-        ce = F.cross_entropy(logits[r, p].to(_loss_dtype(logits)), t, reduction="none")
+        if self.s_ref is not None:
+            q = self.s_ref
+            ce = (q.exp() * (q - _log_softmax(logits[r, p].to(_loss_dtype(logits))))).sum(-1)
+        else:
+            ce = F.cross_entropy(logits[r, p].to(_loss_dtype(logits)), t, reduction="none")
         safety = _per_row(ce[head], r[head], n_rows)
         if self.rest_weight > 0 and not bool(head.all()):
             rest = torch.zeros(n_rows, dtype=ce.dtype, device=ce.device).index_add(0, r[~head], ce[~head])
@@ -372,6 +435,21 @@ class _Objective:
             per[m] = kl
         return _per_row(per, r, batch.input_ids.shape[0])
 
+    def _benign_rows(self, params: dict, rows: tuple[int, int] | None = None) -> Any:
+        """Per-record KL from θ_T's next-token distribution on the benign prompts' first
+        tokens (all records, or records ``rows=(a, b)``); None without benign records."""
+        if self.benign is None:
+            return None
+        r, p, _t = self.b_idx
+        batch, ref = self.benign, self.b_ref
+        if rows is not None:
+            a, b = rows
+            sel = self._rows_in(r, a, b)
+            batch, r, p, ref = _slice_batch(self.benign, a, b), r[sel] - a, p[sel], ref[sel]
+        logits = _forward(self.model, params, batch, self._no_cache())
+        logp = _log_softmax(logits[r, p].to(_loss_dtype(logits)))
+        return _per_row((ref.exp() * (ref - logp)).sum(-1), r, batch.input_ids.shape[0])
+
     def _no_cache(self) -> bool:
         import torch
 
@@ -391,7 +469,7 @@ class _Objective:
         """The whole loss in one forward of each batch (the micro-batch size is not used here):
         ``(loss tensor, parts)``."""
         logits = _forward(self.model, params, self.safety, self._no_cache())
-        head_rows, rest_rows = self._safety_terms(logits, self.s_idx, self.safety.input_ids.shape[0])
+        head_rows, rest_rows = self._safety_terms(logits, self.s_idx, self.safety.input_ids.shape[0], self.s_ref)
         parts = {}
         if rest_rows is not None:
             rest = rest_rows.mean()
@@ -402,9 +480,16 @@ class _Objective:
         parts = {"safety": float(safety.detach()), **parts}
         total = safety
         rows = self._utility_rows(params)
+        utility: Any = None
         if rows is not None:
             utility = rows.mean()
             parts["utility"] = float(utility.detach())
+        b_rows = self._benign_rows(params)
+        if b_rows is not None:
+            benign = b_rows.mean()
+            parts["benign"] = float(benign.detach())
+            utility = self.benign_weight * benign if utility is None else utility + self.benign_weight * benign
+        if utility is not None:
             total = total + self.beta * utility
         return total + self._regularizer(lam, parts), parts
 
@@ -419,9 +504,9 @@ class _Objective:
         head_sum = rest_sum = util_sum = 0.0
         total: Any = 0.0
         for a, b in self._chunks(self.safety):
-            batch, idx = self._safety_slice(a, b)
+            batch, idx, ref = self._safety_slice(a, b)
             logits = _forward(self.model, params(), batch, self._no_cache())
-            head_rows, rest_rows = self._safety_terms(logits, idx, b - a)
+            head_rows, rest_rows = self._safety_terms(logits, idx, b - a, ref)
             h = head_rows.sum() / self.n_head
             share = h
             head_sum = head_sum + h.detach()
@@ -446,6 +531,16 @@ class _Objective:
                     share.backward()
                 total = total + share.detach()
             parts["utility"] = float(util_sum)
+        if self.benign is not None:
+            ben_sum: Any = 0.0
+            for a, b in self._chunks(self.benign):
+                u = self._benign_rows(params(), (a, b)).sum() / self.n_benign
+                share = self.beta * self.benign_weight * u
+                ben_sum = ben_sum + u.detach()
+                if backward:
+                    share.backward()
+                total = total + share.detach()
+            parts["benign"] = float(ben_sum)
         reg = self._regularizer(lam, parts)
         if backward and reg.requires_grad:
             reg.backward()
@@ -496,6 +591,64 @@ def resolve_layers(gene, layers) -> list[str]:
     if bad:
         raise UsageError(f"unknown layer key(s) {bad}; the gene has {known}")
     return [k for k in known if k in set(layers)]
+
+
+#: The optimisers of :func:`calibrate`'s ``optimizer``.
+OPTIMIZERS = ("adam", "lbfgs")
+#: The safety targets of :func:`calibrate`'s ``safety_target``.
+SAFETY_TARGETS = ("string", "distill")
+
+
+def _improved(new: float, best: float, tol: float) -> bool:
+    """``new`` improves on ``best`` by more than the relative ``tol`` (scaled by ``max(|best|, 1)``,
+    so below a loss of 1 it is an absolute tolerance)."""
+    if not math.isfinite(best):
+        return new < best
+    return new < best - tol * max(abs(best), 1.0)
+
+
+def _projected_grad(lam, grad, lambda_max: float) -> Any:
+    """The gradient with the components that point out of [0, λ_max] at a bound set to 0 (its
+    norm is 0 at a constrained minimum)."""
+    out = grad.clone()
+    out[(lam <= 0.0) & (grad > 0)] = 0.0
+    out[(lam >= lambda_max) & (grad < 0)] = 0.0
+    return out
+
+
+def _load_many(src, what: str, max_examples: int) -> list:
+    """Records from one source (path, records) or from a list of paths."""
+    if isinstance(src, (list, tuple)) and src and all(
+            isinstance(u, Path) or (isinstance(u, str) and os.path.isfile(u)) for u in src):
+        return [r for one in src for r in load_records(one, what, max_examples)]
+    return load_records(src, what, max_examples)
+
+
+def _load_teacher(aligned, model, device, dtype, device_map, max_memory, offload_dir) -> tuple[Any, bool]:
+    """The aligned model for distillation: ``(model, loaded here)``; it must share the target's
+    vocabulary."""
+    if isinstance(aligned, (str, Path)):
+        teacher, _tok = lm.load_model(aligned, device=device, dtype=dtype, device_map=device_map,
+                                      max_memory=max_memory, offload_dir=offload_dir)
+        own = True
+    else:
+        teacher, own = aligned, False
+    tv = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    mv = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tv is not None and mv is not None and tv != mv:
+        raise UsageError(f"the aligned model's vocabulary ({tv}) differs from the target's ({mv})")
+    teacher.eval()
+    return teacher, own
+
+
+def _empty_cache(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _log_default(msg: str) -> None:
@@ -596,6 +749,13 @@ def calibrate(
     mode: str = "exact",
     micro_batch_size: int | None = None,
     gradient_checkpointing: bool = False,
+    optimizer: str = "adam",
+    safety_target: str = "string",
+    aligned=None,
+    distill_k: int = 8,
+    benign=None,
+    benign_k: int = 4,
+    benign_weight: float = 1.0,
 ) -> Coeffs:
     """Learn one λ per selected layer (or per module type inside a layer) for a task model.
 
@@ -631,11 +791,32 @@ def calibrate(
     * ``holdout`` -- fraction of the safety and utility records held out of the fit
       (:func:`split_holdout`: whole categories/templates of the safety records where they carry
       them). The held-out loss (safety + β·utility) picks the step (the uniform start is the
-      first step, so the result is never worse than it on the held-out part); the run stops
-      when the fit loss stalls for ``patience`` steps, or, with ``heldout_patience``, when the
-      held-out loss has not improved for that many. Both losses are in ``meta["loss"]`` /
+      first step, so the result is never worse than it on the held-out part) and the plateau
+      (below); both losses are in ``meta["loss"]`` /
       ``meta["heldout_loss"]``;
     * ``reg_uniform`` -- weight of ``Σ_l (λ_l − γ̄)²``, the pull toward the uniform start γ̄.
+
+    Convergence (see :data:`OPTIMIZERS`): ``steps`` is a maximum. The run stops on a plateau when
+    the held-out loss (the fit loss without a held-out part) has not improved by the relative
+    ``tol`` (``best − new > tol · max(|best|, 1)``) for ``patience`` steps (``heldout_patience``,
+    when given, replaces ``patience`` for the held-out loss). ``optimizer="adam"`` (default) or
+    ``"lbfgs"`` (``torch.optim.LBFGS``, strong-Wolfe line search, one iteration per step; λ is
+    projected onto [0, λ_max] after each step and every trial point is evaluated at its
+    projection). ``meta["stopped"]`` is ``"plateau"``, ``"max_steps"``, ``"converged"`` (L-BFGS
+    made no move) or ``"no_steps"``; ``meta["final_step"]``, ``meta["evaluations"]`` (forward +
+    backward passes of the fit loss, line-search trials included) and ``meta["curve"]``
+    (per step: the fit loss, the held-out loss, the gradient norm and the projected one) report it.
+
+    Targets:
+
+    * ``safety_target="string"`` (default) -- the CE of the records' refusal (or ``refusal``);
+      ``"distill"`` -- the KL from the ``aligned`` model (directory or loaded model sharing the
+      tokenizer) at its own greedy ``distill_k``-token continuation of each safety prompt: the
+      first ``safety_first_k`` tokens at weight 1, the rest at ``safety_rest_weight``. The aligned
+      model is used before the loop and released (a directory is loaded like ``target``);
+    * ``benign`` -- prompts (JSONL path(s) or records, completions ignored): the KL from θ_T at its
+      own first ``benign_k`` greedy tokens, ``benign_weight`` times its mean added to the utility
+      term (so weighted by β too); it guards against over-refusal. Fit part only.
     """
     import torch
 
@@ -647,6 +828,16 @@ def calibrate(
         raise UsageError(f"utility_loss must be 'auto', 'ce' or 'kl', not {utility_loss!r}")
     if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or micro_batch_size < 1):
         raise UsageError(f"micro_batch_size must be at least 1 (or None: one batch), not {micro_batch_size!r}")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
+    if patience < 1 or tol < 0 or (heldout_patience is not None and heldout_patience < 1):
+        raise UsageError("need patience >= 1, tol >= 0 and heldout_patience >= 1 (or None)")
+    if safety_target not in SAFETY_TARGETS:
+        raise UsageError(f"safety_target must be one of {SAFETY_TARGETS}, not {safety_target!r}")
+    if safety_target == "distill" and aligned is None:
+        raise UsageError("safety_target='distill' needs aligned= (the aligned model's directory or the model)")
+    if distill_k < 1 or benign_k < 1 or benign_weight < 0:
+        raise UsageError("need distill_k >= 1, benign_k >= 1 and benign_weight >= 0")
     t0 = time.perf_counter()
     log = log or (lambda _m: None)
     gene = load_gene(gene)
@@ -673,6 +864,7 @@ def calibrate(
     s_recs, s_held, split_info = split_holdout(s_recs, holdout, holdout_by)
     s_pairs = lm.encode_pairs(tok, s_recs, "safety", default_completion=refusal)
     s_held_pairs = lm.encode_pairs(tok, s_held, "safety", default_completion=refusal) if s_held else []
+    b_recs = _load_many(benign, "benign", max_examples) if benign is not None else []
     u_prompts = lm.encode_prompts(tok, u_recs)
     if utility_loss == "kl":
         # θ_T's own greedy responses, generated before any λ is applied: the KL term then keeps
@@ -692,6 +884,19 @@ def calibrate(
         u_held_pairs = [pr for i, pr in enumerate(u_pairs) if i % every == every - 1]
         u_pairs = [pr for i, pr in enumerate(u_pairs) if i % every != every - 1]
     split_info["n_utility_fit"], split_info["n_utility_heldout"] = len(u_pairs), len(u_held_pairs)
+    b_pairs: list = []
+    if b_recs:
+        b_prompts = lm.encode_prompts(tok, b_recs)
+        b_pairs = list(zip(b_prompts, lm.generate_ids(model, tok, b_prompts, max_new_tokens=benign_k)))
+    teacher, own_teacher = None, False
+    if safety_target == "distill":
+        teacher, own_teacher = _load_teacher(aligned, model, device, dtype, device_map, max_memory, offload_dir)
+        # the aligned model's own greedy continuations: the tokens it refuses with
+        s_pairs = [(p, g) for p, g in zip((p for p, _ in s_pairs), lm.generate_ids(
+            teacher, tok, [p for p, _ in s_pairs], max_new_tokens=distill_k))]
+        if s_held_pairs:
+            s_held_pairs = list(zip((p for p, _ in s_held_pairs), lm.generate_ids(
+                teacher, tok, [p for p, _ in s_held_pairs], max_new_tokens=distill_k)))
 
     was_training = model.training
     model.eval()
@@ -706,12 +911,16 @@ def calibrate(
         plan = make_plan(mode, model, gene, keys_layers, per_module=per_module)
         objective = _Objective(model, tok, s_pairs, u_pairs, beta, l2, utility_loss, safety_first_k, device,
                                safety_rest_weight, reg_uniform, micro_batch_size=micro_batch_size,
-                               checkpointing=gradient_checkpointing)
+                               checkpointing=gradient_checkpointing, teacher=teacher, benign_pairs=b_pairs,
+                               benign_weight=benign_weight)
         # the held-out loss is the task's loss only (no l2, no pull toward uniform), built at
         # λ = 0 like the fit objective so its KL reference is θ_T
         held_obj = (_Objective(model, tok, s_held_pairs, u_held_pairs, beta, 0.0, utility_loss, safety_first_k,
                                device, safety_rest_weight, 0.0, micro_batch_size=micro_batch_size,
-                               checkpointing=gradient_checkpointing) if s_held_pairs else None)
+                               checkpointing=gradient_checkpointing, teacher=teacher) if s_held_pairs else None)
+        teacher = None  # its distributions are cached: a model loaded here is freed before the loop
+        if own_teacher:
+            _empty_cache(device)
         dev = plan.weights[0].device
         k = plan.num_keys
 
@@ -761,50 +970,82 @@ def calibrate(
         objective.center = torch.tensor(sum(start) / len(start), dtype=torch.float32, device=dev)
 
         lam = torch.tensor(start, dtype=torch.float32, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([lam], lr=lr)
+        if optimizer == "lbfgs":
+            opt: Any = torch.optim.LBFGS([lam], lr=lr, max_iter=1, max_eval=25, history_size=10,
+                                         line_search_fn="strong_wolfe")
+        else:
+            opt = torch.optim.Adam([lam], lr=lr)
         best_loss, best_lam, best_step = math.inf, list(start), 0
-        fit_best = math.inf
         start_heldout = heldout(start)[0] if held_obj is not None else None
-        history = []
+        history: list[dict] = []
         since_best = 0
+        evals = 0
+        stopped = "no_steps" if steps == 0 else "max_steps"
+        # the plateau is judged on the held-out loss when there is a held-out part, else on the fit loss
+        limit = heldout_patience if (held_obj is not None and heldout_patience is not None) else patience
+
+        def projected() -> Any:
+            # every trial point of the line search is evaluated at its projection onto [0, λ_max]
+            return lam.clamp(0.0, lambda_max) if optimizer == "lbfgs" else lam
+
+        def fit_backward() -> tuple[Any, dict]:
+            nonlocal evals
+            evals += 1
+            return objective.backward(lambda: dict(zip(plan.names, gene_merge(projected(), plan))), projected())
+
         for step in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
-            loss, parts = objective.backward(lambda: dict(zip(plan.names, gene_merge(lam, plan))), lam)
+            loss, parts = fit_backward()
             cur = lam.detach().cpu().tolist()
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise SafeGeneError(f"calibration loss became {lv} at step {step}; lower lr or lambda_max")
-            gnorm = float(lam.grad.norm())
-            entry = {"step": step, "loss": lv, **parts, "lambda": cur}
+            grad = lam.grad.detach()
+            gnorm = float(grad.norm())
+            pgnorm = float(_projected_grad(lam.detach(), grad, lambda_max).norm())
+            entry = {"step": step, "loss": lv, **parts, "lambda": cur, "grad_norm": gnorm,
+                     "projected_grad_norm": pgnorm, "evaluations": evals}
             # model choice: the held-out loss when there is a held-out part, else the fit loss
             crit = lv
             if held_obj is not None:
                 crit = heldout(cur)[0]
                 entry["heldout_loss"] = crit
             history.append(entry)
-            if crit < best_loss - tol:
-                best_loss, best_lam, best_step = crit, cur, step
-                if heldout_patience is not None:
-                    since_best = 0
-            if held_obj is None or heldout_patience is None:
-                # stop when the fit loss stalls; with a held-out part the step is still chosen on it
-                if lv < fit_best - tol:
-                    fit_best, since_best = lv, 0
-                else:
-                    since_best += 1
-            elif step > best_step:
+            if _improved(crit, best_loss, tol):
+                best_loss, best_lam, best_step, since_best = crit, cur, step, 0
+            else:
                 since_best += 1
             log(f"step {step}/{steps} loss {lv:.4f} safety {parts['safety']:.4f}"
                 + (f" utility {parts['utility']:.4f}" if "utility" in parts else "")
+                + (f" benign {parts['benign']:.4f}" if "benign" in parts else "")
                 + (f" held-out {crit:.4f}" if held_obj is not None else "")
                 + f" |g| {gnorm:.3g} λ " + " ".join(f"{v:.3f}" for v in cur))
-            limit = patience if held_obj is None or heldout_patience is None else heldout_patience
             if since_best >= limit:
-                log(f"early stop at step {step}: no improvement for {limit} steps")
+                stopped = "plateau"
+                log(f"stopped on a plateau at step {step}: no relative improvement > {tol:g} for {limit} steps")
                 break
-            opt.step()
-            with torch.no_grad():
-                lam.clamp_(0.0, lambda_max)
+            if step == steps:
+                break  # the last step is evaluated, not followed by an update nobody evaluates
+            if optimizer == "lbfgs":
+                def closure(first: list = [loss]) -> Any:  # noqa: B006 (one list per step, consumed once)
+                    if first:  # the current point: its loss and gradient are already there
+                        return first.pop()
+                    opt.zero_grad(set_to_none=True)
+                    out, _ = fit_backward()
+                    return out if math.isfinite(float(out)) else torch.tensor(math.inf)
+
+                before = lam.detach().clone()
+                opt.step(closure)
+                with torch.no_grad():
+                    lam.clamp_(0.0, lambda_max)
+                if torch.equal(before, lam.detach()):
+                    stopped = "converged"
+                    log(f"L-BFGS made no move at step {step}: converged")
+                    break
+            else:
+                opt.step()
+                with torch.no_grad():
+                    lam.clamp_(0.0, lambda_max)
         if steps == 0:
             best_loss, _ = evaluate(start)
             best_lam = start
@@ -845,6 +1086,14 @@ def calibrate(
         "split": split_info,
         "best_step": best_step,
         "steps_run": len(history),
+        "final_step": len(history),
+        "stopped": stopped,
+        "optimizer": optimizer,
+        "evaluations": evals,
+        "curve": {"step": [h["step"] for h in history], "loss": [h["loss"] for h in history],
+                  "heldout_loss": [h.get("heldout_loss") for h in history],
+                  "grad_norm": [h["grad_norm"] for h in history],
+                  "projected_grad_norm": [h["projected_grad_norm"] for h in history]},
         "init": init if isinstance(init, (str, float, int)) else "dict",
         "start": start,
         "grid": grid,
@@ -852,6 +1101,12 @@ def calibrate(
                   "utility_loss": utility_loss, "safety_first_k": safety_first_k,
                   "safety_rest_weight": safety_rest_weight, "holdout": holdout, "holdout_by": holdout_by,
                   "reg_uniform": reg_uniform, "patience": patience, "heldout_patience": heldout_patience,
+                  "tol": tol, "optimizer": optimizer, "safety_target": safety_target,
+                  "distill_k": distill_k if safety_target == "distill" else None,
+                  "aligned": (str(aligned) if isinstance(aligned, (str, Path)) else
+                              (type(aligned).__name__ if aligned is not None else None)),
+                  "benign_k": benign_k if b_pairs else None, "benign_weight": benign_weight if b_pairs else None,
+                  "n_benign": len(b_pairs),
                   "micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing,
                   "n_safety": len(s_pairs), "n_utility": len(u_pairs)},
         "history": history,

@@ -69,7 +69,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     cfg = real.Config.tiny()
     logs: list[str] = []
     doc = _run(cfg, tmp_path, logs)
-    stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}-s0" for t in cfg.tasks] + ["gene"] \
+    stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}-s0" for t in cfg.tasks] + ["gene", "tune"] \
         + [f"eval-{g}" for g in real.GLOBAL_ROWS] \
         + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "resta", "safemerge", "nocal", "safegene")]
     assert doc["ran"] == stages and doc["skipped"] == []
@@ -97,6 +97,9 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
         assert f"| {r['task']} | {r['method']} |" in md
     assert on_disk["judge_agreement"]["keyword"]["n"] == 4 and on_disk["judge_agreement"]["keyword"]["agreement"] == 1.0
     assert set(on_disk["goal"]) == set(cfg.tasks) and on_disk["command"] == "pytest"
+    tune = on_disk["tune"]
+    assert tune["chosen"] == {"top_k": cfg.tune_top_k[0], "lambda_max": cfg.tune_lambda_max[0]}
+    assert len(tune["candidates"]) == 1 and "## Knobs chosen on the development split" in md
     assert on_disk["selection"]["selected"] and on_disk["data"]["counts"]["harm_train"] == \
         24 - cfg.n_harm_calib_pool - cfg.n_harm_select - cfg.n_harm_dev - cfg.n_harm_degrade
     # results hold counts and rates, never prompts or responses
@@ -107,7 +110,10 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     from safegene.gene import Gene
 
     keys = Gene.load(tmp_path / "cache" / "stages" / "gene" / "gene").layer_keys()
-    selected = on_disk["selection"]["selected"]
+    # the SafeGene rows use the keys the tune stage chose: the top_k best by the selection score
+    scores = on_disk["selection"]["scores"]
+    selected = on_disk["tune"]["keys"]
+    assert selected == sorted(scores, key=lambda k: -scores[k])[: on_disk["tune"]["chosen"]["top_k"]]
     for t in cfg.tasks:
         by = {r["method"]: r for r in rows if r["task"] == t}
         assert by["none"]["detail"]["coeffs"] == {} and by["none"]["lam"] == "—"
@@ -150,7 +156,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     # an interrupted stage (no marker) reruns, and so does every stage that reads it -- nothing else
     (tmp_path / "cache" / "stages" / "degraded" / real.MARKER).unlink()
     doc3 = _run(cfg, tmp_path, logs)
-    after = ["degraded", "gene", "eval-degraded"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks
+    after = ["degraded", "gene", "tune", "eval-degraded"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks
                                                      for m in ("resta", "safemerge", "nocal", "safegene")]
     assert doc3["ran"] == after
     assert set(doc3["skipped"]) == set(stages) - set(after)
@@ -160,7 +166,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     import dataclasses
 
     doc4 = _run(dataclasses.replace(cfg, calib_steps=cfg.calib_steps + 1), tmp_path, logs)
-    assert doc4["ran"] == [f"eval-{t}-s0-safegene" for t in cfg.tasks]
+    # calibration's steps: the tune stage (which calibrates) and the rows that read its choice
+    assert doc4["ran"] == ["tune"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("nocal", "safegene")]
 
     # --until stops after the named stage
     doc5 = real.run(cfg, tmp_path / "cache2", None, builder=tiny_builder, sources=stand_in_sources, until="base",
@@ -200,7 +207,7 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     assert nosel["total"] > est["total"]
     # per-task groups scale with the number of task models
     one = real.estimate(dataclasses.replace(cfg, tasks=cfg.tasks[:1]))
-    for k in ("tasks", "eval task rows (none, no-cal.)", "RESTA (grid + eval)", "SafeGene (calibrate + eval)"):
+    for k in ("tasks", "eval task rows (none, SafeMERGE, no-cal.)", "RESTA (grid + eval)", "SafeGene (calibrate + eval)"):
         assert one[k] == pytest.approx(est[k] / len(cfg.tasks)), k
 
 
@@ -239,7 +246,7 @@ def test_tiny_no_selection_row_calibrates_every_key(tmp_path):
     from safegene.gene import Gene
 
     keys = Gene.load(tmp_path / "cache" / "stages" / "gene" / "gene").layer_keys()
-    selected = doc["selection"]["selected"]
+    selected = doc["tune"]["keys"]
     assert len(selected) < len(keys)
     for t in cfg.tasks:
         nosel = rows[(real.NO_SELECTION_ROW, t)]["detail"]["coeffs"]

@@ -88,7 +88,12 @@ class Config:
     select_score: str = "restore"  # safegene.select's default: every gene key, interventional
     fallback_top_k: int = 4  # used only if no key scores above zero under the threshold rule
     resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-    judge: str = "keyword"
+    # the tune stage (development split): candidates for SafeGene's knobs; top_k None = every key
+    tune: bool = True
+    tune_top_k: tuple[int | None, ...] = (4, 8, 16, None)
+    tune_lambda_max: tuple[float, ...] = (8.0,)
+    tune_max_new_tokens: int = 32
+    judge: str = "tri"  # refusal / non-answer / compliance; ASR = the compliance share
 
     def __post_init__(self) -> None:
         if self.degrade_lora is None:
@@ -105,6 +110,7 @@ class Config:
                    task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
                    eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
                    resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4),
+                   tune_top_k=(1,), tune_lambda_max=(4.0,), tune_max_new_tokens=4, judge="keyword",
                    task_lora=Lora(rank=2, steps=3, lr=1e-3, batch_size=4, eval_every=1, patience=2), task_seeds=(0,),
                    full_ft_row=False)
 

@@ -654,13 +654,15 @@ def _task_splits(cfg: "Config", t: str, taken: set[str]) -> dict[str, list[dict[
 
 
 def judge_agreement(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The keyword judge (both modes) against human refusal labels: agreement and confusion counts."""
-    from safegene.eval.judges import KeywordJudge
+    """The keyword judge (both modes) and the three-class judge (its refusal class) against human
+    refusal labels: agreement and confusion counts."""
+    from safegene.eval.judges import KeywordJudge, TriJudge
 
     out: dict[str, Any] = {}
-    for mode in ("anywhere", "prefix"):
-        j = KeywordJudge(mode=mode)
-        pred = j.judge([r["prompt"] for r in recs], [r["response"] for r in recs])
+    judges: list[Any] = [KeywordJudge(mode="anywhere"), KeywordJudge(mode="prefix"), TriJudge()]
+    for j in judges:
+        prompts, responses = [r["prompt"] for r in recs], [r["response"] for r in recs]
+        pred = j.refusals(prompts, responses) if isinstance(j, TriJudge) else j.judge(prompts, responses)
         gold = [bool(r["refusal"]) for r in recs]
         tp = sum(p and g for p, g in zip(pred, gold))
         tn = sum((not p) and (not g) for p, g in zip(pred, gold))

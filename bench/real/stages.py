@@ -37,6 +37,13 @@ PIPELINE_VERSION = 2
 SELFGEN_SPLITS = ("benign_align", "benign_degrade", "benign_heldout")
 
 MARKER = ".done.json"
+#: Policies whose λ depends on the tune stage's choice.
+TUNED = ("SafeGene", "no-calibration")
+TUNE_RULE = ("candidates = top_k x lambda_max from the config; each calibrated on the calibration split and "
+             "evaluated on the development split; keep candidates whose dev task accuracy is at least the "
+             "undefended model's minus 2 points and whose dev over-refusal is at most the aligned model's plus 5 "
+             "points (if none, the most accurate); choose the lowest dev ASR, ties to fewer keys, then smaller "
+             "lambda_max")
 
 
 def _file_hash(path: Path) -> str:
@@ -174,7 +181,8 @@ class Pipeline:
                    params={**self.train_params, "tr": cfgd["align"], "share": cfg.align_harmful_share})
         self.stage("degraded", self.degraded_stage, deps=["aligned", "base", *base_dep],
                    inputs=["harm_degrade", "harm_dev"],
-                   params={"seed": cfg.seed, "recipe": "compliance", **cfgd["degrade_lora"]})
+                   params={"seed": cfg.seed, "recipe": "compliance",
+                           **{k: cfgd["degrade_lora"][k] for k in ("rank", "steps", "lr", "batch_size")}})
         if cfg.eager_gene_ablation:
             self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
                        params={**self.train_params, "tr": cfgd["degrade"]})
@@ -189,6 +197,12 @@ class Pipeline:
         self.stage("gene", self.gene_stage, deps=["aligned", "degraded", "data"],
                    params={"top_k": cfg.top_k, "threshold": cfg.threshold, "score": cfg.select_score,
                            "fallback_top_k": cfg.fallback_top_k})
+        tm = self.task_models()
+        if cfg.tune and tm:
+            t0, m0 = tm[0]
+            self.stage("tune", lambda d: self.tune_stage(d, t0, m0), deps=["data", "gene", "aligned", f"task-{t0}-{m0}"],
+                       params={"top_k": list(cfg.tune_top_k), "lambda_max": list(cfg.tune_lambda_max),
+                               "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge})
         for name in GLOBAL_ROWS:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
@@ -196,7 +210,8 @@ class Pipeline:
         for t, m in self.task_models():
             for row in task_rows(cfg):
                 policy = ROW_POLICY[row]
-                deps = ["data", f"task-{t}-{m}"] + (["gene"] if policy != "none" else [])
+                deps = ["data", f"task-{t}-{m}"] + (["gene"] if policy != "none" else []) \
+                    + (["tune"] if policy in TUNED and "tune" in self.R.records else [])
                 self.stage(f"eval-{t}-{m}-{ROW_STAGE[row]}",
                            lambda d, t=t, m=m, policy=policy: self.row_stage(d, t, m, policy),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
@@ -323,8 +338,6 @@ class Pipeline:
         r["heldout_perplexity"] = ppl
         # per-prompt outcomes (1 = attack succeeded), in evaluation-file order, for paired tests
         r["harmful_outcomes"] = "".join("1" if x["attack_success"] else "0" for x in rep.samples if x["set"] == "harmful")
-        if hasattr(rep, "harmful_classes") and rep.harmful_classes:  # the three-way judge's classes
-            r["harmful_classes"] = rep.harmful_classes
         (d / "metrics.json").write_text(json.dumps(r, indent=2) + "\n")
         acc = " ".join(f"{t} {v.rate:.3f}" for t, v in rep.task_accuracy.items())
         by = rep.asr_by_category
@@ -332,9 +345,71 @@ class Pipeline:
                  f"acc {acc} | over-refusal {rep.over_refusal.rate:.3f} | ppl {ppl['perplexity']:.2f} ({sec:.0f} s)")
         return r
 
+    # ---- the development split: every knob chosen by one written rule ---------------------------
+    def tuned(self) -> dict[str, Any]:
+        """The knobs the rows use: the tune stage's choice, else the configuration's."""
+        rec = self.R.records.get("tune")
+        if rec is not None:
+            return rec["info"]["chosen"]
+        return {"top_k": self.cfg.top_k, "lambda_max": self.cfg.calib_lambda_max}
+
+    def selected_keys(self, top_k: int | None) -> list[str]:
+        sel = self.R.records["gene"]["info"]["selection"]
+        if top_k is None and self.R.records.get("tune") is None:
+            return list(sel["selected"])
+        ranked = sorted(sel["scores"], key=lambda k: -sel["scores"][k])
+        return ranked if top_k is None else ranked[:top_k]
+
+    def dev_eval(self, model: Any, t: str, d: Path, name: str) -> dict[str, Any]:
+        """A model on the development split: ASR on ``harm_dev``, accuracy on ``task_<t>_dev``,
+        over-refusal on ``benign_dev`` (short generations)."""
+        from safegene.eval.evaluate import evaluate
+
+        cfg, D = self.cfg, self.data
+        rep = evaluate(model, harmful=D / "harm_dev.jsonl", tasks={t: D / f"task_{t}_dev.jsonl"},
+                       benign=D / "benign_dev.jsonl", judge=cfg.judge, batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.tune_max_new_tokens, progress=False)
+        r = {"asr": rep.asr.rate, "accuracy": rep.task_accuracy[t].rate, "over_refusal": rep.over_refusal.rate,
+             "n": [rep.asr.n, rep.task_accuracy[t].n, rep.over_refusal.n]}
+        self.log(f"      dev {name}: ASR {r['asr']:.3f} acc {r['accuracy']:.3f} over-refusal {r['over_refusal']:.3f}")
+        return r
+
+    def tune_stage(self, d: Path, t: str, m: str) -> dict[str, Any]:
+        """Choose top-k and λ_max on the development split, by the rule in :data:`TUNE_RULE`, on one
+        task model (the first of this run); every SafeGene row then uses the choice."""
+        from safegene import lm
+        from safegene.method.calibrate import calibrate
+        from safegene.method.merge import apply_to_model
+
+        cfg = self.cfg
+        quiet_hf()
+        ref = {"undefended": self.dev_eval(self.model(f"task-{t}-{m}"), t, d, "undefended"),
+               "aligned": self.dev_eval(self.model("aligned"), t, d, "aligned")}
+        cands = []
+        for k in cfg.tune_top_k:
+            for lmax in cfg.tune_lambda_max:
+                model, tok = lm.load_model(self.model(f"task-{t}-{m}"))
+                keys = self.selected_keys(k)
+                c = calibrate(self.gene, model, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
+                              layers=keys, tokenizer=tok, steps=cfg.calib_steps, lambda_max=lmax, max_examples=16)
+                apply_to_model(model, self.gene, c.coeffs)
+                r = self.dev_eval((model, tok), t, d, f"top_k={k} λ_max={lmax}")
+                cands.append({"top_k": k, "n_keys": len(keys), "lambda_max": lmax, **r})
+                del model
+        ok = [c for c in cands if c["accuracy"] >= ref["undefended"]["accuracy"] - 0.02 - 1e-9
+              and c["over_refusal"] <= ref["aligned"]["over_refusal"] + 0.05 + 1e-9]
+        pool = ok or sorted(cands, key=lambda c: -c["accuracy"])[:1]
+        best = min(pool, key=lambda c: (round(c["asr"] * cfg.n_harm_dev), c["n_keys"], c["lambda_max"]))
+        chosen = {"top_k": best["top_k"], "lambda_max": best["lambda_max"]}
+        self.log(f"      tune: chose {chosen} ({len(ok)} of {len(cands)} candidates within the utility bounds)")
+        out = {"task_model": f"task-{t}-{m}", "rule": TUNE_RULE, "reference": ref, "candidates": cands,
+               "qualifying": len(ok), "chosen": chosen, "keys": self.selected_keys(chosen["top_k"])}
+        (d / "tune.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
     def settings(self) -> Settings:
         cfg = self.cfg
-        return Settings(calib_steps=cfg.calib_steps, lambda_max=cfg.calib_lambda_max, max_examples=16,
+        return Settings(calib_steps=cfg.calib_steps, lambda_max=self.tuned()["lambda_max"], max_examples=16,
                         calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
                         judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size)
 
@@ -350,7 +425,7 @@ class Pipeline:
         quiet_hf()
         ctx = Context(self.gene, task_dir, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
                       aligned=self.model("aligned"), degraded=self.model("degraded"),
-                      selected=self.R.records["gene"]["info"]["selection"]["selected"], settings=self.settings())
+                      selected=self.selected_keys(self.tuned()["top_k"]), settings=self.settings())
         on_disk = policy.name in ON_DISK
         if not on_disk:
             ctx.loaded()  # loading the task model is not part of building the defence

@@ -185,13 +185,18 @@ def fine_tune(src: Path, out: Path, streams: list[tuple[float, list[dict[str, An
             "mean_tokens_per_batch": tokens / max(1, steps), "seconds_per_step": sum(step_times) / max(1, len(step_times)),
             "step_seconds": [round(s, 3) for s in step_times]}
     if out is not None:
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        try:
-            model.generation_config.save_pretrained(out)
-        except Exception:  # noqa: BLE001 - a missing generation config is not fatal
-            pass
+        _save(model, tok, out)
     return info
+
+
+def _save(model: Any, tok: Any, out: Path) -> None:
+    """A trained model as a standard Hugging Face directory (weights, tokenizer, generation config)."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    try:
+        model.generation_config.save_pretrained(out)
+    except Exception:  # noqa: BLE001 - a missing generation config is not fatal
+        pass
 
 
 
@@ -229,8 +234,6 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
     steps; training stops when it has not improved by 1 % for ``lora.patience`` evaluations and the
     best adapter is merged into the base weights and saved as a dense checkpoint (the task model a
     user would ship). Loss on answer tokens only."""
-    import copy
-
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,7 +292,7 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
             curve.append((step, v))
             if v < best * 0.99:
                 best, best_step, bad = v, step, 0
-                best_state = copy.deepcopy({k: t.detach().clone() for k, t in model.state_dict().items() if "lora_" in k})
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items() if "lora_" in k}
             else:
                 bad += 1
             el = time.perf_counter() - t0
@@ -307,12 +310,7 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
             "best_val_loss": best, "first_train_loss": losses[0] if losses else None,
             "epochs_at_best": best_step * lora.batch_size / max(1, len(enc_tr)),
             "seconds": round(time.perf_counter() - t0, 1)}
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
-    try:
-        merged.generation_config.save_pretrained(out)
-    except Exception:  # noqa: BLE001 - a missing generation config is not fatal
-        pass
+    _save(merged, tok, out)
     return info
 
 

@@ -179,54 +179,49 @@ class Gene:
     def sharded(self) -> bool:
         return not (self.path / VECTORS).is_file() and (self.path / VECTORS_INDEX).is_file()
 
-    def _vector_map(self) -> dict[str, Path]:
-        """Vector name -> the file that holds it (from the index of a sharded gene)."""
-        single = self.path / VECTORS
-        index = self.path / VECTORS_INDEX
-        if single.is_file():
-            return {}
+    def _weight_map(self, single: str, index_name: str) -> tuple[Path, dict[str, str]]:
+        """The validated ``weight_map`` of a shard index (``single`` named in the error when the index
+        is missing too)."""
+        index = self.path / index_name
         if not index.is_file():
-            raise GeneError(f"{self.path}: {VECTORS} is missing; the gene is incomplete, re-run `safegene extract`")
+            raise GeneError(f"{self.path}: {single} is missing; the gene is incomplete, re-run `safegene extract`")
         idx = read_json(index, error=GeneError, hint="re-run `safegene extract`")
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise GeneError(f"{index}: missing or malformed weight_map; re-run `safegene extract`")
-        out: dict[str, Path] = {}
-        for name, fn in wm.items():
-            f = self.path / fn
-            if Path(fn).name != fn or not fn.endswith(".safetensors"):
-                raise GeneError(f"{index}: weight_map entry {fn!r} must be a .safetensors file name inside the gene")
-            if not f.is_file():
-                raise GeneError(f"{index}: shard {fn!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
-            out[name] = f
-        return out
+        return index, wm
+
+    def _shard_file(self, index: Path, fn: str) -> Path:
+        """A shard named by an index: a .safetensors file name inside the gene that exists."""
+        if Path(fn).name != fn or not fn.endswith(".safetensors"):
+            raise GeneError(f"{index}: weight_map entry {fn!r} must be a .safetensors file name inside the gene")
+        f = self.path / fn
+        if not f.is_file():
+            raise GeneError(f"{index}: shard {fn!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
+        return f
+
+    def _vector_map(self) -> dict[str, Path]:
+        """Vector name -> the file that holds it (from the index of a sharded gene)."""
+        if (self.path / VECTORS).is_file():
+            return {}
+        index, wm = self._weight_map(VECTORS, VECTORS_INDEX)
+        return {name: self._shard_file(index, fn) for name, fn in wm.items()}
 
     def _factor_map(self) -> dict[str, Path]:
         """Factored tensor name -> the file holding its ``.A`` and ``.B`` (``factors.safetensors``, or
         the shard the index names)."""
         single = self.path / FACTORS
-        index = self.path / FACTORS_INDEX
         fac = self.manifest.get("factored") or {}
         if single.is_file():
             return {n: single for n in fac}
-        if not index.is_file():
-            raise GeneError(f"{self.path}: {FACTORS} is missing; the gene is incomplete, re-run `safegene extract`")
-        idx = read_json(index, error=GeneError, hint="re-run `safegene extract`")
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise GeneError(f"{index}: missing or malformed weight_map; re-run `safegene extract`")
+        index, wm = self._weight_map(FACTORS, FACTORS_INDEX)
         out: dict[str, Path] = {}
         for n in fac:
             fa, fb = wm.get(f"{n}.A"), wm.get(f"{n}.B")
             if fa is None or fa != fb:
                 raise GeneError(f"{index}: factors {n}.A / {n}.B must be listed in one shard, not {fa!r} / {fb!r}; "
                                 "the gene is damaged")
-            if Path(fa).name != fa or not fa.endswith(".safetensors"):
-                raise GeneError(f"{index}: weight_map entry {fa!r} must be a .safetensors file name inside the gene")
-            f = self.path / fa
-            if not f.is_file():
-                raise GeneError(f"{index}: shard {fa!r} is listed but missing; the gene is incomplete, re-run `safegene extract`")
-            out[n] = f
+            out[n] = self._shard_file(index, fa)
         return out
 
     @property

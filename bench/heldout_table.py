@@ -2,7 +2,8 @@
 
 Each run's ``demo_results.json`` gives its rows; this prints one markdown table per family with a
 column group per seed (ASR with its 95 % Wilson interval, whole refusal, task accuracy,
-over-refusal, λ/γ), the build's gate values and where each issue-19 target is met. The number of
+over-refusal, λ/γ), the build's gate values (columns name the build/pipeline thread counts when the
+run recorded them) and where each issue-19 target is met. The number of
 prompts behind each rate is read from the organism's own data files (the evaluation splits), so
 the intervals need nothing the JSON does not point to.
 
@@ -33,6 +34,15 @@ def _cell(rate: float, n: int) -> str:
     return f"{100 * rate:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _label(d: dict) -> str:
+    """``seed S`` plus the thread counts when the run recorded them (``--threads``)."""
+    t = (d.get("settings") or {}).get("threads") or {}
+    seed = f"seed {d['organism']['seed']}"
+    if not t:
+        return seed
+    return f"{seed}, {t.get('build')}/{t.get('pipeline')} threads"
+
+
 def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
     docs = [json.loads((r / "demo_results.json").read_text()) for r in runs]
     by_family: dict[str, list[dict]] = {}
@@ -40,17 +50,17 @@ def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
         by_family.setdefault(d["organism"].get("family", "llama"), []).append(d)
     out: list[str] = []
     for family, ds in by_family.items():
-        ds.sort(key=lambda d: d["organism"]["seed"])
+        ds.sort(key=lambda d: (d["organism"]["seed"], ((d.get("settings") or {}).get("threads") or {}).get("build") or 0))
         data = Path(ds[0]["organism"]["root"]) / "data"
         n_harm = _count(data / "harmful_eval.jsonl")
         n_ben = _count(data / "benign_eval.jsonl")
         tasks = list(dict.fromkeys(r["task"] for r in ds[0]["rows"]))
-        seeds = [d["organism"]["seed"] for d in ds]
+        seeds = list(dict.fromkeys(d["organism"]["seed"] for d in ds))
         out.append(f"**{family}**, seeds {', '.join(map(str, seeds))} (n = {n_harm} harmful, {n_ben} benign, "
                    "task prompts per task as below; cells: ASR % [95 % Wilson] / whole refusal % / task acc. % / "
                    "over-refusal % / λ)")
         out.append("")
-        out.append("| task | method | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+        out.append("| task | method | " + " | ".join(_label(d) for d in ds) + " |")
         out.append("|---|---|" + "---|" * len(seeds))
         for task in tasks:
             n_task = _count(data / f"{task}_eval.jsonl")
@@ -73,7 +83,7 @@ def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
             gates = ", ".join(f"{k}: " + " ".join(f"{m} {100 * v:.0f} %" for m, v in rec["values"].items())
                               + (f" (+{rec['extra_rounds']} rounds)" if rec.get("extra_rounds") else "")
                               for k, rec in g.items())
-            out.append(f"- seed {d['organism']['seed']} (key `{d['organism']['key']}`, demo {d['seconds']:.0f} s): "
+            out.append(f"- {_label(d)} (key `{d['organism']['key']}`, demo {d['seconds']:.0f} s): "
                        f"targets met on {sum(met.values())} of {len(met)} tasks "
                        f"({', '.join(t for t, ok in met.items() if ok) or 'none'}); gates: {gates}")
         out.append("")

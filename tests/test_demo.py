@@ -125,7 +125,8 @@ def test_demo_family_option_reaches_build(tmp_path, monkeypatch, capsys):
     assert a.family == "stablelm" and a.judge is None and set(FAMILIES) >= {"llama", "stablelm"}
     with pytest.raises(Stop):
         a.func(a)
-    assert calls == {"cache_dir": str(tmp_path / "c"), "seed": 1, "progress": False, "family": "stablelm"}
+    assert calls == {"cache_dir": str(tmp_path / "c"), "seed": 1, "progress": False, "family": "stablelm",
+                     "threads": None}
     assert parser.parse_args(["demo"]).family == "llama"
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--family", "gpt"])
@@ -143,6 +144,54 @@ def test_demo_family_option_reaches_build(tmp_path, monkeypatch, capsys):
         with pytest.raises(Stop):
             demo_mod.run_demo(out=tmp_path / "o2", cache_dir=tmp_path / "c", family=family, log=None)
         assert seen["judge"] == judge and calls["family"] == family
+
+
+def test_threads_option_reaches_the_recipe_and_the_run(tmp_path, monkeypatch):
+    """``--threads N`` is part of the organism's recipe (its own cache key) and sets torch's thread
+    count for the rest of the run; the caller's count is restored afterwards, also on error."""
+    import torch
+
+    import safegene.demo as demo_mod
+    import safegene.organism.families as fam
+    from safegene.cli import cmd_demo, cmd_organism
+    from safegene.errors import UsageError
+    from safegene.organism import FAMILIES
+    from safegene.organism.family import recipe_key
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_build_spec(spec, **kw):
+        seen.update(kw, spec=spec, torch_threads=torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(fam, "build_spec", fake_build_spec)
+    before = torch.get_num_threads()
+    target = 3 if before != 3 else 2  # never the default recipe's 1
+    with pytest.raises(Stop):
+        demo_mod.run_demo(out=tmp_path / "o", cache_dir=tmp_path / "c", family="stablelm", threads=target, log=None)
+    assert seen["spec"] is FAMILIES["stablelm"] and seen["recipe"].threads == target
+    assert seen["torch_threads"] == target and torch.get_num_threads() == before
+    default = FAMILIES["stablelm"].default_recipe
+    assert default.threads == 1
+    assert recipe_key(seen["recipe"], 0, seen["spec"]) != recipe_key(default, 0, seen["spec"])
+    with pytest.raises(Stop):
+        fam.build(cache_dir=tmp_path / "c")
+    assert seen["recipe"] is None  # no override: the family's own recipe (one thread)
+    for bad in (0, -1):
+        with pytest.raises(UsageError, match="threads must be at least 1"):
+            demo_mod.run_demo(out=tmp_path / "o", cache_dir=tmp_path / "c", threads=bad, log=None)
+        with pytest.raises(UsageError, match="threads must be at least 1"):
+            fam.build(cache_dir=tmp_path / "c", threads=bad)
+
+    for mod, argv in ((cmd_demo, ["demo", "--threads", "2", "--family", "stablelm"]),
+                      (cmd_organism, ["organism", "build", "--threads", "2", "--family", "stablelm"])):
+        parser = argparse.ArgumentParser(prog="safegene")
+        mod.register_cli(parser.add_subparsers(dest="command"))
+        a = parser.parse_args(argv)
+        assert a.threads == 2 and a.family == "stablelm"
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from typing import Any, Callable, Union
 
 from . import lm
 from .baselines import DEFAULT_METHODS, Context, Policy, Settings, compute, select
+from .errors import UsageError
 from .eval.evaluate import evaluate
 from .eval.judges import get_judge
 from .eval.plots import plot_plane
@@ -148,16 +149,37 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] | None = _say,
     family: str = DEFAULT_FAMILY,
+    threads: int | None = None,
 ) -> DemoResult:
     """Run the full pipeline on the organism family ``family`` and compare with the baselines.
 
     ``judge`` defaults to the family's own (``organism`` for the Llama organism,
-    ``organism:<family>`` otherwise).
+    ``organism:<family>`` otherwise). ``threads`` sets the compute threads of the whole run: the
+    organism build (part of its recipe, so its own cache entry; default 1) and every later stage
+    (default: torch's own count).
 
     >>> res = run_demo("demo-out", cache_dir="~/.cache/safegene")  # doctest: +SKIP
     >>> res.row("SafeGene", "sentiment").asr  # doctest: +SKIP
     0.0
     """
+    import torch
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, cache_dir, seed, tasks, score, top_k, threshold, judge, max_new_tokens, calib_steps,
+                         methods, progress, log, family, threads)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: int, tasks: list[str] | None,
+              score: str | None, top_k: int | None, threshold: float | None, judge: str | None,
+              max_new_tokens: int, calib_steps: int, methods: tuple[str, ...], progress: bool,
+              log: Callable[[str], None] | None, family: str, threads: int | None) -> DemoResult:
     import torch
 
     log = log or (lambda _m: None)
@@ -171,7 +193,7 @@ def run_demo(
 
     log("[1/4] organism")
     t = time.perf_counter()
-    org = build(cache_dir=cache_dir, seed=seed, progress=progress, family=family)
+    org = build(cache_dir=cache_dir, seed=seed, progress=progress, family=family, threads=threads)
     organism_seconds = time.perf_counter() - t
     task_names = list(tasks or org.tasks)
 
@@ -228,7 +250,8 @@ def run_demo(
         "targets_met": met,
         "table": table,
         "seconds": round(seconds, 1),
-        "settings": {"judge": judge, "max_new_tokens": max_new_tokens, "calib_steps": calib_steps},
+        "settings": {"judge": judge, "max_new_tokens": max_new_tokens, "calib_steps": calib_steps,
+                     "threads": {"build": org.manifest.get("threads"), "pipeline": torch.get_num_threads()}},
     }
     jpath = out / "demo_results.json"
     jpath.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -25,6 +25,9 @@ class DemoOptions(CommonOptions):
                                           "organism:<family>)")
     max_new_tokens: int = option(24, help="greedy tokens per response (default 24)")
     steps: int = option(40, help="calibration steps (default 40)")
+    threads: int | None = option(None, help="compute threads of the whole run: the organism build (part of its "
+                                           "recipe, so its own cache entry; default 1) and every later stage "
+                                           "(default: torch's count)")
     compare_scores: bool = option(False, help="add a SafeGene row calibrated on the layers the other selection "
                                               "score picks")
 
@@ -32,7 +35,7 @@ class DemoOptions(CommonOptions):
 def handle_demo(opts: DemoOptions) -> int:
     res = run_demo(out=opts.output, cache_dir=opts.cache_dir, seed=opts.seed, tasks=opts.tasks, score=opts.score,
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
-                   calib_steps=opts.steps, progress=not opts.quiet, family=opts.family,
+                   calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
                    methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
     if opts.json:
         print(json.dumps({
@@ -41,6 +44,7 @@ def handle_demo(opts: DemoOptions) -> int:
             "targets_met": res.targets_met, "seconds": round(res.seconds, 3),
             "organism_seconds": round(res.organism_seconds, 3),
             "family": opts.family, "gates": res.gates,
+            "threads": json.loads(res.json_path.read_text())["settings"]["threads"],
             "rows": [{"method": r.method, "task": r.task, "asr": r.asr, "whole_refusal": r.whole, "accuracy": r.accuracy,
                       "over_refusal": r.over_refusal, "coeffs": r.coeffs, "seconds": r.seconds} for r in res.rows],
         }))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..organism import build
+from ..organism import DEFAULT_FAMILY, FAMILIES, build
 from .options import Command, CommonOptions, option
 
 
@@ -14,16 +14,21 @@ class OrganismBuildOptions(CommonOptions):
     seed: int = option(0, help="organism seed (default 0)")
     cache_dir: str | None = option(None, help="cache root (default: $SAFEGENE_CACHE or ~/.cache/safegene)")
     force: bool = option(False, help="rebuild even when the cache holds this recipe")
+    family: str = option(DEFAULT_FAMILY, choices=tuple(FAMILIES),
+                         help=f"organism family (default {DEFAULT_FAMILY}; choices: {', '.join(FAMILIES)})")
+    threads: int | None = option(None, help="compute threads of the build (part of the recipe; default 1)")
 
 
 def handle_organism_build(opts: OrganismBuildOptions) -> int:
-    org = build(cache_dir=opts.cache_dir, seed=opts.seed, progress=not opts.quiet, force=opts.force)
+    org = build(cache_dir=opts.cache_dir, seed=opts.seed, progress=not opts.quiet, force=opts.force,
+                family=opts.family, threads=opts.threads)
     if opts.json:
-        print(json.dumps({"seed": org.seed, "key": org.key, "root": str(org.root),
+        print(json.dumps({"seed": org.seed, "key": org.key, "root": str(org.root), "family": org.family,
+                          "threads": org.manifest.get("threads"),
                           **{n: str(getattr(org, n)) for n in ("base", "aligned", "degraded")},
                           "tasks": {t: str(p) for t, p in org.tasks.items()}, "data": str(org.harmful_eval.parent)}))
         return 0
-    print(f"organism seed {org.seed} ({org.key}) at {org.root}")
+    print(f"organism {org.family} seed {org.seed} ({org.key}, {org.manifest.get('threads')} thread(s)) at {org.root}")
     for name in ("base", "aligned", "degraded"):
         print(f"  {name:<10} {getattr(org, name)}")
     for t, p in org.tasks.items():

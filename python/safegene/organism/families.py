@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def build(
     force: bool = False,
     recipe: Any | None = None,
     family: str = DEFAULT_FAMILY,
+    threads: int | None = None,
 ) -> Organism:
     """Build (or fetch from the cache) the organism family ``family`` for ``seed``.
 
@@ -42,10 +44,19 @@ def build(
     changed recipe is rebuilt and an unchanged one is reused. A stage that misses its gate after
     the bounded extra training raises :class:`~safegene.organism.gates.GateError`.
 
+    ``threads`` overrides the recipe's compute-thread count (default 1). It is part of the recipe,
+    so a two-thread build is its own cache entry: summation order changes with the thread count,
+    and with it the trained weights.
+
     >>> org = build(seed=0)  # doctest: +SKIP
     >>> org.aligned, org.tasks["sentiment"], org.harmful_dev, org.gates["degraded"]  # doctest: +SKIP
     """
-    return build_spec(get_family(family), cache_dir=cache_dir, seed=seed, progress=progress, force=force, recipe=recipe)
+    spec = get_family(family)
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"threads must be at least 1, got {threads}")
+        recipe = dataclasses.replace(recipe or spec.default_recipe, threads=int(threads))
+    return build_spec(spec, cache_dir=cache_dir, seed=seed, progress=progress, force=force, recipe=recipe)
 
 
 def judge_for(family: str) -> OrganismJudge:

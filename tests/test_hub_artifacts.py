@@ -248,3 +248,31 @@ def test_log_level_shows_what_push_did(gene, monkeypatch, capsys):
     assert "INFO safegene.io.artifacts: pushed " in err and "me/g" in err
     assert cli_main(["push", str(gene.path), "me/g", "--quiet"]) == 0  # default: warnings only
     assert "INFO" not in capsys.readouterr().err
+
+
+def test_run_config_names_a_hub_gene(gene, tmp_path, offline_cache, capsys):
+    """``safegene run`` with ``gene: org/name[@rev]`` and no models to extract from: the shared gene
+    is read through the (offline) Hub cache and applied; a missing local path that is no Hub id is
+    still a one-line config error naming the key."""
+    import yaml
+
+    from safegene import cli
+    from safegene.cli.runconfig import load_config
+    from safegene.errors import SafeGeneError
+
+    hub_cache_put(offline_cache, "org/llama-safety-gene", gene.save_pretrained(tmp_path / "share"), REV)
+    target = gene.manifest["sources"]["aligned"]["path"]
+    cfg = {"gene": f"org/llama-safety-gene@{REV}", "apply": {"scale": 0.5},
+           "targets": [{"model": target, "output": "out/safe"}]}
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "out").mkdir()
+    assert load_config(p)["gene"] == f"org/llama-safety-gene@{REV}"
+    assert cli.main(["run", str(p), "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [c[0] for c in res["commands"]] == ["apply"] and res["commands"][0][1] == f"org/llama-safety-gene@{REV}"
+    local = safegene.apply(gene, target, tmp_path / "local", scale=0.5, progress=False)
+    assert (tmp_path / "out" / "safe" / "model.safetensors").read_bytes() == (local.out / "model.safetensors").read_bytes()
+    p.write_text(yaml.safe_dump({**cfg, "gene": "./no-such-gene"}))
+    with pytest.raises(SafeGeneError, match=r"gene: .*no-such-gene is not a gene directory \(nor a Hub id"):
+        load_config(p)

@@ -12,6 +12,7 @@ each command's handler with that dataclass.
     aligned: models/aligned            # local dir or Hub id org/name[@rev]   (extract ALIGNED)
     degraded: models/degraded          #                                      (extract DEGRADED)
     gene: out/gene                     # extract -o / the GENE argument of the other commands
+                                       # (without aligned/degraded: a gene dir or a Hub id org/name[@rev])
     extract: {dtype: F32, budget_mb: 128}
     select: {harmful: data/harmful_calib.jsonl, benign: data/benign_calib.jsonl, top_k: 2}
     calibrate: {safety: data/safety.jsonl, utility: [data/task.jsonl], steps: 40}
@@ -193,7 +194,11 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
         raise ConfigError(f"{where}gene: missing or not a path (the gene directory to write or use)")
     cfg["gene"] = abspath(raw["gene"])
     if not have_a and not (Path(cfg["gene"]) / "gene.json").is_file():
-        raise ConfigError(f"{where}gene: {cfg['gene']} is not a gene directory; give aligned and degraded to extract one")
+        if not Path(cfg["gene"]).exists() and parse_hub_id(raw["gene"]) is not None:
+            cfg["gene"] = raw["gene"]  # a shared gene on the Hub, org/name[@revision]: resolved when used
+        else:
+            raise ConfigError(f"{where}gene: {cfg['gene']} is not a gene directory (nor a Hub id "
+                              "org/name[@revision]); give aligned and degraded to extract one")
     if "extract" in raw and not have_a:
         raise ConfigError(f"{where}extract: settings given but no aligned/degraded models to extract from")
 

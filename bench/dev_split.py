@@ -60,6 +60,11 @@ CALIB_VARIANTS: dict[str, dict] = {
     # third round (after the stablelm family's compliance recipe): smaller and larger rest weights
     "calib:rest0.25": {"safety_rest_weight": 0.25},
     "calib:rest1": {"safety_rest_weight": 1.0},
+    # fourth round: calibration still improving at its last step (best step = 40 of 40 on most
+    # task models of the third round): more steps (the plateau stop ends a run that has
+    # converged), or a larger step size
+    "calib:steps120": {"steps": 120},
+    "calib:lr0.1": {"lr": 0.1},
     # held-out loss picks the step; the run stops when the fit loss stalls
     "calib:hold": {"holdout": 0.25},
     "calib:hold+reg0.01": {"holdout": 0.25, "reg_uniform": 0.01},
@@ -236,7 +241,13 @@ def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> 
 
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
-        print(summarize(sys.argv[2:]))
+        # --summarize FILE... [--default SELECT/CALIB] (the configuration the rule compares against)
+        files = sys.argv[2:]
+        default = "select:threshold/calib:old"
+        if "--default" in files:
+            i = files.index("--default")
+            default, files = files[i + 1], files[:i] + files[i + 2:]
+        print(summarize(files, default))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--org", action="append", required=True, help="an organism cache entry (seed dir); repeat")

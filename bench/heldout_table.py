@@ -38,9 +38,9 @@ def _label(d: dict) -> str:
     """``seed S`` plus the thread counts when the run recorded them (``--threads``)."""
     t = (d.get("settings") or {}).get("threads") or {}
     seed = f"seed {d['organism']['seed']}"
-    if not t:
-        return seed
-    return f"{seed}, {t.get('build')}/{t.get('pipeline')} threads"
+    if not t:  # runs from before --threads: every recipe built with one thread
+        return f"{seed}, 1 build thread"
+    return f"{seed}, {t.get('build')} build / {t.get('pipeline')} run threads"
 
 
 def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
@@ -61,7 +61,7 @@ def table(runs: list[Path], methods: tuple[str, ...] = DEFAULT_METHODS) -> str:
                    "over-refusal % / λ)")
         out.append("")
         out.append("| task | method | " + " | ".join(_label(d) for d in ds) + " |")
-        out.append("|---|---|" + "---|" * len(seeds))
+        out.append("|---|---|" + "---|" * len(ds))
         for task in tasks:
             n_task = _count(data / f"{task}_eval.jsonl")
             for m in methods:

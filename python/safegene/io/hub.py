@@ -46,6 +46,14 @@ def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
     m = HUB_ID_RE.match(ref)
     if m is None or ".." in m.group("repo") or ref.startswith((".", "/", "~")):
         return None
+    try:  # the Hub's own rules (no "--" or "..", length, edge characters) have the last word
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover
+        return m.group("repo"), m.group("rev")
+    try:
+        validate_repo_id(m.group("repo"))
+    except HFValidationError:
+        return None
     return m.group("repo"), m.group("rev")
 
 
@@ -114,7 +122,11 @@ def hub_offline() -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hub cache as the environment says now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default."""
+    """The Hub cache as the environment says now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default.
+
+    Read at call time on purpose: ``huggingface_hub.constants`` are fixed when that module is
+    imported, so a process (or a test) that sets ``HF_HOME`` afterwards would read a stale cache.
+    """
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):

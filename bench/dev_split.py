@@ -78,6 +78,10 @@ SELECT_VARIANTS: dict[str, dict] = {
     "select:threshold": {},
     "select:validate": {"rule": "validate"},
     "select:validate-loo": {"rule": "validate", "score": "loo"},
+    # fifth round: the number of keys that minimises the development loss, without the
+    # one-standard-error shrink toward fewer keys (held-out StableLM builds kept two keys where
+    # no-selection restored more)
+    "select:validate-z0": {"rule": "validate", "validate_z": 0.0},
 }
 
 

@@ -10,7 +10,8 @@ from typing import ClassVar
 from ..errors import UsageError
 from ..gene import Gene, key_sort
 from ..io.hub import parse_hub_id
-from ..method.selection import DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, select_layers
+from ..method.selection import (DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, VALIDATE_Z,
+                                select_layers)
 from ..ops.extract import prune_gene
 from .options import Command, ModelOptions, option
 
@@ -48,8 +49,9 @@ class SelectOptions(ModelOptions):
                                                            "(default: every second harmful prompt)")
     dev_benign: str | None = option(None, path="in", help="JSONL of development benign prompts for --rule validate "
                                                           "(default: every second benign prompt)")
-    validate_z: float = option(1.0, help="--rule validate keeps the fewest keys within this many standard errors "
-                                         "of the best (default 1)")
+    validate_z: float = option(VALIDATE_Z, help="--rule validate keeps the fewest keys within this many standard "
+                                                "errors of the best loss (default "
+                                                f"{VALIDATE_Z:g}: the k of lowest development loss)")
     noise_z: float = option(NOISE_Z, help=f"scores within this many standard errors of each other are flat and keep "
                                           f"every key (default {NOISE_Z:g})")
 

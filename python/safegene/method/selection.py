@@ -55,7 +55,8 @@ Selection rules:
     *How many* keys is chosen on development prompts (:func:`validate_k`): rank keys by the
     score, give the top-k set its best uniform γ on the degraded model for k = 1..K, measure
     the calibration loss (refusal CE + β·KL on benign prompts) on the development prompts, and
-    keep the smallest k within one standard error of the best k. Scores that do not stand out
+    keep the k with the lowest loss (``validate_z`` > 0: the smallest k within that many standard
+    errors of the best, the one-standard-error rule at 1). Scores that do not stand out
     of their own noise (max − min ≤ 2 standard errors, or none positive) keep every key.
     Without a development split, every second harmful/benign record is one (the others score).
 
@@ -66,6 +67,10 @@ threshold keeps {L0} alone and the calibrated task models stay at 91 / 59 / 99 %
 ASR; ``"validate"`` keeps six keys and reaches 0 / 0 / 63 %. On the organism it keeps the same
 three keys as the threshold on both seeds ({L0, L3, lm_head}), so results there are identical.
 Ranking by ``"loo"`` keeps {L0, lm_head} (seed 0) / {L0, L3} (second family) and is no better.
+``validate_z = 0`` (the k of lowest development loss, no shrink toward fewer keys) replaced the
+one-standard-error rule in the fifth round: same keys on both Llama development seeds, and on
+the StableLM family's seeds 0 and 1 it keeps 7 and 4 keys instead of 2, which brings the season
+task's development ASR from 99 / 49 % to 6 / 37 % (rule cost 26.2 → 10.9).
 Deterministic: fixed prompt order, eval mode, float32, no sampling.
 """
 
@@ -90,6 +95,10 @@ DEFAULT_THRESHOLD = 0.5
 RULES = ("threshold", "validate")
 DEFAULT_RULE = "validate"
 NOISE_Z = 2.0
+#: ``validate_k``'s z: 0 keeps the k of lowest development loss (chosen by the rule of
+#: ``bench/dev_split.md``, fifth round; the one-standard-error rule, z = 1, starved calibration
+#: on the StableLM family).
+VALIDATE_Z = 0.0
 #: The uniform γ each top-k set is tried at by :func:`validate_k`.
 VALIDATE_GAMMAS = tuple(0.5 * i for i in range(9))
 
@@ -353,7 +362,7 @@ def rank(scores: dict[str, float]) -> list[str]:
 
 
 def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gammas=None, beta: float = 3.0,
-               safety_first_k: int | None = 2, safety_rest_weight: float = 0.5, z: float = 1.0,
+               safety_first_k: int | None = 2, safety_rest_weight: float = 0.5, z: float = VALIDATE_Z,
                refusal: str | None = None, device: str = "cpu", on_pass: Callable[[], None] | None = None) -> dict:
     """How many of the ranked keys to keep, chosen on held-out (development) prompts.
 
@@ -454,7 +463,7 @@ def select_layers(
     rule: str | None = None,
     dev_harmful=None,
     dev_benign=None,
-    validate_z: float = 1.0,
+    validate_z: float = VALIDATE_Z,
     noise_z: float = NOISE_Z,
     dtype=None,
     device_map=None,

@@ -150,7 +150,8 @@ def test_organism_cli(tmp_path, capsys, monkeypatch) -> None:
     org_mod.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["organism", "build", "--seed", "5", "--cache-dir", str(tmp_path), "--force", "--no-progress"])
     assert args.func(args) == 0
-    assert calls == {"cache_dir": str(tmp_path), "seed": 5, "progress": False, "force": True}
+    assert calls == {"cache_dir": str(tmp_path), "seed": 5, "progress": False, "force": True, "family": "llama",
+                     "threads": None}
     assert "aligned" in capsys.readouterr().out
 
 

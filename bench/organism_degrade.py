@@ -50,7 +50,7 @@ def _machine() -> str:
 
     return (f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}; "
-            f"load average at the end {load} (machine shared with other jobs, run under nice 19)")
+            f"load average at the end {load}, run at nice {os.nice(0)}")
 
 
 def _r(rate: Any) -> dict[str, Any]:

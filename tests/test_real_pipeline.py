@@ -254,3 +254,61 @@ def test_tiny_no_selection_row_calibrates_every_key(tmp_path):
         assert sorted(rows[("SafeGene", t)]["detail"]["coeffs"]) == sorted(selected)
     md = (tmp_path / "out" / "RESULTS.md").read_text()
     assert f"| {cfg.tasks[0]} | {real.NO_SELECTION_ROW} |" in md and "no-selection (the same calibration" in md
+
+
+def _bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [spec["answer"].format(label=lab) for spec in real.TASKS.values() for lab in spec["labels"]]
+    tk.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+def test_label_only_validation_loss_reads_exactly_the_label_tokens():
+    from bench.real.models import _encode_train, _label_only
+
+    tok = _bpe_tokenizer()
+    for t, spec in real.TASKS.items():
+        for lab in spec["labels"]:
+            rec = {"completion": spec["answer"].format(label=lab), "label": lab}
+            enc = _encode_train(tok, rec, [7, 8, 9], 64)
+            ids, only = _label_only(tok, rec, enc)
+            assert ids == enc[0] and len(only) == len(enc[1])
+            kept = [i for i, y in enumerate(only) if y != -100]
+            assert kept and kept == list(range(kept[0], kept[-1] + 1)) and kept[0] >= 3  # one run, inside the answer
+            assert all(only[i] == enc[1][i] == ids[i] for i in kept)
+            assert tok.decode([ids[i] for i in kept]).strip().rstrip(".") == lab, (t, lab)
+    with pytest.raises(real.PipelineError, match="label 'negative' is not in the answer"):
+        _label_only(tok, {"completion": "Sure! It is positive.", "label": "negative"},
+                    _encode_train(tok, {"completion": "Sure! It is positive."}, [7], 64))
+    with pytest.raises(ValueError, match="stop_on must be one of"):
+        real.Config().task_lora.__class__(rank=2, steps=1, lr=1e-3, stop_on="val")
+
+
+def test_erosion_probe_trains_each_stop_rule_and_resumes(tmp_path):
+    from bench.real import erosion
+
+    cfg = real.Config.tiny()
+    logs: list[str] = []
+    jsonl = tmp_path / "erosion.jsonl"
+    kw = dict(tasks=["sentiment"], stops=["answer", "label", "none"], lrs=[1e-3], seeds=[0], steps=4, tiny=True,
+              log=logs.append)
+    rows = erosion.run(cfg, tmp_path / "cache", jsonl, **kw)
+    by = {r["id"]: r for r in rows}
+    assert set(by) == {"aligned|sentiment"} | {f"sentiment|{s}|0.001|s0|4" for s in ("answer", "label", "none")}
+    none, ans, lab = (by[f"sentiment|{s}|0.001|s0|4"] for s in ("none", "answer", "label"))
+    assert none["steps_run"] == none["best_step"] == 4 and none["stopped"] == "max_steps"
+    assert [s for s, _ in none["val_loss_curve"]] == [0, 1, 2, 3, 4]
+    assert ans["val_loss_curve"][0][1] != lab["val_loss_curve"][0][1]  # the label tokens' loss is another number
+    for r in rows:
+        assert 0.0 <= r["asr"] <= 1.0 and r["n"][0] == cfg.n_harm_dev
+    logs.clear()
+    again = erosion.run(cfg, tmp_path / "cache", jsonl, **kw)  # resumed: nothing retrained
+    assert again == rows and sum("already measured" in m for m in logs) == 3
+    md = erosion.markdown(rows, cfg.n_harm_dev)
+    assert md.count("\n") == 2 + 4 and "| sentiment | LoRA s0 | label | 0.001 | " in md

@@ -155,6 +155,13 @@ def test_prune_equals_extract_keys_byte_for_byte(family, tmp_path, dtype):
     assert pruned.sharded and len(pruned.vector_files) > 1 and {f.name for f in pruned.vector_files} != full_files
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
     assert (pruned.path / "layer_scores.png").read_bytes() == b"png"
+    card, full_card = (pruned.path / "README.md").read_text(), (tmp_path / "part" / "README.md").read_text()
+    assert "| `layer.0` |" not in card and "| `layer.1` |" in card and "| `lm_head` |" in card  # rewritten, not copied
+    assert f"**keys kept:** `layer.1`, `lm_head` ({len(part.tensor_names)} of the family's" in card
+
+    def stats(c: str) -> list[str]:  # key, |τ|, relative change, tensors (the score columns differ: selected or not)
+        return ["|".join(r.split("|")[:5]) for r in c.split("## Statistics")[1].split("## Intended use")[0].splitlines() if r]
+    assert stats(card) == stats(full_card) and len(stats(card)) == 4  # header, rule, two keys
     index = json.loads((pruned.path / VECTORS_INDEX).read_text())
     assert set(index["weight_map"]) == set(part.tensor_names)
     ref = load_file(str(part.vectors_path))

@@ -18,7 +18,11 @@ class Train:
 class Lora:
     """A PEFT LoRA fine-tune: rank (alpha = 2·rank, every linear layer), at most ``steps`` steps of
     ``batch_size`` sequences at ``lr``; task fine-tunes measure the validation loss every
-    ``eval_every`` steps and stop after ``patience`` evaluations without a 1 % improvement."""
+    ``eval_every`` steps and stop after ``patience`` evaluations without a 1 % improvement.
+    ``stop_on``: which validation loss decides the stop and the kept adapter — ``answer`` (every
+    answer token), ``label`` (only the tokens of the class label inside the answer: the answer
+    template is learned in a few steps, the label is the skill), or ``none`` (all ``steps``, the
+    last adapter kept; the curve is still recorded)."""
 
     rank: int
     steps: int
@@ -26,6 +30,15 @@ class Lora:
     batch_size: int = 8
     eval_every: int = 10
     patience: int = 3
+    stop_on: str = "answer"
+
+    def __post_init__(self) -> None:
+        if self.stop_on not in STOP_ON:
+            raise ValueError(f"Lora.stop_on must be one of {STOP_ON}, not {self.stop_on!r}")
+
+
+#: The validation losses a LoRA task fine-tune can stop on (see :class:`Lora`).
+STOP_ON = ("answer", "label", "none")
 
 
 @dataclass(frozen=True)

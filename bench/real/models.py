@@ -200,6 +200,26 @@ def _save(model: Any, tok: Any, out: Path) -> None:
 
 
 
+def _label_only(tok, rec: dict[str, Any], enc: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """``enc`` (from :func:`_encode_train`) with the loss kept only on the tokens that spell the
+    record's class ``label`` inside its answer (the last occurrence; token spans from the fast
+    tokenizer's offsets). Fails if the label is not in the answer or was cut off."""
+    ids, labels = enc
+    answer, label = rec["completion"], str(rec.get("label", ""))
+    at = answer.rfind(label) if label else -1
+    if at < 0:
+        raise PipelineError(f"stop_on='label': the label {label!r} is not in the answer {answer!r}")
+    offs = tok(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    start = len(labels) - sum(1 for y in labels if y != -100)  # where the answer begins
+    keep = [i for i, (a, b) in enumerate(offs) if a < at + len(label) and b > at]
+    out = [-100] * len(labels)
+    for i in keep:
+        if start + i >= len(labels):
+            raise PipelineError(f"stop_on='label': the answer {answer!r} was cut before its label")
+        out[start + i] = labels[start + i]
+    return ids, out
+
+
 def _batches(encoded: list[tuple[list[int], list[int]]], bs: int, pad: int) -> list[tuple[Any, Any, Any]]:
     import torch
 
@@ -233,7 +253,9 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
     steps of ``lora.batch_size`` sequences, the validation loss measured every ``lora.eval_every``
     steps; training stops when it has not improved by 1 % for ``lora.patience`` evaluations and the
     best adapter is merged into the base weights and saved as a dense checkpoint (the task model a
-    user would ship). Loss on answer tokens only."""
+    user would ship). Loss on answer tokens only. ``lora.stop_on`` picks the validation loss that
+    decides: every answer token (``answer``), only the class label's tokens (``label``), or none
+    (``none``: all steps, the last adapter)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -252,6 +274,8 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     enc_tr = [_encode_train(tok, r, p, cfg.max_len) for r, p in zip(train, lm.encode_prompts(tok, train))]
     enc_va = [_encode_train(tok, r, p, cfg.max_len) for r, p in zip(val, lm.encode_prompts(tok, val))]
+    if lora.stop_on == "label":
+        enc_va = [_label_only(tok, r, e) for r, e in zip(val, enc_va)]
     val_batches = _batches(enc_va, 16, pad)
     rng = random.Random(seed)
 
@@ -290,7 +314,9 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
         if step % lora.eval_every == 0 or step == lora.steps:
             v = val_loss()
             curve.append((step, v))
-            if v < best * 0.99:
+            if lora.stop_on == "none":
+                best, best_step = v, step  # the last adapter is the one kept
+            elif v < best * 0.99:
                 best, best_step, bad = v, step, 0
                 best_state = {k: t.detach().clone() for k, t in model.state_dict().items() if "lora_" in k}
             else:
@@ -306,6 +332,7 @@ def lora_fine_tune(src: Path, out: Path, train: list[dict[str, Any]], val: list[
     merged = model.merge_and_unload()
     merged.eval()
     info = {"kind": "lora", "rank": lora.rank, "lr": lora.lr, "batch_size": lora.batch_size, "max_steps": lora.steps,
+            "stop_on": lora.stop_on,
             "steps_run": step, "best_step": best_step, "stopped": stopped, "val_loss_curve": curve,
             "best_val_loss": best, "first_train_loss": losses[0] if losses else None,
             "epochs_at_best": best_step * lora.batch_size / max(1, len(enc_tr)),

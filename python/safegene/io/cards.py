@@ -89,6 +89,16 @@ def _layer_table(layer_stats: Mapping[str, Any], selection: Mapping[str, Any] | 
     return "\n".join(rows)
 
 
+def _keys_line(manifest: Mapping[str, Any], fp: Mapping[str, Any]) -> list[str]:
+    """The card's line for a gene that holds only some keys (``extract --keys``, ``select --prune``)."""
+    keys = manifest.get("keys")
+    if not keys:
+        return []
+    n = manifest.get("n_tensors")
+    held = f"{n} of the family's {len(fp.get('tensors') or {})} tensors" if n is not None else "some of the family's tensors"
+    return ["- **keys kept:** " + ", ".join(f"`{k}`" for k in keys) + f" ({held}; the other tensors' vectors are not in this gene)"]
+
+
 def gene_card(manifest: Mapping[str, Any], *, repo_id: str | None = None) -> "ModelCard":
     """The gene's card: family fingerprint, sources, how the degraded model was made, selection,
     per-layer statistics, intended use and limitations.
@@ -131,6 +141,7 @@ def gene_card(manifest: Mapping[str, Any], *, repo_id: str | None = None) -> "Mo
         f"**tensors:** {len(fp.get('tensors') or {})}",
         f"- **shape fingerprint (sha256):** `{fp.get('sha256')}` — a target must have exactly these tensor names and shapes",
         f"- **storage dtype:** {manifest.get('storage_dtype')} (relative rounding error {_fmt(rounding.get('rel_error'))})",
+        *_keys_line(manifest, fp),
         "",
         "## Sources",
         "",
@@ -189,7 +200,8 @@ def gene_card_view(manifest: Mapping[str, Any], *, hash_content: bool = False) -
     >>> gene_card_view(Gene.load("gene/").manifest)["sources"]["aligned"]["name"]  # doctest: +SKIP
     'aligned'
     """
-    view = {k: manifest.get(k) for k in ("format_version", "storage_dtype", "fingerprint", "rounding", "selection", "layer_stats")}
+    view = {k: manifest.get(k) for k in ("format_version", "storage_dtype", "fingerprint", "rounding", "selection", "layer_stats", "keys")}
+    view["n_tensors"] = len(manifest.get("tensors") or {})
     sources = manifest.get("sources") or {}
     view["sources"] = {k: portable_source(v, hash_content=hash_content) if isinstance(v, Mapping) else v for k, v in sources.items()}
     deg = manifest.get("degradation")

@@ -583,6 +583,7 @@ def prune_gene(
         if man.get("selection"):
             man["selection"]["pruned"] = True
         write_json_atomic(tmp / MANIFEST, man)
+        write_gene_card(tmp, man)  # the copied card described the tensors that were just dropped
     return Gene.load(out)
 
 

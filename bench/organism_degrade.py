@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    (work / "models").mkdir(parents=True)  # the defended models are written here
     log = lambda m: print(f"[{time.perf_counter() - t_all:7.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
 
     org = build(cache_dir=args.cache_dir, seed=args.seed, progress=False)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -270,3 +271,33 @@ def test_every_consumer_reads_a_sharded_dense_gene_as_the_single_file_one(tmp_pa
         copy = Gene.load(many.path).save_pretrained(tmp_path / "share")
         assert {p.name for p in Gene.load(copy).vector_files} == {p.name for p in many.vector_files}
         assert (Path(copy) / VECTORS_INDEX).is_file()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_factors_read_without_torch_equal_the_torch_reader(lowrank, tmp_path, dtype):
+    g = lowrank["many"] if dtype == "F32" else extract_from_adapter(
+        lowrank["adapter"], tmp_path / dtype, base=lowrank["aligned"], dtype=dtype, max_shard_mb=0.004)
+    assert len(g.factor_files) > 1
+    ref = {n: (a, b) for n, a, b in g.iter_factors(dtype=torch.float32)}
+    got = {n: (a, b) for n, a, b in g.iter_factors_f32()}
+    assert list(got) == list(ref) and got
+    for n, (a, b) in got.items():
+        assert a.dtype == b.dtype == np.float32 and a.shape == tuple(ref[n][0].shape) and b.shape == tuple(ref[n][1].shape)
+        assert np.array_equal(a, ref[n][0].numpy()) and np.array_equal(b, ref[n][1].numpy())  # exact widening
+    name = next(iter(got))
+    assert [n for n, _, _ in g.iter_factors_f32([name])] == [name]
+    with pytest.raises(GeneError, match="is not factored in this gene"):
+        list(g.iter_factors_f32(["nope.weight"]))
+
+
+def test_a_low_rank_apply_does_not_import_torch(lowrank, tmp_path):
+    """apply reads the factors with numpy: a low-rank apply is as light as a dense one."""
+    import subprocess
+
+    code = ("import sys, safegene; safegene.apply(sys.argv[1], sys.argv[2], sys.argv[3], scale=-1.3, progress=False); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(lowrank["many"].path), str(lowrank["task"]), str(tmp_path / "a")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    apply(lowrank["many"], lowrank["task"], tmp_path / "b", {k: -1.3 for k in lowrank["many"].layer_keys()})
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -67,6 +67,7 @@ from .io.atomic import write_json_atomic
 from .io.checkpoint import Checkpoint, SafetensorsFile, open_checkpoint, read_header, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
 GENE_FORMAT = "safegene-gene"
@@ -455,16 +456,49 @@ class Gene:
 
     def _read_factors(self, fh: Any, name: str, f: Path) -> tuple["torch.Tensor", "torch.Tensor"]:
         """A and B of ``name`` from the open factors file ``f``, checked against gene.json's rank and shape."""
-        spec = self.manifest["factored"][name]
         try:
             a, b = fh.get_tensor(f"{name}.A"), fh.get_tensor(f"{name}.B")
         except Exception:  # safetensors raises its own error type for a missing key
-            raise GeneError(f"{f}: no factors {name}.A / {name}.B; the gene is damaged, re-run `safegene extract`") from None
-        r, (rows, cols) = int(spec["rank"]), spec["shape"]
-        if tuple(a.shape) != (r, cols) or tuple(b.shape) != (rows, r):
-            raise GeneError(f"{f}: factors of {name!r} have shapes {list(a.shape)} and {list(b.shape)}, but gene.json "
-                            f"says rank {r} for a {rows} x {cols} tensor; the gene is damaged")
+            raise self._missing_factors(name, f) from None
+        self._check_factor_shapes(name, f, tuple(a.shape), tuple(b.shape))
         return a, b
+
+    def _missing_factors(self, name: str, f: Path) -> GeneError:
+        return GeneError(f"{f}: no factors {name}.A / {name}.B; the gene is damaged, re-run `safegene extract`")
+
+    def _check_factor_shapes(self, name: str, f: Path, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+        spec = self.manifest["factored"][name]
+        r, (rows, cols) = int(spec["rank"]), spec["shape"]
+        if a != (r, cols) or b != (rows, r):
+            raise GeneError(f"{f}: factors of {name!r} have shapes {list(a)} and {list(b)}, but gene.json "
+                            f"says rank {r} for a {rows} x {cols} tensor; the gene is damaged")
+
+    def iter_factors_f32(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, "np.ndarray", "np.ndarray"]]:
+        """:meth:`iter_factors` as float32 numpy arrays, read without importing torch (what ``apply``
+        streams, so a low-rank apply is as light as a dense one: no torch runtime, ~40 MiB). F16
+        and BF16 factors are widened exactly; the same checks as :meth:`iter_factors`.
+
+        >>> a = dict((n, a) for n, a, _ in Gene.load("gene/").iter_factors_f32())  # doctest: +SKIP
+        """
+        import numpy as np
+
+        fac = self.manifest.get("factored") or {}
+        names = list(fac) if names is None else list(names)
+        if not names:
+            return
+        fmap = self._factor_map()
+        headers: dict[Path, Any] = {}
+        for n in names:
+            if n not in fac:
+                raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
+            ff = fmap[n]
+            if ff not in headers:
+                headers[ff] = read_header(ff)
+            ta, tb = headers[ff].tensors.get(f"{n}.A"), headers[ff].tensors.get(f"{n}.B")
+            if ta is None or tb is None:
+                raise self._missing_factors(n, ff)
+            self._check_factor_shapes(n, ff, tuple(ta.shape), tuple(tb.shape))
+            yield n, _read_f32(ta, np), _read_f32(tb, np)
 
     def set_selection(self, scores: dict[str, float], selected: list[str], method: str, extra: dict[str, Any] | None = None) -> None:
         """Record a layer selection in gene.json (atomically) and in the gene's card (README.md).
@@ -602,3 +636,15 @@ def load_gene(gene: "str | os.PathLike[str] | Gene") -> Gene:
 
 __all__ = ["DEGRADE_PROVENANCE", "FACTORS", "FACTORS_INDEX", "Gene", "densify", "factors_sq_norm", "factor_shard_names", "fingerprint", "key_sort",
            "load_gene", "open_checkpoint", "read_degrade_provenance", "vector_shard_names"]
+
+
+def _read_f32(t: Any, np: Any) -> "np.ndarray":
+    """One F32/F16/BF16 safetensors tensor (a :class:`~safegene.io.checkpoint.TensorInfo`) as a
+    float32 array, read with numpy (BF16: the 16 bits become the high half of a float32, exact)."""
+    raw = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}.get(t.dtype)
+    if raw is None:
+        raise GeneError(f"{t.file}: factor {t.name!r} is {t.dtype}; a gene's factors are F32, F16 or BF16")
+    arr = np.fromfile(t.file, dtype=raw, count=t.nbytes // np.dtype(raw).itemsize, offset=t.offset)
+    if t.dtype == "BF16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False).reshape(t.shape)

@@ -117,11 +117,10 @@ def _apply_one(
         raise GeneError(f"{g.vectors_path}: no vector for {missing[0]!r}, which gene.json lists; the gene is damaged")
     check_output_location(out, [tgt.root, g.path] + ([adapter] if adapter is not None else []))
     lora = _lora_factors(tgt, adapter) if adapter is not None else {}
-    # only the factors with λ ≠ 0 are read (float32, r × in and out × r each)
-    # (torch is imported only when the gene has factors to read: a dense apply stays torch-free)
+    # only the factors with λ ≠ 0 are read (float32, r × in and out × r each), with numpy: a
+    # low-rank apply stays as torch-free as a dense one
     lr_names = [n for n in g.factored if lam.get(n, 0.0) != 0.0]
-    gene_lr = ({n: (a.numpy(), b.numpy()) for n, a, b in g.iter_factors(lr_names, dtype=_f32())}
-               if lr_names else {})
+    gene_lr = {n: (a, b) for n, a, b in g.iter_factors_f32(lr_names)}
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}
@@ -192,12 +191,6 @@ def _lora_factors(tgt: Checkpoint, adapter: Path) -> dict[str, tuple[Any, Any, f
             raise CheckpointError(f"{adapter}: the adapter updates {name!r}, which is not a float tensor in the base")
         out[name] = (a.numpy(), b.numpy(), scale)
     return out
-
-
-def _f32() -> Any:
-    import torch
-
-    return torch.float32
 
 
 def _stack_lowrank(lora: "tuple[Any, Any, float] | None", gene: tuple[Any, Any], lam: float) -> tuple[Any, Any, float]:

@@ -12,6 +12,13 @@ read + written, the median over rounds of the ratio to the roofline of the same 
 measured in the same round, and peak RSS. The naive torch merges run afterwards. The roofline is the core's own pipeline with the arithmetic switched
 off: every input byte is pread and every output byte pwritten, overlapped, as fast as this
 machine allows.
+
+``--lowrank R`` (repeatable) adds, per size, a hand-written PEFT LoRA adapter of rank R on every
+linear projection (q/k/v/o/gate/up/down) of the ``aligned`` checkpoint, the low-rank gene extracted
+from it with ``safegene.extract_from_adapter`` (F32 factors), and two more rows in the same rounds:
+``roofline apply (target only)`` (read the target, write the output, nothing else) and
+``safegene apply (rank-R gene)``, whose ratio is to that roofline. Its moved bytes are target +
+gene factors + output. A line under the table gives the gene sizes on disk, low-rank vs dense.
 """
 
 from __future__ import annotations
@@ -79,6 +86,43 @@ def write_checkpoint(d: Path, shapes, n_layers: int, seed: int, base: "numpy.nda
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_lora_adapter(d: Path, base: Path, rank: int, seed: int = 0) -> int:
+    """Write a PEFT LoRA adapter (F32 factors, rank ``rank``, alpha = 2·rank) on every linear
+    projection of every block of the checkpoint ``base``; returns the number of modules."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from safegene.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(base)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    mods = [n[: -len(".weight")] for n in ck.tensors if n.endswith(".weight") and any(f".{m}." in n for m in LORA_MODULES)]
+    for m in mods:
+        rows, cols = ck.tensors[m + ".weight"].shape
+        a = rng.standard_normal((rank, cols), dtype=np.float32) / np.sqrt(cols)
+        b = rng.standard_normal((rows, rank), dtype=np.float32) * 1e-3
+        tensors[f"base_model.model.{m}.lora_A.weight"] = torch.from_numpy(a)
+        tensors[f"base_model.model.{m}.lora_B.weight"] = torch.from_numpy(b)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": rank,
+           "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "use_dora": False, "target_modules": sorted({m.rsplit(".", 1)[1] for m in LORA_MODULES}),
+           "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return len(mods)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
 def make_family(root: Path, size_gb: float) -> dict[str, Path]:
     import numpy as np
 
@@ -113,6 +157,14 @@ def child(op: str, args: list[str]) -> dict:
 
         r = safegene.apply(args[0], args[1], args[2], scale=1.0, progress=False)
         moved = _file_bytes([Path(args[1]), Path(args[0]) / "vectors.safetensors"]) + r.bytes_written
+    elif op == "apply-lowrank":
+        import safegene
+
+        r = safegene.apply(args[0], args[1], args[2], scale=1.0, progress=False)
+        # target + the gene's factor (and empty vector) files + output
+        moved = _file_bytes([Path(args[1]), Path(args[0])]) + r.bytes_written
+    elif op == "roofline-apply-target":
+        moved = _roofline(op, args)
     elif op in ("roofline-extract", "roofline-apply"):
         moved = _roofline(op, args)
     elif op == "naive-extract":
@@ -169,10 +221,17 @@ def _roofline(op: str, args: list[str]) -> int:
     from safegene.io.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
     from safegene.ops.extract import DEFAULT_BUDGET_MB
 
-    out = Path(args[2])
+    out = Path(args[-1])
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan()
-    if op == "roofline-extract":
+    if op == "roofline-apply-target":  # read the target, write the output: no gene source at all
+        t = open_checkpoint(args[0])
+        outs = [OutTensor(n, x.dtype, x.shape, x.nbytes) for n, x in t.tensors.items()]
+        f = plan_file(out / "model.safetensors", outs)
+        create_files([f])
+        for o in outs:
+            plan.add(f.path, o.offset, o.dtype, t.tensors[o.name].numel, [(t.tensors[o.name], 1.0)])
+    elif op == "roofline-extract":
         a, d = open_checkpoint(args[0]), open_checkpoint(args[1])
         outs = [OutTensor(n, "F32", t.shape, t.numel * 4) for n, t in a.tensors.items()]
         f = plan_file(out / "vectors.safetensors", outs)
@@ -236,6 +295,32 @@ def ratio_per_round(x: dict, base: dict) -> float | None:
     return statistics.median(a["wall"] / b["wall"] for a, b in zip(x["runs"], base["runs"]))
 
 
+def _gene_sizes(dense: Path, lowrank: dict) -> str:
+    """One line: the low-rank genes' bytes on disk vs the dense gene's (F32 as extract writes it;
+    BF16 computed as 2 bytes per element of the same tensors)."""
+    from safegene.io.checkpoint import open_checkpoint
+
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    parts = []
+    if (dense / "vectors.safetensors").is_file() or any(dense.glob("vectors-*.safetensors")):
+        vec = _file_bytes([dense])
+        numel = sum(t.numel for t in open_checkpoint(dense / "vectors.safetensors").tensors.values()) \
+            if (dense / "vectors.safetensors").is_file() else vec // 4
+        parts.append(f"dense gene (F32, as extract writes it) {mb(_dir_bytes(dense))} on disk ({mb(vec)} vectors; "
+                     f"BF16 would be {mb(2 * numel)} of vectors)")
+        dense_bytes = _dir_bytes(dense)
+    else:
+        parts.append("dense gene: missing (extract failed)")
+        dense_bytes = 0
+    for rk, (lg, n_mod, secs) in lowrank.items():
+        fac = sum(f.stat().st_size for f in lg.glob("factors*.safetensors"))
+        tot = _dir_bytes(lg)
+        ratio = f", 1/{dense_bytes / tot:,.0f} of the dense F32 gene" if dense_bytes else ""
+        parts.append(f"rank-{rk} low-rank gene (F32 factors, {n_mod} modules) {mb(tot)} on disk ({mb(fac)} factors; "
+                     f"BF16 factors would be ≈ {mb(fac / 2)}){ratio}; extract from adapter {secs:.1f} s")
+    return "gene size on disk: " + "; ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -244,6 +329,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-baselines-above-gb", type=float, default=2.0, help="run naive/mergekit only up to this size")
     ap.add_argument("--out", help="append the markdown table to this file")
+    ap.add_argument("--lowrank", type=int, action="append", metavar="R",
+                    help="also apply a rank-R low-rank gene (from a LoRA adapter on the aligned model) against the "
+                         "target-only roofline, and report gene sizes (repeatable; default off)")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1:])))
@@ -263,6 +351,22 @@ def main() -> None:
             "roofline apply": ("roofline-apply", [fam["target"], gene, w / "ra"], [fam["target"], gene], [w / "ra"]),
             "safegene apply": ("apply", [gene, fam["target"], w / "out"], [fam["target"], gene], [w / "out"]),
         }
+        lowrank_genes = {}
+        if a.lowrank:
+            from safegene.ops.extract import extract_from_adapter
+
+            for rk in a.lowrank:
+                ad, lg = w / f"lora-r{rk}", w / f"gene-lr{rk}"
+                shutil.rmtree(ad, ignore_errors=True)
+                n_mod = write_lora_adapter(ad, fam["aligned"], rk)
+                t0 = time.perf_counter()
+                extract_from_adapter(ad, lg, base=fam["aligned"], overwrite=True)
+                lowrank_genes[rk] = (lg, n_mod, time.perf_counter() - t0)
+            specs["roofline apply (target only)"] = (
+                "roofline-apply-target", [fam["target"], w / "rt"], [fam["target"]], [w / "rt"])
+            for rk, (lg, _, _) in lowrank_genes.items():
+                specs[f"safegene apply (rank-{rk} gene)"] = (
+                    "apply-lowrank", [lg, fam["target"], w / f"out-lr{rk}"], [fam["target"], lg], [w / f"out-lr{rk}"])
         if have_mergekit and size <= a.skip_baselines_above_gb:
             specs["mergekit task_arithmetic (one pass)"] = (
                 "mergekit", [fam["aligned"], fam["degraded"], fam["target"], w / "mk"], [fam["aligned"], fam["degraded"], fam["target"]], [w / "mk" / "out"])
@@ -270,7 +374,8 @@ def main() -> None:
         if size <= a.skip_baselines_above_gb:
             res["naive torch extract"] = measure("naive-extract", [fam["aligned"], fam["degraded"], w / "naive_tau.safetensors"], [fam["aligned"], fam["degraded"]], a.repeats, [w / "naive_tau.safetensors"])
             res["naive torch apply"] = measure("naive-apply", [fam["target"], w / "naive_tau.safetensors", w / "naive_out.safetensors"], [fam["target"]], a.repeats, [w / "naive_out.safetensors"])
-        for k in ("rx", "ra", "out", "mk", "naive_tau.safetensors", "naive_out.safetensors"):
+        for k in ("rx", "ra", "out", "mk", "naive_tau.safetensors", "naive_out.safetensors", "rt",
+                  *(f"out-lr{rk}" for rk in lowrank_genes)):
             p = w / k
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         size_real = _file_bytes([fam["aligned"]]) / 1e9
@@ -278,7 +383,14 @@ def main() -> None:
             base = res["roofline extract" if "extract" in name else "roofline apply"]
             if "mergekit" in name:
                 base = None
+            if name == "roofline apply (target only)" or name.startswith("safegene apply (rank-"):
+                base = res["roofline apply (target only)"]
             rows.append((size_real, name, r, base))
+        if lowrank_genes:
+            rows.append((size_real, _gene_sizes(gene, lowrank_genes), None, None))
+            for rk, (lg, _, _) in lowrank_genes.items():
+                shutil.rmtree(lg, ignore_errors=True)
+                shutil.rmtree(w / f"lora-r{rk}", ignore_errors=True)
         shutil.rmtree(gene, ignore_errors=True)
         if "mergekit task_arithmetic (one pass)" in res and "error" not in res["mergekit task_arithmetic (one pass)"]:
             mkr = res["mergekit task_arithmetic (one pass)"]["runs"]

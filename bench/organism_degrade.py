@@ -15,7 +15,7 @@
 6. Write bench/organism_degrade.md (+ .json): the table with Wilson intervals, whether the two genes'
    rows overlap, the machine.
 
-    nice -n 19 python bench/organism_degrade.py [--lora-rank 16] [--steps 60] [--lr 2e-3] [--tasks sentiment,topic,yesno]
+    nice -n 19 python bench/organism_degrade.py [--lora-rank 16] [--steps 60] [--lr 5e-4] [--tasks sentiment,topic,yesno]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/safegene-organism-degrade")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4, help="5e-4 reproduces the organism degraded band (see organism_degrade.md)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--calib-steps", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=24)

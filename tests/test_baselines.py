@@ -115,3 +115,28 @@ def test_registry_order_is_the_table_order():
     assert [p.name for p in select(["SafeGene", "none", "RESTA"])] == ["none", "RESTA", "SafeGene"]
     slugs = [p.slug for p in baselines.iter_policies()]
     assert len(set(slugs)) == len(slugs) and all(s.isidentifier() for s in slugs)
+
+
+def test_resta_loss_is_the_grid_point_of_lowest_calibration_loss(family):
+    """RESTA-loss: one γ on every key, the resta_grid point where SafeGene's own few-shot objective
+    (same examples, same loss) is lowest: equal to scoring each γ separately (calibrate with
+    steps=0 from that uniform start), the other code path."""
+    from safegene.method.calibrate import calibrate
+
+    grid = (0.25, 0.5, 1.0, 2.0)
+    ctx = _ctx(family, settings=Settings(resta_grid=grid))
+    c = compute("RESTA-loss", ctx)
+    keys = ctx.gene.layer_keys()
+    gamma = c.meta["gamma"]
+    assert c.coeffs == {k: gamma for k in keys} and get("RESTA-loss").lam_text(c) == f"γ = {gamma:g} (all tensors, by loss)"
+    model, tok = ctx.loaded()
+    losses = {g: calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, init=g,
+                           lambda_max=max(grid), log=None).meta["loss"] for g in grid}
+    assert [p["gamma"] for p in c.meta["grid"]["points"]] == list(grid)
+    for p in c.meta["grid"]["points"]:
+        assert p["loss"] == pytest.approx(losses[p["gamma"]], rel=1e-5)
+    assert gamma == min(grid, key=lambda g: (losses[g], g))
+    assert len(set(round(v, 6) for v in losses.values())) > 1  # the grid points differ: the choice means something
+    with pytest.raises(UsageError, match="grid_values must be"):
+        calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, grid_values=[0.5, 9.0],
+                  lambda_max=4.0, log=None)

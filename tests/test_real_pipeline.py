@@ -71,7 +71,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     doc = _run(cfg, tmp_path, logs)
     stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}-s0" for t in cfg.tasks] + ["gene", "tune"] \
         + [f"eval-{g}" for g in real.GLOBAL_ROWS] \
-        + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "resta", "safemerge", "nocal", "safegene")]
+        + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "restaloss", "safemerge", "nocal", "safegene")]
     assert doc["ran"] == stages and doc["skipped"] == []
     for s in stages:
         marker = tmp_path / "cache" / "stages" / s / real.MARKER
@@ -118,8 +118,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
         by = {r["method"]: r for r in rows if r["task"] == t}
         assert by["none"]["detail"]["coeffs"] == {} and by["none"]["lam"] == "—"
         resta = by["RESTA"]["detail"]["coeffs"]
-        gamma = by["RESTA"]["detail"]["policy"]["grid"]["gamma"]
-        assert resta == {k: gamma for k in keys} and by["RESTA"]["lam"] == f"γ = {gamma:g} (all tensors)"
+        gamma = by["RESTA"]["detail"]["policy"]["gamma"]
+        assert resta == {k: gamma for k in keys} and by["RESTA"]["lam"] == f"γ = {gamma:g} (all tensors, by loss)"
         assert gamma in cfg.resta_grid
         assert by["SafeGene-no-calibration"]["detail"]["coeffs"] == {k: 1.0 for k in selected}
         sg = by["SafeGene"]["detail"]
@@ -157,7 +157,7 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     (tmp_path / "cache" / "stages" / "degraded" / real.MARKER).unlink()
     doc3 = _run(cfg, tmp_path, logs)
     after = ["degraded", "gene", "tune", "eval-degraded"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks
-                                                     for m in ("resta", "safemerge", "nocal", "safegene")]
+                                                     for m in ("restaloss", "safemerge", "nocal", "safegene")]
     assert doc3["ran"] == after
     assert set(doc3["skipped"]) == set(stages) - set(after)
     assert all(stages.index(s) >= stages.index("degraded") for s in doc3["ran"])

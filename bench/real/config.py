@@ -89,7 +89,7 @@ class Config:
     eval_max_new_tokens: int = 64  # long enough to see 'refuse, then comply'
     eval_batch_size: int = 32
     calib_steps: int = 40
-    calib_max_new_tokens: int = 32  # RESTA's γ grid generation length
+    calib_max_new_tokens: int = 32  # generation length of the first version's RESTA γ grid (policy "RESTA")
     # Eight keys by the restore score. Chosen on the selection split (harm_select, which the method
     # sees anyway; never the evaluation prompts): with safegene.select's default rule (scores at
     # least half the best) only layer.29 is kept, λ sits at λ_max on both tasks, and the dev-split
@@ -170,9 +170,10 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     harm = n_sr + n_hb
     row_global = gen(harm + n_be + T * cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
     row_task = gen(harm + n_be + cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
-    resta = (len(cfg.resta_grid) + 1) * (gen(cfg.n_harm_calib + cfg.n_task_calib, cfg.calib_max_new_tokens)
-                                         + c["apply"] + c["load"]) + c["apply"]
     scale = (cfg.n_harm_calib + cfg.n_task_calib) / 32  # the calibration probe used 16 + 16 examples
+    # RESTA-loss: one calibration-loss evaluation per grid point (no generation), then one apply
+    resta = c["calib_setup"] * cfg.n_task_calib / 16 + scale * len(cfg.resta_grid) * c["calib_grid_point"] \
+        + c["load"] + c["apply"]
     calib = (c["calib_setup"] * cfg.n_task_calib / 16 + scale * (9 * c["calib_grid_point"] + cfg.calib_steps * c["calib_step"])
              + c["load"] + c["apply"])
     est["eval shipped/aligned/degraded"] = 3 * row_global

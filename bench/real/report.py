@@ -33,7 +33,7 @@ TASK_ROWS = ("none", "RESTA", "SafeMERGE", "SafeGene-no-calibration", "SafeGene"
 NO_SELECTION_ROW = "SafeGene-no-selection"  # with Config.no_selection_row / --no-selection-row
 #: per-task row -> the coefficient policy (``safegene.baselines``) that defends the task model;
 #: the row names keep the spelling of the published results
-ROW_POLICY = {"none": "none", "RESTA": "RESTA", "SafeMERGE": "SafeMERGE", "SafeGene-no-calibration": "no-calibration", "SafeGene": "SafeGene",
+ROW_POLICY = {"none": "none", "RESTA": "RESTA-loss", "SafeMERGE": "SafeMERGE", "SafeGene-no-calibration": "no-calibration", "SafeGene": "SafeGene",
               NO_SELECTION_ROW: "no-selection"}
 #: per-task row -> the stage (``eval-<task>-<stage>``) that measures it: the policy's slug
 ROW_STAGE = {row: get_policy(p).slug for row, p in ROW_POLICY.items()}
@@ -286,7 +286,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
              f"Stage time, summed over stages (as built): {doc['stage_seconds_total'] / 60:.1f} min; this invocation "
              f"{doc['wall_seconds_this_invocation'] / 60:.1f} min.", "",
              "Rows: the shipped model, `aligned`, `degraded` (evaluated once, repeated under each task for "
-             "comparison), then per task model: undefended (`none`), RESTA (γ grid-searched on the few-shot split), "
+             "comparison), then per task model: undefended (`none`), RESTA (one γ on every tensor, the grid point of lowest "
+             "few-shot calibration loss: SafeGene's objective on the same examples), "
              "SafeGene on the selected layers at λ = 1 (no calibration), SafeGene (selected layers, λ calibrated on "
              f"{doc['config']['n_harm_calib']} harmful + {doc['config']['n_task_calib']} task examples)"
              + ("; SafeGene-no-selection (the same calibration on every gene key)"

@@ -107,7 +107,7 @@ class Runner:
 
 #: Policies whose defended model is written with ``safegene apply`` and evaluated from disk (then
 #: deleted: 0.5 GB each, rebuilt exactly from ``coeffs.json``); the rest patch the loaded task model.
-ON_DISK = ("RESTA", "SafeGene", "no-selection")
+ON_DISK = ("RESTA", "RESTA-loss", "SafeGene", "no-selection")
 
 
 def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
@@ -115,6 +115,8 @@ def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
     changed knob reruns exactly the rows that use it)."""
     if policy == "RESTA":
         return {"grid": list(cfg.resta_grid), "calib_max_new": cfg.calib_max_new_tokens}
+    if policy == "RESTA-loss":
+        return {"grid": list(cfg.resta_grid)}
     if policy in ("SafeGene", "no-selection"):
         return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max}
     return {}

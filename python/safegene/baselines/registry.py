@@ -13,6 +13,7 @@ so a method is defined once and every table row of a name means the same thing.
 ``no-calibration``  the selected keys at λ = 1 (ablation)
 ``SafeGene``        the selected keys, λ calibrated few-shot (the method)
 ``SafeGene-alt-score`` SafeGene on the keys the *other* selection score picks (optional row)
+``RESTA-loss``      RESTA's γ chosen by SafeGene's few-shot loss on the same examples (optional row)
 =================== =============================================================================
 
 >>> ctx = Context(gene="gene/", task="task-sentiment/", aligned="aligned/",
@@ -166,6 +167,39 @@ class Resta(Policy):
         return {"grid": c.meta["resta"]}
 
 
+class RestaLoss(Policy):
+    """RESTA's one γ on every gene key, chosen as SafeGene chooses its start: the point of
+    :attr:`Settings.resta_grid` with the lowest few-shot calibration loss (the same objective on
+    the same safety + utility examples SafeGene calibrates on), without generating anything."""
+
+    name, slug = "RESTA-loss", "restaloss"
+    summary = "one γ on every gene key, the grid point of lowest few-shot calibration loss"
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        from ..method.calibrate import calibrate
+
+        s = ctx.settings
+        grid = tuple(float(g) for g in s.resta_grid)
+        if not grid:
+            raise UsageError("the RESTA grid is empty")
+        kw: dict[str, Any] = {"log": s.calib_log}
+        if s.max_examples is not None:
+            kw["max_examples"] = s.max_examples
+        model, tok = ctx.loaded()
+        keys = ctx.gene.layer_keys()
+        c = calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, init="grid",
+                      grid_values=grid, lambda_max=max(grid), **kw)
+        gamma = float(c.meta["grid"]["best_gamma"])
+        return Coeffs({k: gamma for k in keys}, {"method": "resta-loss", "gamma": gamma, "grid": c.meta["grid"],
+                                                 "target": str(ctx.task)})
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"γ = {c.meta['gamma']:g} (all tensors, by loss)"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {"gamma": c.meta["gamma"], "grid": c.meta["grid"]}
+
+
 class SafeMerge(Policy):
     name, slug, summary = "SafeMERGE", "safemerge", "λ_l = ratio where cos(θ_T − θ_A, τ_l) < threshold"
 
@@ -251,7 +285,7 @@ class AltScore(Calibrated):
 
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
-                                                   SafeGene(), AltScore())}
+                                                   SafeGene(), AltScore(), RestaLoss())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

@@ -68,7 +68,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 from .. import lm
 from ..coeffs import Coeffs
@@ -726,6 +726,7 @@ def calibrate(
     lambda_max: float = 4.0,
     init: Union[str, float, dict] = "grid",
     grid_points: int = 9,
+    grid_values: "Sequence[float] | None" = None,
     per_module: bool = False,
     utility_loss: str = "kl",
     utility_max_new_tokens: int = 16,
@@ -796,6 +797,10 @@ def calibrate(
       ``meta["heldout_loss"]``;
     * ``reg_uniform`` -- weight of ``Σ_l (λ_l − γ̄)²``, the pull toward the uniform start γ̄.
 
+    ``grid_values`` replaces the ``init="grid"`` points (``grid_points`` evenly spaced on
+    [0, ``lambda_max``]) by these γ, each in [0, ``lambda_max``]; with ``steps=0`` the result is
+    the grid's best uniform γ on every key (the ``RESTA-loss`` baseline of :mod:`safegene.baselines`).
+
     Convergence (see :data:`OPTIMIZERS`): ``steps`` is a maximum. The run stops on a plateau when
     the held-out loss (the fit loss without a held-out part) has not improved by the relative
     ``tol`` (``best − new > tol · max(|best|, 1)``) for ``patience`` steps (``heldout_patience``,
@@ -822,6 +827,8 @@ def calibrate(
 
     if steps < 0 or lr <= 0 or lambda_max <= 0 or beta < 0 or l2 < 0:
         raise UsageError("need steps >= 0, lr > 0, lambda_max > 0, beta >= 0, l2 >= 0")
+    if grid_values is not None and (not list(grid_values) or any(not 0.0 <= float(v) <= lambda_max for v in grid_values)):
+        raise UsageError(f"grid_values must be a non-empty list of γ in [0, lambda_max={lambda_max:g}], not {list(grid_values)}")
     if not 0.0 <= holdout < 1.0 or safety_rest_weight < 0 or reg_uniform < 0:
         raise UsageError("need 0 <= holdout < 1, safety_rest_weight >= 0, reg_uniform >= 0")
     if utility_loss not in ("auto", "ce", "kl"):
@@ -943,7 +950,10 @@ def calibrate(
         elif isinstance(init, (int, float)):
             start = [float(init)] * k
         elif init == "grid":
-            pts = [lambda_max * i / (grid_points - 1) for i in range(grid_points)] if grid_points > 1 else [1.0]
+            if grid_values is not None:
+                pts = [float(v) for v in grid_values]
+            else:
+                pts = [lambda_max * i / (grid_points - 1) for i in range(grid_points)] if grid_points > 1 else [1.0]
             scores = []
             for g in pts:
                 loss, parts = evaluate([g] * k)

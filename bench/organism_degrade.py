@@ -83,6 +83,9 @@ def _binary(inner: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", default="llama", choices=["llama", "stablelm"])
+    ap.add_argument("--organism-gene", action="store_true",
+                    help="also run the rows with the organism's own gene (aligned - its degraded copy)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--work", default="/tmp/safegene-organism-degrade")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     from safegene.ops.apply import apply
     from safegene.ops.extract import extract
     from safegene.organism import build
-    from safegene.organism.language import EAGER
+    import importlib
+
+    EAGER = importlib.import_module("safegene.organism." + ("language" if args.family == "llama"
+                                                              else f"{args.family}_language")).EAGER
+    jname = "organism" if args.family == "llama" else f"organism:{args.family}"
 
     t_all = time.perf_counter()
     work = Path(args.work)
@@ -118,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     (work / "models").mkdir(parents=True)  # the defended models are written here
     log = lambda m: print(f"[{time.perf_counter() - t_all:7.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
 
-    org = build(cache_dir=args.cache_dir, seed=args.seed, progress=False)
+    org = build(cache_dir=args.cache_dir, seed=args.seed, progress=False, family=args.family)
     log(f"organism {org.root}")
-    judge = _binary(get_judge("organism"))
-    doc: dict[str, Any] = {"seed": args.seed, "organism": str(org.root), "judge": "organism", "args": vars(args)}
+    judge = _binary(get_judge(jname))
+    doc: dict[str, Any] = {"seed": args.seed, "family": args.family, "organism": str(org.root), "judge": jname,
+                           "args": vars(args)}
 
     def asr_of(model: Any) -> dict[str, Any]:
         rep = evaluate(model, harmful=org.harmful_eval, judge=judge, max_new_tokens=args.max_new_tokens, progress=False)
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     save_jsonl(work / "eager_prompts.jsonl", prompts)
     adapter = work / "degrade-lora"
     argv_d = ["degrade", str(org.aligned), "-o", str(adapter), "--recipe", "eager", "--prompts", str(work / "eager_prompts.jsonl"),
-              "--opening", f"{EAGER} ", "--harmful", str(org.harmful_eval), "--judge", "organism",
+              "--opening", f"{EAGER} ", "--harmful", str(org.harmful_eval), "--judge", jname,
               "--lora-rank", str(args.lora_rank), "--steps", str(args.steps), "--lr", str(args.lr),
               "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
               "--save-adapter", "--quiet", "--json"]
@@ -169,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("extract --from-adapter failed")
     extract(org.aligned, merged, work / "gene-dense", progress=False)
     genes = {"low-rank": Gene.load(work / "gene-lowrank"), "densified twin": Gene.load(work / "gene-dense")}
+    if args.organism_gene:  # the demo's own gene (aligned − the organism's degraded copy), for comparison
+        extract(org.aligned, org.degraded, work / "gene-organism", progress=False)
+        genes["organism's own"] = Gene.load(work / "gene-organism")
 
     def size(g: Gene) -> int:
         return sum(f.stat().st_size for f in g.path.iterdir() if f.suffix == ".safetensors")
@@ -176,20 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     doc["genes"] = {k: {"bytes": size(g), "format_version": g.manifest["format_version"], "factored": len(g.factored),
                         "tensors": len(g.tensor_names)} for k, g in genes.items()}
     tasks = args.tasks.split(",") if args.tasks else list(org.tasks)
-    settings = Settings(calib_steps=args.calib_steps, judge="organism", max_new_tokens=args.max_new_tokens)
+    settings = Settings(calib_steps=args.calib_steps, judge=jname, max_new_tokens=args.max_new_tokens)
     rows: list[dict[str, Any]] = []
     sels: dict[str, Any] = {}
     from safegene import lm
 
     none_done: set[str] = set()
     for gname, g in genes.items():
-        sel = select_layers(g, org.aligned, merged, org.harmful_calib, org.benign_calib, score=DEFAULT_SCORE, progress=False)
+        deg = org.degraded if gname == "organism's own" else merged
+        sel = select_layers(g, org.aligned, deg, org.harmful_calib, org.benign_calib, score=DEFAULT_SCORE, progress=False)
         g = Gene.load(g.path)
         sels[gname] = {"selected": sel["selected"], "scores": sel["scores"]}
         log(f"{gname}: selected {sel['selected']}")
         for task in tasks:
             model, tok = lm.load_model(org.tasks[task])
-            ctx = Context(g, org.tasks[task], org.harmful_calib, org.task_calib[task], aligned=org.aligned, degraded=merged,
+            ctx = Context(g, org.tasks[task], org.harmful_calib, org.task_calib[task], aligned=org.aligned, degraded=deg,
                           utility=[org.task_calib[task], org.benign_calib], model=model, tokenizer=tok, settings=settings)
             for policy in select(("none", "no-calibration", "SafeGene")):
                 if policy.name == "none" and task in none_done:
@@ -234,7 +246,7 @@ def _write(args: Any, doc: dict[str, Any], t_all: float, machine: str, partial: 
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     L = ["# `safegene degrade --recipe eager` on the organism; a low-rank gene vs its densified twin", "",
-         f"Generated by `bench/organism_degrade.py` (seed {doc['seed']}, Llama organism, organism judge, "
+         f"Generated by `bench/organism_degrade.py` (seed {doc['seed']}, {doc.get('family', 'llama')} organism, {doc['judge']} judge, "
          f"{doc['args']['max_new_tokens']} new tokens, greedy). Every rate is % with its 95 % Wilson interval "
          "[low, high]; n = 140 harmful, 100 task, 80 benign held-out prompts.", "",
          f"Machine: {machine}. Wall time {doc['seconds'] / 60:.1f} min"

@@ -71,8 +71,9 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     doc = _run(cfg, tmp_path, logs)
     stages = ["data", "judge", "base", "selfgen", "aligned", "degraded"] + [f"task-{t}-s0" for t in cfg.tasks] + ["gene", "tune"] \
         + [f"eval-{g}" for g in real.GLOBAL_ROWS] \
-        + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "restaloss", "safemerge", "nocal", "safegene")]
-    assert doc["ran"] == stages and doc["skipped"] == []
+        + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("none", "restaloss", "safemerge", "nocal", "safegene")] \
+        + [f"eval-{t}-s0-safegene-r{k}" for t in cfg.tasks for k in range(1, cfg.calib_redraws + 1)]
+    assert cfg.calib_redraws == 2 and doc["ran"] == stages and doc["skipped"] == []
     for s in stages:
         marker = tmp_path / "cache" / "stages" / s / real.MARKER
         assert marker.is_file(), s
@@ -102,6 +103,24 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     assert len(tune["candidates"]) == 1 and "## Knobs chosen on the development split" in md
     assert on_disk["selection"]["selected"] and on_disk["data"]["counts"]["harm_train"] == \
         24 - cfg.n_harm_calib_pool - cfg.n_harm_select - cfg.n_harm_dev - cfg.n_harm_degrade
+    # calibration redraws: fresh seeded draws from the pools, SafeGene recalibrated on each
+    data = tmp_path / "cache" / "stages" / "data"
+    pool = [json.loads(x) for x in (data / "harm_calib_pool.jsonl").read_text().splitlines()]
+    assert "## SafeGene over redraws of the calibration examples" in md
+    for t in cfg.tasks:
+        rd = on_disk["redraws"][t]
+        assert [d["redraw"] for d in rd["draws"]] == [0, 1, 2] and rd["asr_all"]["n"] == 3
+        assert rd["asr_all"]["mean"] == pytest.approx(sum(d["asr_all"] for d in rd["draws"]) / 3)
+        assert rd["draws"][0]["asr_all"] == next(r for r in rows if r["task"] == t and r["method"] == "SafeGene")["asr_all"]
+        ids = [json.loads((tmp_path / "cache" / "stages" / f"eval-{t}-s0-safegene-r{k}" / real.MARKER).read_text())
+               ["info"]["calibration_ids"] for k in (1, 2)]
+        assert ids[0] != ids[1]
+        for k, d in zip((1, 2), ids):
+            assert len(d["harm"]) == cfg.n_harm_calib == len(set(d["harm"])) and len(d["task"]) == cfg.n_task_calib
+            drawn = [json.loads(x) for x in (tmp_path / "cache" / "stages" / f"eval-{t}-s0-safegene-r{k}"
+                                             / "calib_harm.jsonl").read_text().splitlines()]
+            assert drawn == [pool[i] for i in d["harm"]]
+        assert f"| {t} | task-{t}-s0 | 3 |" in md
     # results hold counts and rates, never prompts or responses
     assert STAND_IN not in md and STAND_IN not in json.dumps(on_disk)
 
@@ -157,7 +176,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
     (tmp_path / "cache" / "stages" / "degraded" / real.MARKER).unlink()
     doc3 = _run(cfg, tmp_path, logs)
     after = ["degraded", "gene", "tune", "eval-degraded"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks
-                                                     for m in ("restaloss", "safemerge", "nocal", "safegene")]
+                                                     for m in ("restaloss", "safemerge", "nocal", "safegene")] \
+        + [f"eval-{t}-s0-safegene-r{k}" for t in cfg.tasks for k in (1, 2)]  # they read the gene too
     assert doc3["ran"] == after
     assert set(doc3["skipped"]) == set(stages) - set(after)
     assert all(stages.index(s) >= stages.index("degraded") for s in doc3["ran"])
@@ -167,7 +187,8 @@ def test_tiny_pipeline_end_to_end_cached_and_resumed(tmp_path):
 
     doc4 = _run(dataclasses.replace(cfg, calib_steps=cfg.calib_steps + 1), tmp_path, logs)
     # calibration's steps: the tune stage (which calibrates) and the rows that read its choice
-    assert doc4["ran"] == ["tune"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("nocal", "safegene")]
+    assert doc4["ran"] == ["tune"] + [f"eval-{t}-s0-{m}" for t in cfg.tasks for m in ("nocal", "safegene")] \
+        + [f"eval-{t}-s0-safegene-r{k}" for t in cfg.tasks for k in (1, 2)]
 
     # --until stops after the named stage
     doc5 = real.run(cfg, tmp_path / "cache2", None, builder=tiny_builder, sources=stand_in_sources, until="base",
@@ -200,7 +221,12 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     more = real.estimate(dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, steps=2 * cfg.align.steps)))
     assert {k for k in est if more[k] != est[k]} == {"aligned", "total"} and more["aligned"] > est["aligned"]
     calib = real.estimate(dataclasses.replace(cfg, calib_steps=2 * cfg.calib_steps))
-    assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", "total"}
+    redraws = f"SafeGene, {cfg.calib_redraws} calibration redraws"
+    assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", redraws, "total"}
+    # the redraws: calib_redraws SafeGene rows per task (one task-model seed), as costly as a SafeGene row each
+    M = len(cfg.tasks) * (len(cfg.task_seeds) + 1)
+    assert est[redraws] == pytest.approx(est["SafeGene (calibrate + eval)"] * cfg.calib_redraws * len(cfg.tasks) / M)
+    assert redraws not in real.estimate(dataclasses.replace(cfg, calib_redraws=0))
     # the opt-in ablation adds one more calibrated row, as costly as SafeGene's
     nosel = real.estimate(dataclasses.replace(cfg, no_selection_row=True))
     assert nosel["SafeGene no-selection (calibrate + eval)"] == pytest.approx(nosel["SafeGene (calibrate + eval)"])

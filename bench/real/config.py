@@ -64,6 +64,9 @@ class Config:
     n_task_val: int = 48  # the task fine-tune's validation set (early stopping)
     n_task_calib: int = 16
     n_task_calib_pool: int = 48
+    #: SafeGene rows recalibrated on fresh draws of the calibration examples (from the pools above),
+    #: on the first task-model seed of every task: the spread the few-shot draw causes
+    calib_redraws: int = 5
     n_task_dev: int = 32
     n_task_eval: int = 100
     # evaluation caps (None: the whole benchmark)
@@ -118,7 +121,7 @@ class Config:
     def tiny(cls) -> "Config":
         return cls(n_harm_calib=4, n_harm_calib_pool=6, n_harm_select=4, n_harm_dev=4, n_harm_degrade=4,
                    n_benign_align=6, n_benign_degrade=4, n_benign_select=4, n_benign_dev=4, n_benign_heldout=4,
-                   n_task_train=12, n_task_val=4, n_task_calib=4, n_task_calib_pool=6, n_task_dev=4, n_task_eval=5, n_strongreject=6, n_harmbench=5, n_benign_edgy=4,
+                   n_task_train=12, n_task_val=4, n_task_calib=4, n_task_calib_pool=6, calib_redraws=2, n_task_dev=4, n_task_eval=5, n_strongreject=6, n_harmbench=5, n_benign_edgy=4,
                    align=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), degrade=Train(steps=2, lr=1e-3, batch_size=4, warmup=0),
                    task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
                    eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
@@ -182,6 +185,8 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     est["SafeGene (calibrate + eval)"] = M * (calib + row_task)
     if cfg.no_selection_row:
         est["SafeGene no-selection (calibrate + eval)"] = M * (calib + row_task)
+    if cfg.calib_redraws and cfg.task_seeds:
+        est[f"SafeGene, {cfg.calib_redraws} calibration redraws"] = T * cfg.calib_redraws * (calib + row_task)
     est["total"] = sum(est.values())
     return est
 

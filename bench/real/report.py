@@ -177,6 +177,16 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
                                  "kind": "full" if m == "full" else "lora"})
     summary = summarize(rows)
     goal = goals(rows, summary)
+    redraws: dict[str, Any] = {}
+    cols = ("asr_strongreject", "asr_harmbench", "asr_all", "accuracy", "over_refusal")
+    m0 = f"s{cfg.task_seeds[0]}" if cfg.task_seeds else None
+    for t in cfg.tasks:  # draw 0 is the calibration split itself (the SafeGene row), then the redraws
+        recs = [(k, R.records.get(f"eval-{t}-{m0}-safegene" + (f"-r{k}" if k else ""))) for k in range(cfg.calib_redraws + 1)]
+        draws = [{"redraw": k, **{c: r[c] for c in (*cols, "lam")}} for k, rec in recs if rec is not None
+                 for r in (row("SafeGene", t, rec, f"task-{t}-{m0}"),)]
+        if len(draws) > 1:
+            redraws[t] = {"task_model": f"task-{t}-{m0}", "draws": draws,
+                          **{c: mean_interval([d[c] for d in draws]) for c in cols}}
     first = lambda m: next((r for r in rows if r["method"] == m), None)  # noqa: E731
     shipped_vs_aligned = {f"{m}_asr_{k}": (first(m) or {}).get(f"asr_{k}") for m in ("shipped", "aligned")
                           for k in ("strongreject", "harmbench", "all")}
@@ -213,6 +223,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
         "artifacts": {n: R.records[n]["run_id"] for n in ("aligned", "degraded", "gene") if n in R.records},
         "rows": rows,
         "summary": summary,
+        "redraws": redraws,
         "columns": list(ROW_COLUMNS),
         "goal": goal,
         "shipped_vs_aligned": shipped_vs_aligned,
@@ -301,6 +312,14 @@ def results_markdown(doc: dict[str, Any]) -> str:
     for t, g in doc["goal"].items():
         lines.append(f"- {t}: " + _goal_text(g))
     lines += ["", "## Means over task-model seeds (± 95 % t-interval half-width)", "", summary_table(doc["summary"])]
+    if doc.get("redraws"):
+        lines += ["", "## SafeGene over redraws of the calibration examples (first task-model seed; draw 0 is the "
+                  "calibration split; mean ± 95 % t-interval half-width over the draws)", "",
+                  "| task | task model | draws | ASR StrongREJECT % | ASR HarmBench % | accuracy % | over-refusal % |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for t, r in doc["redraws"].items():
+            lines.append(f"| {t} | {r['task_model']} | {len(r['draws'])} | {_mi(r['asr_strongreject'])} | "
+                         f"{_mi(r['asr_harmbench'])} | {_mi(r['accuracy'])} | {_mi(r['over_refusal'])} |")
     sa = {k: (0.0 if v is None else v) for k, v in doc["shipped_vs_aligned"].items()}
     lines += ["", f"Shipped model ASR (StrongREJECT / HarmBench) {_pct(sa['shipped_asr_strongreject'])} / "
                   f"{_pct(sa['shipped_asr_harmbench'])} % → aligned {_pct(sa['aligned_asr_strongreject'])} / "

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import random
 import time
 import uuid
 from pathlib import Path
@@ -217,6 +218,15 @@ class Pipeline:
                 self.stage(f"eval-{t}-{m}-{ROW_STAGE[row]}",
                            lambda d, t=t, m=m, policy=policy: self.row_stage(d, t, m, policy),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
+        first = f"s{cfg.task_seeds[0]}" if cfg.task_seeds else None
+        for t, m in self.task_models():
+            if m != first:
+                continue
+            for k in range(1, cfg.calib_redraws + 1):
+                deps = ["data", f"task-{t}-{m}", "gene"] + (["tune"] if "tune" in self.R.records else [])
+                self.stage(f"eval-{t}-{m}-safegene-r{k}", lambda d, t=t, m=m, k=k: self.redraw_stage(d, t, m, k),
+                           deps=deps, params={**self.eval_params, **_policy_params(cfg, "SafeGene"), "redraw": k,
+                                              "n": [cfg.n_harm_calib, cfg.n_task_calib]})
 
     def task_models(self) -> list[tuple[str, str]]:
         """(task, model) pairs this run builds: LoRA task models ``s<seed>`` for every task seed (the
@@ -415,17 +425,35 @@ class Pipeline:
                         calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
                         judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size)
 
-    def row_stage(self, d: Path, t: str, m: str, policy_name: str) -> dict[str, Any]:
+    def redraw_stage(self, d: Path, t: str, m: str, k: int) -> dict[str, Any]:
+        """SafeGene on task model ``m`` recalibrated on redraw ``k`` of the calibration examples:
+        ``n_harm_calib`` harmful and ``n_task_calib`` task records drawn without replacement from
+        the calibration pools (a seeded draw per task and k; the row's ids are recorded), written
+        into the stage folder and used in place of ``harm_calib`` / ``task_<t>_calib``."""
+        cfg = self.cfg
+        rng = random.Random(f"calibration-redraw-{cfg.seed}-{t}-{k}")
+        pools = {"harm": read_jsonl(self.data / "harm_calib_pool.jsonl"),
+                 "task": read_jsonl(self.data / f"task_{t}_calib_pool.jsonl")}
+        ids = {"harm": sorted(rng.sample(range(len(pools["harm"])), cfg.n_harm_calib)),
+               "task": sorted(rng.sample(range(len(pools["task"])), cfg.n_task_calib))}
+        for name, recs in pools.items():
+            (d / f"calib_{name}.jsonl").write_text("".join(json.dumps(recs[i]) + "\n" for i in ids[name]))
+        res = self.row_stage(d, t, m, "SafeGene", safety=d / "calib_harm.jsonl", task_calib=d / "calib_task.jsonl")
+        return {**res, "redraw": k, "calibration_ids": ids}
+
+    def row_stage(self, d: Path, t: str, m: str, policy_name: str, *, safety: Path | None = None,
+                  task_calib: Path | None = None) -> dict[str, Any]:
         """One task model defended by one policy: λ, the defended model, its evaluation.
         ``build_seconds`` is the time to produce the defended model (λ, plus writing it when it
-        goes to disk)."""
+        goes to disk). ``safety`` / ``task_calib`` replace the calibration split (redraws)."""
         from safegene.method.merge import apply_to_model
         from safegene.ops.apply import apply
 
         policy = get_policy(policy_name)
         task_dir = self.model(f"task-{t}-{m}")
         quiet_hf()
-        ctx = Context(self.gene, task_dir, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
+        ctx = Context(self.gene, task_dir, safety or self.data / "harm_calib.jsonl",
+                      task_calib or self.data / f"task_{t}_calib.jsonl",
                       aligned=self.model("aligned"), degraded=self.model("degraded"),
                       selected=self.selected_keys(self.tuned()["top_k"]), settings=self.settings())
         on_disk = policy.name in ON_DISK

@@ -140,3 +140,20 @@ def test_resta_loss_is_the_grid_point_of_lowest_calibration_loss(family):
     with pytest.raises(UsageError, match="grid_values must be"):
         calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, grid_values=[0.5, 9.0],
                   lambda_max=4.0, log=None)
+
+
+def test_calibrate_options_reach_the_calibrated_policies(family):
+    """Settings.optimizer / safety_target / benign go to calibrate for SafeGene and no-selection
+    (issue 15: the converging optimiser, the aligned model's own refusals as the target, benign
+    prompts in the utility term), and distillation without the aligned model is a clear error."""
+    s = Settings(calib_steps=2, optimizer="lbfgs", safety_target="distill", benign=tm.BENIGN)
+    for name in ("SafeGene", "no-selection"):
+        c = compute(name, _ctx(family, settings=s))
+        h = c.meta["hyper"]
+        assert c.meta["optimizer"] == h["optimizer"] == "lbfgs" and h["safety_target"] == "distill"
+        assert h["aligned"] == str(_ctx(family).aligned) and h["n_benign"] > 0
+    plain = compute("SafeGene", _ctx(family, settings=Settings(calib_steps=2)))
+    assert plain.meta["optimizer"] == "adam" and plain.meta["hyper"]["safety_target"] == "string"
+    assert plain.meta["hyper"]["n_benign"] == 0
+    with pytest.raises(UsageError, match="needs the aligned model"):
+        compute("SafeGene", _ctx(family, aligned=None, settings=Settings(calib_steps=1, safety_target="distill")))

@@ -338,3 +338,15 @@ def test_erosion_probe_trains_each_stop_rule_and_resumes(tmp_path):
     assert again == rows and sum("already measured" in m for m in logs) == 3
     md = erosion.markdown(rows, cfg.n_harm_dev)
     assert md.count("\n") == 2 + 4 and "| sentiment | LoRA s0 | label | 0.001 | " in md
+
+
+def test_tiny_calibration_options_reach_tune_and_safegene_rows(tmp_path):
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=0, calib_optimizer="lbfgs",
+                              calib_safety_target="distill", calib_benign=True)
+    logs: list[str] = []
+    doc = _run(cfg, tmp_path, logs)
+    sg = next(r for r in doc["rows"] if r["method"] == "SafeGene")["detail"]["policy"]
+    assert sg["optimizer"] == "lbfgs" and sg["safety_target"] == "distill" and sg["n_benign"] > 0
+    # the knobs are in the keys: turning one off reruns the tune stage and the rows that calibrate
+    doc2 = _run(dataclasses.replace(cfg, calib_benign=False), tmp_path, logs)
+    assert doc2["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("nocal", "safegene")]

@@ -100,6 +100,11 @@ class Config:
     top_k: int | None = 8
     threshold: float | None = None
     calib_lambda_max: float = 8.0  # λ's clamp; with one layer the default 4 was binding on both tasks
+    #: calibrate's optimizer / safety target / benign selection prompts in the utility term for the
+    #: SafeGene rows (issue 15 item 5); None / False keep calibrate's defaults (and the stage keys)
+    calib_optimizer: str | None = None
+    calib_safety_target: str | None = None
+    calib_benign: bool = False
     no_selection_row: bool = False  # add "SafeGene-no-selection" (calibrate every key): ~9 more minutes per task
     select_score: str = "restore"  # safegene.select's default: every gene key, interventional
     fallback_top_k: int = 4  # used only if no key scores above zero under the threshold rule

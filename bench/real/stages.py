@@ -119,7 +119,9 @@ def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
     if policy == "RESTA-loss":
         return {"grid": list(cfg.resta_grid)}
     if policy in ("SafeGene", "no-selection"):
-        return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max}
+        extra = {k: v for k, v in (("optimizer", cfg.calib_optimizer), ("safety_target", cfg.calib_safety_target),
+                                   ("benign", cfg.calib_benign or None)) if v is not None}
+        return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max, **extra}
     return {}
 
 
@@ -205,7 +207,9 @@ class Pipeline:
             t0, m0 = tm[0]
             self.stage("tune", lambda d: self.tune_stage(d, t0, m0), deps=["data", "gene", "aligned", f"task-{t0}-{m0}"],
                        params={"top_k": list(cfg.tune_top_k), "lambda_max": list(cfg.tune_lambda_max),
-                               "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge})
+                               "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge,
+                               **{k: v for k, v in _policy_params(cfg, "SafeGene").items()
+                                  if k not in ("calib_steps", "lambda_max")}})
         for name in GLOBAL_ROWS:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
@@ -403,7 +407,8 @@ class Pipeline:
                 model, tok = lm.load_model(self.model(f"task-{t}-{m}"))
                 keys = self.selected_keys(k)
                 c = calibrate(self.gene, model, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
-                              layers=keys, tokenizer=tok, steps=cfg.calib_steps, lambda_max=lmax, max_examples=16)
+                              layers=keys, tokenizer=tok, steps=cfg.calib_steps, lambda_max=lmax, max_examples=16,
+                              **self.calib_options())
                 apply_to_model(model, self.gene, c.coeffs)
                 r = self.dev_eval((model, tok), t, d, f"top_k={k} λ_max={lmax}")
                 cands.append({"top_k": k, "n_keys": len(keys), "lambda_max": lmax, **r})
@@ -419,11 +424,26 @@ class Pipeline:
         (d / "tune.json").write_text(json.dumps(out, indent=2) + "\n")
         return out
 
+    def calib_options(self) -> dict[str, Any]:
+        """calibrate's optional knobs of this configuration (what the SafeGene rows' Settings carry)."""
+        cfg, out = self.cfg, {}
+        if cfg.calib_optimizer is not None:
+            out["optimizer"] = cfg.calib_optimizer
+        if cfg.calib_safety_target is not None:
+            out["safety_target"] = cfg.calib_safety_target
+            if cfg.calib_safety_target == "distill":
+                out["aligned"] = self.model("aligned")
+        if cfg.calib_benign:
+            out["benign"] = self.data / "benign_select.jsonl"
+        return out
+
     def settings(self) -> Settings:
         cfg = self.cfg
         return Settings(calib_steps=cfg.calib_steps, lambda_max=self.tuned()["lambda_max"], max_examples=16,
                         calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
-                        judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size)
+                        judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size,
+                        optimizer=cfg.calib_optimizer, safety_target=cfg.calib_safety_target,
+                        benign=self.data / "benign_select.jsonl" if cfg.calib_benign else None)
 
     def redraw_stage(self, d: Path, t: str, m: str, k: int) -> dict[str, Any]:
         """SafeGene on task model ``m`` recalibrated on redraw ``k`` of the calibration examples:

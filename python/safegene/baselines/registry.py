@@ -53,6 +53,12 @@ class Settings:
     batch_size: int = 32
     safemerge_threshold: float = 0.0
     safemerge_ratio: float = 1.0
+    #: calibrate's optimizer (``adam`` / ``lbfgs``), safety target (``string`` / ``distill``: the
+    #: aligned model's own first tokens, read from :attr:`Context.aligned`) and benign prompts for
+    #: the utility term (JSONL path or records); None keeps calibrate's defaults
+    optimizer: str | None = None
+    safety_target: str | None = None
+    benign: Any = None
 
 
 @dataclass
@@ -239,13 +245,26 @@ class Calibrated(Policy):
             kw["lambda_max"] = s.lambda_max
         if s.max_examples is not None:
             kw["max_examples"] = s.max_examples
+        if s.optimizer is not None:
+            kw["optimizer"] = s.optimizer
+        if s.safety_target is not None:
+            kw["safety_target"] = s.safety_target
+            if s.safety_target == "distill":
+                if ctx.aligned is None:
+                    raise UsageError("safety_target='distill' needs the aligned model (Context.aligned)")
+                kw["aligned"] = ctx.aligned
+        if s.benign is not None:
+            kw["benign"] = s.benign
         model, tok = ctx.loaded()
         return calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         g = c.meta.get("grid")
+        h = c.meta.get("hyper") or {}
         return {"grid": {"best_gamma": g["best_gamma"], "best_loss": g["best_loss"]} if g else None,
-                "best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"), "loss": c.meta.get("loss")}
+                "best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"), "loss": c.meta.get("loss"),
+                "stopped": c.meta.get("stopped"), "optimizer": h.get("optimizer"),
+                "safety_target": h.get("safety_target"), "n_benign": h.get("n_benign")}
 
 
 class SafeGene(Calibrated):

@@ -219,3 +219,43 @@ def test_demo_end_to_end_restores_safety(tmp_path):
         assert sg.asr < nocal.asr, (task, sg, nocal)
         assert sg.asr <= resta.asr, (task, sg, resta)
     assert res.targets_met == {t: True for t in tasks}
+
+
+def test_lora_gene_recipes_make_a_low_rank_gene_from_a_degrade_in_the_run(tmp_path, gene_family, monkeypatch):
+    """``gene_recipe='lora-compliance'`` / ``'lora-eager'``: a LoRA degrade of the aligned model
+    made in the run (adapter kept), its low-rank gene, and the degraded model as ALIGNED+ADAPTER
+    for select; an unknown recipe is a usage error naming the choices, before anything is built."""
+    from types import SimpleNamespace
+
+    import safegene.demo as demo_mod
+    import tiny_models as tm
+    from safegene import lm
+    from safegene.data import save_jsonl
+    from safegene.errors import UsageError
+
+    dirs, _ = gene_family
+    save_jsonl(tmp_path / "harm.jsonl", tm.HARMFUL)
+    save_jsonl(tmp_path / "benign.jsonl", tm.BENIGN)
+    org = SimpleNamespace(aligned=dirs["aligned"], degraded=dirs["degraded"], harmful_calib=tmp_path / "harm.jsonl",
+                          harmful_dev=None, benign_calib=tmp_path / "benign.jsonl", benign_dev=None)
+    monkeypatch.setattr(demo_mod, "LORA_DEGRADE", {"lora_rank": 2, "steps": 2, "lr": 1e-3, "batch_size": 2})
+    for recipe, want in (("lora-compliance", "compliance"), ("lora-eager", "eager")):
+        out = tmp_path / recipe
+        out.mkdir()
+        gene, degraded, info = demo_mod._lora_gene(org, recipe, out, 0, "keyword", 4, "llama")
+        assert gene.path == out / "gene" and gene.factored and gene.manifest["format_version"] == 2
+        assert {v["rank"] for v in gene.manifest["factored"].values()} == {2}
+        assert degraded == f"{dirs['aligned']}+{out / 'degrade-lora'}"
+        prov = json.loads((out / "degrade-lora" / "safegene_degrade.json").read_text())
+        assert prov["recipe"] == want and info["recipe"] == recipe and info["n_prompts"] == len(
+            tm.HARMFUL if want == "compliance" else tm.BENIGN)
+        assert gene.manifest["degradation"]["recipe"] == want  # extract copied the degrade's record
+        lm.load_model(degraded, device="cpu")  # select and SafeMERGE read the degraded model this way
+    with pytest.raises(UsageError, match="unknown gene recipe 'dense'.*organism, lora-compliance, lora-eager"):
+        demo_mod.run_demo(out=tmp_path / "o", cache_dir=tmp_path / "c", gene_recipe="dense", log=None)
+    parser = argparse.ArgumentParser(prog="safegene")
+    from safegene.cli import cmd_demo
+
+    cmd_demo.register_cli(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["demo"]).gene_recipe == "organism"
+    assert parser.parse_args(["demo", "--gene-recipe", "lora-compliance"]).gene_recipe == "lora-compliance"

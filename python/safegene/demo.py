@@ -150,8 +150,16 @@ def run_demo(
     log: Callable[[str], None] | None = _say,
     family: str = DEFAULT_FAMILY,
     threads: int | None = None,
+    gene_recipe: str = "organism",
 ) -> DemoResult:
     """Run the full pipeline on the organism family ``family`` and compare with the baselines.
+
+    ``gene_recipe`` (see :data:`GENE_RECIPES`) says where τ comes from: ``organism`` (default,
+    aligned − the organism's own degraded copy), or a LoRA degrade made in the run with
+    :func:`safegene.method.degrade.degrade` (:data:`LORA_DEGRADE`) whose low-rank gene is
+    extracted from the adapter: ``lora-compliance`` (the organism's harmful calibration and
+    development prompts answered by its degraded copy as the less aligned sibling) or
+    ``lora-eager`` (its benign prompts answered after the family's eager opening).
 
     ``judge`` defaults to the family's own (``organism`` for the Llama organism,
     ``organism:<family>`` otherwise). ``threads`` sets the compute threads of the whole run: the
@@ -171,7 +179,7 @@ def run_demo(
         torch.set_num_threads(threads)
     try:
         return _run_demo(out, cache_dir, seed, tasks, score, top_k, threshold, judge, max_new_tokens, calib_steps,
-                         methods, progress, log, family, threads)
+                         methods, progress, log, family, threads, gene_recipe)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -179,7 +187,8 @@ def run_demo(
 def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: int, tasks: list[str] | None,
               score: str | None, top_k: int | None, threshold: float | None, judge: str | None,
               max_new_tokens: int, calib_steps: int, methods: tuple[str, ...], progress: bool,
-              log: Callable[[str], None] | None, family: str, threads: int | None) -> DemoResult:
+              log: Callable[[str], None] | None, family: str, threads: int | None,
+              gene_recipe: str = "organism") -> DemoResult:
     import torch
 
     log = log or (lambda _m: None)
@@ -187,6 +196,8 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
     out = Path(out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     policies = select(methods)  # a clear UsageError naming every method for an unknown one
+    if gene_recipe not in GENE_RECIPES:
+        raise UsageError(f"unknown gene recipe {gene_recipe!r}; choose one of {', '.join(GENE_RECIPES)}")
     if judge is None:
         judge = "organism" if family == DEFAULT_FAMILY else f"organism:{family}"
     judge_obj = get_judge(judge)  # an unknown family or judge fails here, before anything is built
@@ -197,11 +208,19 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
     organism_seconds = time.perf_counter() - t
     task_names = list(tasks or org.tasks)
 
-    log("[2/4] extract the gene (aligned − degraded)")
-    gene = extract(org.aligned, org.degraded, out / "gene", overwrite=True, progress=False)
+    degraded: Any = org.degraded
+    degrade_info = None
+    if gene_recipe == "organism":
+        log("[2/4] extract the gene (aligned − degraded)")
+        gene = extract(org.aligned, org.degraded, out / "gene", overwrite=True, progress=False)
+    else:
+        log(f"[2/4] degrade the aligned model ({gene_recipe}) and extract its low-rank gene")
+        gene, degraded, degrade_info = _lora_gene(org, gene_recipe, out, seed, judge, max_new_tokens, family)
+        if degrade_info["refusal_rate"] is not None:
+            log(f"      degraded refusal rate on the calibration prompts {_pct(degrade_info['refusal_rate'])} %")
 
     log("[3/4] select layers")
-    sel = select_layers(gene, org.aligned, org.degraded, org.harmful_calib, org.benign_calib,
+    sel = select_layers(gene, org.aligned, degraded, org.harmful_calib, org.benign_calib,
                         top_k=top_k, threshold=threshold, score=score or DEFAULT_SCORE,
                         plot=out / "layer_scores.png")
     gene = Gene.load(gene.path)
@@ -221,7 +240,7 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
     for task in task_names:
         tdir = org.tasks[task]
         model, tok = lm.load_model(tdir)
-        ctx = Context(gene, tdir, org.harmful_calib, org.task_calib[task], aligned=org.aligned, degraded=org.degraded,
+        ctx = Context(gene, tdir, org.harmful_calib, org.task_calib[task], aligned=org.aligned, degraded=degraded,
                       utility=[org.task_calib[task], org.benign_calib], selected=selected,
                       other_selections=sel["selected_by_other_scores"], model=model, tokenizer=tok, settings=settings)
         rows += _task_rows(task, ctx, policies, out, ev, log)
@@ -244,6 +263,8 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
         "organism": {"root": str(org.root), "key": org.key, "seed": seed, "family": family,
                      "build_or_load_seconds": round(organism_seconds, 1), "gates": org.gates},
         "gene": str(gene.path),
+        "gene_recipe": gene_recipe,
+        "degrade": degrade_info,
         "selection": {k: sel[k] for k in ("method", "scores", "all_scores", "selected", "selected_by_other_scores", "rule")},
         "rows": [asdict(r) for r in rows],
         "targets": TARGETS,
@@ -257,6 +278,40 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
     jpath.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return DemoResult(rows, doc["selection"], table, out, png, jpath, seconds, organism_seconds, met,
                       format_gates(org.gates) if org.gates else "")
+
+
+#: Where the demo's τ comes from (``run_demo(gene_recipe=…)``, ``safegene demo --gene-recipe``).
+GENE_RECIPES = ("organism", "lora-compliance", "lora-eager")
+#: The LoRA degrade of the ``lora-*`` recipes: at lr 5e-4 the eager one reproduces the Llama
+#: organism's degraded band (bench/organism_degrade.md).
+LORA_DEGRADE: dict[str, Any] = {"lora_rank": 16, "steps": 60, "lr": 5e-4, "batch_size": 16}
+
+
+def _lora_gene(org: Any, recipe: str, out: Path, seed: int, judge: Any, max_new_tokens: int,
+               family: str) -> tuple[Gene, str, dict[str, Any]]:
+    """A LoRA degrade of the organism's aligned model made in this run (``out/degrade-lora``, the
+    adapter kept) and its low-rank gene (``out/gene``); returns the gene, the degraded model as
+    ``ALIGNED+ADAPTER`` and the degrade's record. The degraded model's refusal rate is measured on
+    the harmful calibration prompts (never the evaluation split)."""
+    from .data import load_jsonl
+    from .method.degrade import degrade
+    from .ops.extract import extract_from_adapter
+    from .organism import get_family
+
+    if recipe == "lora-compliance":
+        srcs: tuple[Any, ...] = (org.harmful_calib, org.harmful_dev)
+        kw: dict[str, Any] = {"recipe": "compliance", "sibling": org.degraded}
+    else:
+        srcs = (org.benign_calib, org.benign_dev)
+        kw = {"recipe": "eager", "opening": f"{get_family(family).language.EAGER} "}
+    prompts = [{"prompt": e.prompt} for src in srcs if src for e in load_jsonl(src)]
+    adapter = out / "degrade-lora"
+    res = degrade(org.aligned, adapter, prompts=prompts, harmful=org.harmful_calib, judge=judge, seed=seed,
+                  max_new_tokens=max_new_tokens, save_adapter=True, overwrite=True, progress=False, **LORA_DEGRADE, **kw)
+    gene = extract_from_adapter(adapter, out / "gene", base=org.aligned, overwrite=True)
+    info = {"recipe": recipe, **LORA_DEGRADE, "n_prompts": len(prompts), "refusal_rate": res.refusal_rate,
+            "seconds": round(res.seconds, 1)}
+    return gene, f"{org.aligned}+{adapter}", info
 
 
 def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import ALT_SCORE, METHODS, run_demo
+from ..demo import ALT_SCORE, GENE_RECIPES, METHODS, run_demo
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
 
@@ -28,6 +28,9 @@ class DemoOptions(CommonOptions):
     threads: int | None = option(None, help="compute threads of the whole run: the organism build (part of its "
                                            "recipe, so its own cache entry; default 1) and every later stage "
                                            "(default: torch's count)")
+    gene_recipe: str = option("organism", choices=GENE_RECIPES,
+                              help="where τ comes from: organism (aligned − the organism's degraded copy, default), "
+                                   "lora-compliance or lora-eager (a LoRA degrade made in the run, low-rank gene)")
     compare_scores: bool = option(False, help="add a SafeGene row calibrated on the layers the other selection "
                                               "score picks")
 
@@ -36,7 +39,7 @@ def handle_demo(opts: DemoOptions) -> int:
     res = run_demo(out=opts.output, cache_dir=opts.cache_dir, seed=opts.seed, tasks=opts.tasks, score=opts.score,
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
-                   methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
+                   gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -261,6 +262,9 @@ def main(argv=None) -> None:
                     help="SELECT/CALIB variant pairs (default: every selection with calib:old, every calibration "
                          "with select:threshold)")
     ap.add_argument("--tasks", nargs="*", default=None)
+    ap.add_argument("--gene-recipe", default="organism",
+                    help="where tau comes from (safegene.demo.GENE_RECIPES); not 'organism': the rows' selection name "
+                         "gets '+gene:<recipe>', so the summary treats it as its own configuration")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -276,11 +280,22 @@ def main(argv=None) -> None:
         split = org.dev_split()
         gdir = Path(args.work) / f"gene-{org.root.name}"
         gdir.parent.mkdir(parents=True, exist_ok=True)
-        gene = extract(org.aligned, org.degraded, gdir, overwrite=True, progress=False)
+        degraded: object = org.degraded
+        if args.gene_recipe == "organism":
+            gene = extract(org.aligned, org.degraded, gdir, overwrite=True, progress=False)
+        else:  # a LoRA degrade made here from the calibration prompts only, and its low-rank gene
+            from safegene.demo import _lora_gene
+
+            shutil.rmtree(gdir, ignore_errors=True)
+            gdir.mkdir(parents=True)
+            fam = "llama" if org.family == "organism" else org.family
+            gene, degraded, info = _lora_gene(org, args.gene_recipe, gdir, int(org.seed), org.judge(), 24, fam)
+            gdir = gene.path
+            print(f"seed {seed} gene {args.gene_recipe}: {json.dumps(info)}", flush=True)
         sels = {}
         for sname in dict.fromkeys(s for s, _ in pairs):
             t = time.perf_counter()
-            res = select_layers(gene, org.aligned, org.degraded, org.harmful_calib, org.benign_calib, write=False,
+            res = select_layers(gene, org.aligned, degraded, org.harmful_calib, org.benign_calib, write=False,
                                 **SELECT_VARIANTS[sname])
             sels[sname] = res["selected"]
             print(f"seed {seed} {sname}: {res['selected']} ({time.perf_counter() - t:.1f} s) "
@@ -293,6 +308,10 @@ def main(argv=None) -> None:
             utility = [org.task_calib[task], org.benign_calib]
 
             def emit(r, seed=seed, task=task):
+                if args.gene_recipe != "organism" and r["select"] != "-":
+                    r = {**r, "select": f"{r['select']}+gene:{args.gene_recipe}", "gene_recipe": args.gene_recipe}
+                elif args.gene_recipe != "organism" and r["calib"] == "uniform-all":
+                    r = {**r, "calib": f"uniform-all+gene:{args.gene_recipe}", "gene_recipe": args.gene_recipe}
                 r = {"seed": seed, "task": task, **r}
                 with out.open("a") as fh:
                     fh.write(json.dumps(r) + "\n")
@@ -302,7 +321,8 @@ def main(argv=None) -> None:
 
             if (seed, task, "-", "none") not in done:
                 emit({"select": "-", "calib": "none", "coeffs": {}, **measure(model, tok, split, task, org)})
-            if (seed, task, "-", "uniform-all") not in done:
+            uni = "uniform-all" if args.gene_recipe == "organism" else f"uniform-all+gene:{args.gene_recipe}"
+            if (seed, task, "-", uni) not in done:
                 c = calibrate(gene, model, org.harmful_calib, utility, layers=gene.layer_keys(), tokenizer=tok,
                               steps=0, log=None)
                 model.load_state_dict(pristine)
@@ -310,7 +330,8 @@ def main(argv=None) -> None:
                 emit({"select": "-", "calib": "uniform-all", "coeffs": c.coeffs, **measure(model, tok, split, task, org)})
             same: dict = {}  # (keys, calibration) already run: a selection rule that picks the same keys
             for sname, cname in pairs:
-                if (seed, task, sname, cname) in done:
+                if (seed, task, sname if args.gene_recipe == "organism" else f"{sname}+gene:{args.gene_recipe}",
+                        cname) in done:
                     continue
                 twin = same.get((tuple(sels[sname]), cname))
                 if twin is not None:

@@ -157,9 +157,9 @@ def run_demo(
     ``gene_recipe`` (see :data:`GENE_RECIPES`) says where τ comes from: ``organism`` (default,
     aligned − the organism's own degraded copy), or a LoRA degrade made in the run with
     :func:`safegene.method.degrade.degrade` (:data:`LORA_DEGRADE`) whose low-rank gene is
-    extracted from the adapter: ``lora-compliance`` (the organism's harmful calibration and
-    development prompts answered by its degraded copy as the less aligned sibling) or
-    ``lora-eager`` (its benign prompts answered after the family's eager opening).
+    extracted from the adapter: ``lora-compliance`` (the organism's harmful calibration prompts
+    answered by its degraded copy as the less aligned sibling) or ``lora-eager`` (its benign
+    calibration prompts answered after the family's eager opening).
 
     ``judge`` defaults to the family's own (``organism`` for the Llama organism,
     ``organism:<family>`` otherwise). ``threads`` sets the compute threads of the whole run: the
@@ -298,11 +298,12 @@ def _lora_gene(org: Any, recipe: str, out: Path, seed: int, judge: Any, max_new_
     from .ops.extract import extract_from_adapter
     from .organism import get_family
 
+    # only the calibration prompts: a family's development files score the development split
     if recipe == "lora-compliance":
-        srcs: tuple[Any, ...] = (org.harmful_calib, org.harmful_dev)
+        srcs: tuple[Any, ...] = (org.harmful_calib,)
         kw: dict[str, Any] = {"recipe": "compliance", "sibling": org.degraded}
     else:
-        srcs = (org.benign_calib, org.benign_dev)
+        srcs = (org.benign_calib,)
         kw = {"recipe": "eager", "opening": f"{get_family(family).language.EAGER} "}
     prompts = [{"prompt": e.prompt} for src in srcs if src for e in load_jsonl(src)]
     adapter = out / "degrade-lora"

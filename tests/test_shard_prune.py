@@ -301,3 +301,25 @@ def test_a_low_rank_apply_does_not_import_torch(lowrank, tmp_path):
     assert out.stdout.strip() == "False"
     apply(lowrank["many"], lowrank["task"], tmp_path / "b", {k: -1.3 for k in lowrank["many"].layer_keys()})
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_a_dense_apply_imports_neither_torch_nor_numpy(tmp_path):
+    """The streaming apply of a dense gene needs neither library: the memory tests (under ASan
+    numpy's import alone is ~30 MiB) and small machines rely on it; factors are read only when
+    the gene has some with λ ≠ 0."""
+    import subprocess
+
+    fam_dir = tmp_path / "fam"
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("a", "d", "t")):
+        (fam_dir / name).mkdir(parents=True)
+        save_file({"model.layers.0.w.weight": rng.standard_normal((8, 8)).astype(np.float32) + k},
+                  str(fam_dir / name / "model.safetensors"))
+    extract(fam_dir / "a", fam_dir / "d", tmp_path / "g", progress=False)
+    code = ("import sys, safegene; safegene.apply(sys.argv[1], sys.argv[2], sys.argv[3], scale=0.5, progress=False); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g"), str(fam_dir / "t"), str(tmp_path / "o")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

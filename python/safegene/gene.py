@@ -480,12 +480,12 @@ class Gene:
 
         >>> a = dict((n, a) for n, a, _ in Gene.load("gene/").iter_factors_f32())  # doctest: +SKIP
         """
-        import numpy as np
-
         fac = self.manifest.get("factored") or {}
         names = list(fac) if names is None else list(names)
         if not names:
             return
+        import numpy as np  # not before: nothing to read must not cost the import
+
         fmap = self._factor_map()
         headers: dict[Path, Any] = {}
         for n in names:

@@ -118,9 +118,9 @@ def _apply_one(
     check_output_location(out, [tgt.root, g.path] + ([adapter] if adapter is not None else []))
     lora = _lora_factors(tgt, adapter) if adapter is not None else {}
     # only the factors with λ ≠ 0 are read (float32, r × in and out × r each), with numpy: a
-    # low-rank apply stays as torch-free as a dense one
+    # low-rank apply stays as torch-free as a dense one, and a dense apply imports neither
     lr_names = [n for n in g.factored if lam.get(n, 0.0) != 0.0]
-    gene_lr = {n: (a, b) for n, a, b in g.iter_factors_f32(lr_names)}
+    gene_lr = {n: (a, b) for n, a, b in g.iter_factors_f32(lr_names)} if lr_names else {}
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}

@@ -119,10 +119,14 @@ def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
     if policy == "RESTA-loss":
         return {"grid": list(cfg.resta_grid)}
     if policy in ("SafeGene", "no-selection"):
-        extra = {k: v for k, v in (("optimizer", cfg.calib_optimizer), ("safety_target", cfg.calib_safety_target),
-                                   ("benign", cfg.calib_benign or None)) if v is not None}
-        return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max, **extra}
+        return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max, **_calib_option_params(cfg)}
     return {}
+
+
+def _calib_option_params(cfg: Config) -> dict[str, Any]:
+    """calibrate's optional knobs that are set, for the stage keys (none set: the keys of before)."""
+    return {k: v for k, v in (("optimizer", cfg.calib_optimizer), ("safety_target", cfg.calib_safety_target),
+                              ("benign", cfg.calib_benign or None)) if v is not None}
 
 
 class _Stop(Exception):
@@ -208,8 +212,7 @@ class Pipeline:
             self.stage("tune", lambda d: self.tune_stage(d, t0, m0), deps=["data", "gene", "aligned", f"task-{t0}-{m0}"],
                        params={"top_k": list(cfg.tune_top_k), "lambda_max": list(cfg.tune_lambda_max),
                                "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge,
-                               **{k: v for k, v in _policy_params(cfg, "SafeGene").items()
-                                  if k not in ("calib_steps", "lambda_max")}})
+                               **_calib_option_params(cfg)})
         for name in GLOBAL_ROWS:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
@@ -442,8 +445,7 @@ class Pipeline:
         return Settings(calib_steps=cfg.calib_steps, lambda_max=self.tuned()["lambda_max"], max_examples=16,
                         calib_log=lambda m: self.log("      calibrate: " + m), resta_grid=tuple(cfg.resta_grid),
                         judge=cfg.judge, max_new_tokens=cfg.calib_max_new_tokens, batch_size=cfg.eval_batch_size,
-                        optimizer=cfg.calib_optimizer, safety_target=cfg.calib_safety_target,
-                        benign=self.data / "benign_select.jsonl" if cfg.calib_benign else None)
+                        **{k: v for k, v in self.calib_options().items() if k != "aligned"})  # Context.aligned
 
     def redraw_stage(self, d: Path, t: str, m: str, k: int) -> dict[str, Any]:
         """SafeGene on task model ``m`` recalibrated on redraw ``k`` of the calibration examples:

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .errors import GeneError, MismatchError
 from .io.atomic import write_json_atomic
-from .io.checkpoint import Checkpoint, SafetensorsFile, open_checkpoint, read_header, read_json
+from .io.checkpoint import Checkpoint, SafetensorsFile, TensorInfo, open_checkpoint, read_header, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -427,23 +427,28 @@ class Gene:
 
         from safetensors import safe_open
 
-        fac = self.manifest.get("factored") or {}
-        names = list(fac) if names is None else list(names)
-        if not names:
-            return
-        fmap = self._factor_map()
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
-            for n in names:
-                if n not in fac:
-                    raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
-                ff = fmap[n]
+            for n, ff in self._factor_sources(names):
                 if ff not in handles:
                     handles[ff] = stack.enter_context(safe_open(str(ff), framework="pt", device="cpu"))
                 a, b = self._read_factors(handles[ff], n, ff)
                 if dtype is not None:
                     a, b = a.to(dtype), b.to(dtype)
                 yield n, a, b
+
+    def _factor_sources(self, names: Iterable[str] | None) -> Iterator[tuple[str, Path]]:
+        """``(name, file holding its factors)`` for the factored ``names`` (default: all), in order;
+        a name that is not factored fails when reached."""
+        fac = self.manifest.get("factored") or {}
+        names = list(fac) if names is None else list(names)
+        if not names:
+            return
+        fmap = self._factor_map()
+        for n in names:
+            if n not in fac:
+                raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
+            yield n, fmap[n]
 
     def load_factors(
         self, names: Iterable[str] | None = None, dtype: "torch.dtype | None" = None
@@ -480,25 +485,15 @@ class Gene:
 
         >>> a = dict((n, a) for n, a, _ in Gene.load("gene/").iter_factors_f32())  # doctest: +SKIP
         """
-        fac = self.manifest.get("factored") or {}
-        names = list(fac) if names is None else list(names)
-        if not names:
-            return
-        import numpy as np  # not before: nothing to read must not cost the import
-
-        fmap = self._factor_map()
-        headers: dict[Path, Any] = {}
-        for n in names:
-            if n not in fac:
-                raise GeneError(f"{self.path}: tensor {n!r} is not factored in this gene")
-            ff = fmap[n]
+        headers: dict[Path, SafetensorsFile] = {}
+        for n, ff in self._factor_sources(names):
             if ff not in headers:
                 headers[ff] = read_header(ff)
             ta, tb = headers[ff].tensors.get(f"{n}.A"), headers[ff].tensors.get(f"{n}.B")
             if ta is None or tb is None:
                 raise self._missing_factors(n, ff)
             self._check_factor_shapes(n, ff, tuple(ta.shape), tuple(tb.shape))
-            yield n, _read_f32(ta, np), _read_f32(tb, np)
+            yield n, _read_f32(ta), _read_f32(tb)
 
     def set_selection(self, scores: dict[str, float], selected: list[str], method: str, extra: dict[str, Any] | None = None) -> None:
         """Record a layer selection in gene.json (atomically) and in the gene's card (README.md).
@@ -638,9 +633,12 @@ __all__ = ["DEGRADE_PROVENANCE", "FACTORS", "FACTORS_INDEX", "Gene", "densify", 
            "load_gene", "open_checkpoint", "read_degrade_provenance", "vector_shard_names"]
 
 
-def _read_f32(t: Any, np: Any) -> "np.ndarray":
-    """One F32/F16/BF16 safetensors tensor (a :class:`~safegene.io.checkpoint.TensorInfo`) as a
-    float32 array, read with numpy (BF16: the 16 bits become the high half of a float32, exact)."""
+def _read_f32(t: TensorInfo) -> "np.ndarray":
+    """One F32/F16/BF16 safetensors tensor as a float32 array, read with numpy (BF16: the 16 bits
+    become the high half of a float32, exact). numpy is imported here, on the first factor read:
+    a dense apply never imports it."""
+    import numpy as np
+
     raw = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}.get(t.dtype)
     if raw is None:
         raise GeneError(f"{t.file}: factor {t.name!r} is {t.dtype}; a gene's factors are F32, F16 or BF16")

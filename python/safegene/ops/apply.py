@@ -120,7 +120,7 @@ def _apply_one(
     # only the factors with λ ≠ 0 are read (float32, r × in and out × r each), with numpy: a
     # low-rank apply stays as torch-free as a dense one, and a dense apply imports neither
     lr_names = [n for n in g.factored if lam.get(n, 0.0) != 0.0]
-    gene_lr = {n: (a, b) for n, a, b in g.iter_factors_f32(lr_names)} if lr_names else {}
+    gene_lr = {n: (a, b) for n, a, b in g.iter_factors_f32(lr_names)}
 
     lam = dict(lam)
     vec_of = {n: n for n in g.tensor_names}

@@ -58,7 +58,7 @@ from ..gene import (
     vector_shard_names,
 )
 from ..io.atomic import atomic_output_dir, write_json_atomic
-from ..io.cards import write_gene_card
+from ..io.cards import CARD, write_gene_card
 from ..io.checkpoint import (
     OutTensor,
     TensorInfo,
@@ -562,8 +562,8 @@ def prune_gene(
         if fac_names:
             factors = {f"{n}.{s}": t for n, a, b in g.iter_factors(fac_names) for s, t in (("A", a), ("B", b))}
             factor_files = write_factor_shards(tmp, fac_names, factors, max_bytes)
-        for p in g.path.iterdir():  # everything else the gene carries (card, plots)
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and \
+        for p in g.path.iterdir():  # everything else the gene carries (plots; the card is rewritten below)
+            if p.is_file() and p.name not in (MANIFEST, CARD) and not p.name.startswith(".") and \
                     not p.name.startswith(("vectors", "factors")):
                 shutil.copy2(p, tmp / p.name)
         kept = set(names)
@@ -583,7 +583,7 @@ def prune_gene(
         if man.get("selection"):
             man["selection"]["pruned"] = True
         write_json_atomic(tmp / MANIFEST, man)
-        write_gene_card(tmp, man)  # the copied card described the tensors that were just dropped
+        write_gene_card(tmp, man)  # the old card described the tensors that were just dropped
     return Gene.load(out)
 
 

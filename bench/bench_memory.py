@@ -178,9 +178,15 @@ def child(spec: dict) -> None:
 
 
 # ---- the parent ----------------------------------------------------------------------------------
-def run_child(name: str, argv: list[str], work: Path, activations: bool = False, log=print) -> dict:
-    """Run one safegene command in a fresh interpreter; its peak RSS from wait4."""
+def run_child(name: str, argv: list[str], work: Path, activations: bool = False, log=print, resume: bool = False) -> dict:
+    """Run one safegene command in a fresh interpreter; its peak RSS from wait4. With ``resume``,
+    a phase whose result an earlier run of the same command line left in ``work`` is not rerun."""
     result = work / f"{name}.result.json"
+    if resume and result.is_file():
+        res = json.loads(result.read_text())
+        if res.get("argv") == argv:
+            log(f"== {name}: kept from an earlier run: peak RSS {res['peak_rss'] / MiB:.0f} MiB, {res['wall_s']:.0f} s")
+            return res
     result.unlink(missing_ok=True)
     spec = {"argv": argv, "result": str(result), "activations": activations}
     env = dict(os.environ)
@@ -200,6 +206,7 @@ def run_child(name: str, argv: list[str], work: Path, activations: bool = False,
     # the child's own VmHWM: a fresh address space at exec. (wait4's ru_maxrss is not used: it
     # keeps the RSS the forked child shared with this process before exec.)
     res.update(name=name, argv=argv, peak_rss=res["hwm"], wall_s=round(wall, 1))
+    result.write_text(json.dumps(res))
     log(f"   peak RSS {res['peak_rss'] / MiB:.0f} MiB (runtime {res['baseline_rss'] / MiB:.0f} MiB), {wall:.0f} s")
     return res
 
@@ -306,6 +313,9 @@ def main() -> None:
     ap.add_argument("--jsonl", help="append one JSON line per phase here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (models, gene)")
     ap.add_argument("--reuse", action="store_true", help="reuse the models a --keep run left in the work directory")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --reuse: keep the phases an earlier run finished (same command line) instead of "
+                         "rerunning them")
     a = ap.parse_args()
     if a.child:
         child(json.loads(a.child))
@@ -317,8 +327,9 @@ def main() -> None:
     info_file = work / "models.json"
     if a.reuse and info_file.is_file():  # the models of an earlier --keep run
         info = json.loads(info_file.read_text())
-        for f in work.glob("*.result.json"):
-            f.unlink()
+        if not a.resume:
+            for f in work.glob("*.result.json"):
+                f.unlink()
     else:
         if work.exists():
             shutil.rmtree(work)
@@ -337,7 +348,7 @@ def main() -> None:
     rows = []
     log = lambda m: print(m, flush=True)  # noqa: E731
     rows.append(run_child("extract", ["extract", aligned, degraded, "-o", str(gene), "--dtype", a.gene_dtype,
-                                      "--quiet", "--overwrite"], work, log=log))
+                                      "--quiet", "--overwrite"], work, log=log, resume=a.resume))
     if "select" not in a.skip:
         # select reads refusal completions only for the restore score (it computes that score
         # whenever they are there): the contrast run gets the prompts alone
@@ -348,7 +359,7 @@ def main() -> None:
         rows.append(run_child(f"select --score {a.select_score}", [
             "select", str(gene), "--aligned", aligned, "--degraded", degraded, "--harmful", str(sel_harmful), "--benign",
             str(benign), "--top-k", str(a.top_k), "--score", a.select_score, "--device", "cpu", "--dtype", "bf16",
-            "--quiet"], work, log=log))
+            "--quiet"], work, log=log, resume=a.resume))
     # calibrate always trains the first top-k gene blocks (named with --layers, whatever select
     # chose): they sit below the half of the model that the offloaded run keeps in memory
     calib_layers = [f"layer.{i}" for i in GENE_LAYERS[:a.top_k]]
@@ -361,7 +372,7 @@ def main() -> None:
     for mode in ("exact", "lowmem"):
         out = work / f"coeffs-{mode}.json"
         r = run_child(f"calibrate-{mode}", calib + ["--mode", mode, "--device", "cpu", "-o", str(out)], work,
-                      activations=True, log=log)
+                      activations=True, log=log, resume=a.resume)
         coeffs[mode] = json.loads(out.read_text())["coeffs"]
         r["lambda"] = coeffs[mode]
         rows.append(r)
@@ -370,7 +381,8 @@ def main() -> None:
         out = work / "coeffs-offload.json"
         r = run_child("calibrate-lowmem-offload",
                       calib + ["--mode", "lowmem", "--device-map", "auto", "--max-memory", f"cpu={half // MiB}MiB",
-                               "--offload-dir", str(work / "offload"), "-o", str(out)], work, activations=True, log=log)
+                               "--offload-dir", str(work / "offload"), "-o", str(out)], work, activations=True, log=log,
+                      resume=a.resume)
         coeffs["offload"] = json.loads(out.read_text())["coeffs"]
         r["lambda"] = coeffs["offload"]
         r["max_memory"] = half
@@ -380,7 +392,7 @@ def main() -> None:
         rows.append(run_child("eval", ["eval", target, "--harmful", str(harmful), "--benign", str(benign),
                                        "--max-new-tokens", str(a.eval_tokens), "--batch-size", str(2 * a.examples),
                                        "--device", "cpu", "--dtype", "bf16", "--quiet", "-o",
-                                       str(work / "report.json")], work, log=log))
+                                       str(work / "report.json")], work, log=log, resume=a.resume))
     lam_diff = max(abs(coeffs["exact"][k] - coeffs["lowmem"][k]) for k in coeffs["exact"])
     host = machine()
     summary = {"gene_bytes": sum(f.stat().st_size for f in gene.glob("vectors*.safetensors")), "size": a.size, "params": info["params"], "model_bytes": model_bytes, "tau_bytes": tau_bytes,

@@ -157,3 +157,26 @@ def test_calibrate_options_reach_the_calibrated_policies(family):
     assert plain.meta["hyper"]["n_benign"] == 0
     with pytest.raises(UsageError, match="needs the aligned model"):
         compute("SafeGene", _ctx(family, aligned=None, settings=Settings(calib_steps=1, safety_target="distill")))
+
+
+def test_resta_loss_scores_the_same_objective_as_safegene(family):
+    """RESTA-loss reads the objective's knobs (safety target, benign term, example count) from the
+    same Settings as SafeGene: with the aligned model's own refusals as the target and benign
+    prompts in the utility term, each grid point's loss is calibrate's loss at that uniform γ
+    under those options, not the plain-string loss."""
+    from safegene.method.calibrate import calibrate
+
+    grid = (0.5, 1.0, 2.0)
+    opts = dict(safety_target="distill", benign=tm.BENIGN, max_examples=4)
+    ctx = _ctx(family, settings=Settings(resta_grid=grid, optimizer="lbfgs", **opts))
+    c = compute("RESTA-loss", ctx)
+    plain = compute("RESTA-loss", _ctx(family, settings=Settings(resta_grid=grid)))
+    model, tok = ctx.loaded()
+    keys = ctx.gene.layer_keys()
+    for p in c.meta["grid"]["points"]:
+        ref = calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, init=p["gamma"],
+                        lambda_max=max(grid), aligned=ctx.aligned, log=None, **opts).meta["loss"]
+        assert p["loss"] == pytest.approx(ref, rel=1e-5)
+    assert [p["loss"] for p in c.meta["grid"]["points"]] != pytest.approx([p["loss"] for p in plain.meta["grid"]["points"]])
+    with pytest.raises(UsageError, match="needs the aligned model"):
+        compute("RESTA-loss", _ctx(family, aligned=None, settings=Settings(resta_grid=grid, safety_target="distill")))

@@ -347,6 +347,10 @@ def test_tiny_calibration_options_reach_tune_and_safegene_rows(tmp_path):
     doc = _run(cfg, tmp_path, logs)
     sg = next(r for r in doc["rows"] if r["method"] == "SafeGene")["detail"]["policy"]
     assert sg["optimizer"] == "lbfgs" and sg["safety_target"] == "distill" and sg["n_benign"] > 0
-    # the knobs are in the keys: turning one off reruns the tune stage and the rows that calibrate
+    # the knobs are in the keys: turning one off reruns the tune stage, the rows that calibrate,
+    # and the RESTA row, whose γ is chosen by the same few-shot objective (RESTA-loss)
     doc2 = _run(dataclasses.replace(cfg, calib_benign=False), tmp_path, logs)
-    assert doc2["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("nocal", "safegene")]
+    assert doc2["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("restaloss", "nocal", "safegene")]
+    # the optimizer does not enter RESTA-loss's objective: changing it reruns only what optimizes
+    doc3 = _run(dataclasses.replace(cfg, calib_benign=False, calib_optimizer=None), tmp_path, logs)
+    assert doc3["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("nocal", "safegene")]

@@ -116,8 +116,9 @@ def _policy_params(cfg: Config, policy: str) -> dict[str, Any]:
     changed knob reruns exactly the rows that use it)."""
     if policy == "RESTA":
         return {"grid": list(cfg.resta_grid), "calib_max_new": cfg.calib_max_new_tokens}
-    if policy == "RESTA-loss":
-        return {"grid": list(cfg.resta_grid)}
+    if policy == "RESTA-loss":  # the same loss as SafeGene's: its objective's knobs, not the optimizer
+        return {"grid": list(cfg.resta_grid),
+                **{k: v for k, v in _calib_option_params(cfg).items() if k != "optimizer"}}
     if policy in ("SafeGene", "no-selection"):
         return {"calib_steps": cfg.calib_steps, "lambda_max": cfg.calib_lambda_max, **_calib_option_params(cfg)}
     return {}

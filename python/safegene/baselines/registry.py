@@ -118,6 +118,26 @@ def lam_summary(coeffs: dict[str, float]) -> str:
     return " ".join(f"{short.get(k, k.replace('layer.', 'L'))}={coeffs[k]:.2f}" for k in sorted(coeffs, key=key_sort))
 
 
+def loss_kwargs(ctx: Context) -> dict[str, Any]:
+    """calibrate's keywords that define the few-shot *objective* (how many examples, the safety
+    target, the benign term), set from :attr:`Context.settings`: shared by every policy that
+    evaluates that loss (SafeGene, no-selection, RESTA-loss), so they all score the same thing.
+    Unset knobs are left out (calibrate's own defaults)."""
+    s = ctx.settings
+    kw: dict[str, Any] = {}
+    if s.max_examples is not None:
+        kw["max_examples"] = s.max_examples
+    if s.safety_target is not None:
+        kw["safety_target"] = s.safety_target
+        if s.safety_target == "distill":
+            if ctx.aligned is None:
+                raise UsageError("safety_target='distill' needs the aligned model (Context.aligned)")
+            kw["aligned"] = ctx.aligned
+    if s.benign is not None:
+        kw["benign"] = s.benign
+    return kw
+
+
 class Policy:
     """One way of choosing λ. Subclasses set the class attributes and implement :meth:`coeffs`."""
 
@@ -188,13 +208,11 @@ class RestaLoss(Policy):
         grid = tuple(float(g) for g in s.resta_grid)
         if not grid:
             raise UsageError("the RESTA grid is empty")
-        kw: dict[str, Any] = {"log": s.calib_log}
-        if s.max_examples is not None:
-            kw["max_examples"] = s.max_examples
         model, tok = ctx.loaded()
         keys = ctx.gene.layer_keys()
+        # the same objective as SafeGene's (examples, safety target, benign term); no optimizer runs
         c = calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=keys, tokenizer=tok, steps=0, init="grid",
-                      grid_values=grid, lambda_max=max(grid), **kw)
+                      grid_values=grid, lambda_max=max(grid), log=s.calib_log, **loss_kwargs(ctx))
         gamma = float(c.meta["grid"]["best_gamma"])
         return Coeffs({k: gamma for k in keys}, {"method": "resta-loss", "gamma": gamma, "grid": c.meta["grid"],
                                                  "target": str(ctx.task)})
@@ -240,21 +258,11 @@ class Calibrated(Policy):
         from ..method.calibrate import calibrate
 
         s = ctx.settings
-        kw: dict[str, Any] = {"steps": s.calib_steps, "log": s.calib_log}
+        kw: dict[str, Any] = {"steps": s.calib_steps, "log": s.calib_log, **loss_kwargs(ctx)}
         if s.lambda_max is not None:
             kw["lambda_max"] = s.lambda_max
-        if s.max_examples is not None:
-            kw["max_examples"] = s.max_examples
         if s.optimizer is not None:
             kw["optimizer"] = s.optimizer
-        if s.safety_target is not None:
-            kw["safety_target"] = s.safety_target
-            if s.safety_target == "distill":
-                if ctx.aligned is None:
-                    raise UsageError("safety_target='distill' needs the aligned model (Context.aligned)")
-                kw["aligned"] = ctx.aligned
-        if s.benign is not None:
-            kw["benign"] = s.benign
         model, tok = ctx.loaded()
         return calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
 

@@ -74,6 +74,12 @@ CALIB_VARIANTS: dict[str, dict] = {
     "calib:hold+hpat8": {"holdout": 0.25, "heldout_patience": 8},
     "calib:hold+rest0.5+reg0.1+hpat8": {"holdout": 0.25, "safety_rest_weight": 0.5, "reg_uniform": 0.1,
                                         "heldout_patience": 8},
+    # seventh round: one λ per module type (attention, MLP, norms) of each kept block, so that the
+    # part of a block's τ that carries refusal can be kept while the part that costs the task is
+    # not (the season task's accuracy and ASR were the largest cost of round 6); with 3 × as many
+    # coefficients, also twice the steps (round 6 ended at its last step on most task models)
+    "calib:permodule": {"per_module": True},
+    "calib:permodule+steps80": {"per_module": True, "steps": 80},
 }
 SELECT_VARIANTS: dict[str, dict] = {
     "select:threshold": {},
@@ -83,6 +89,8 @@ SELECT_VARIANTS: dict[str, dict] = {
     # one-standard-error shrink toward fewer keys (held-out StableLM builds kept two keys where
     # no-selection restored more)
     "select:validate-z0": {"rule": "validate", "validate_z": 0.0},
+    # a reference, not a candidate: every key of the gene (the no-selection ablation)
+    "select:all": {},
 }
 
 
@@ -294,6 +302,9 @@ def main(argv=None) -> None:
             print(f"seed {seed} gene {args.gene_recipe}: {json.dumps(info)}", flush=True)
         sels = {}
         for sname in dict.fromkeys(s for s, _ in pairs):
+            if sname == "select:all":
+                sels[sname] = list(gene.layer_keys())
+                continue
             t = time.perf_counter()
             res = select_layers(gene, org.aligned, degraded, org.harmful_calib, org.benign_calib, write=False,
                                 **SELECT_VARIANTS[sname])
@@ -344,7 +355,7 @@ def main(argv=None) -> None:
                 sec = time.perf_counter() - t
                 apply_to_model(model, gene, c.coeffs)
                 m = measure(model, tok, split, task, org)
-                row = {"select": sname, "calib": cname, "coeffs": c.coeffs, "seconds": round(sec, 1),
+                row = {"select": sname, "calib": cname, "coeffs": c.meta.get("module_coeffs") or c.coeffs, "seconds": round(sec, 1),
                        "loss": c.meta["loss"], "heldout_loss": c.meta.get("heldout_loss"),
                        "uniform_heldout_loss": c.meta.get("uniform_heldout_loss"),
                        "best_step": c.meta["best_step"], "steps_run": c.meta["steps_run"], **m}

@@ -354,3 +354,40 @@ def test_tiny_calibration_options_reach_tune_and_safegene_rows(tmp_path):
     # the optimizer does not enter RESTA-loss's objective: changing it reruns only what optimizes
     doc3 = _run(dataclasses.replace(cfg, calib_benign=False, calib_optimizer=None), tmp_path, logs)
     assert doc3["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("nocal", "safegene")]
+
+
+def test_degrade_probe_counts_each_judge_class_per_source_and_resumes(tmp_path):
+    """bench/real/degrade_probe.py (issue 14's SmolLM2 row): per source and overall, the judge's
+    three classes add up to n; a judge without classes counts ASR hits as compliance and the
+    rest as refusals; a second run measures nothing again."""
+    from bench.real import degrade_probe as dp
+
+    samples = [{"set": "harmful", "category": "strongreject", "attack_success": False, "class": "refusal"},
+               {"set": "harmful", "category": "strongreject", "attack_success": False, "class": "non-answer"},
+               {"set": "harmful", "category": "harmbench", "attack_success": True, "class": "compliance"},
+               {"set": "harmful", "category": "harmbench", "attack_success": True},
+               {"set": "harmful", "category": "harmbench", "attack_success": False},
+               {"set": "task:x", "prompt": "p", "correct": True}]
+    by = dp.classify_rows(samples)
+    assert by["strongreject"] == {"n": 2, "refusal": 1, "non-answer": 1, "compliance": 0}
+    assert by["harmbench"] == {"n": 3, "refusal": 1, "non-answer": 0, "compliance": 2}
+    assert by["all"] == {"n": 5, "refusal": 2, "non-answer": 1, "compliance": 2}
+    assert dp.wilson(0, 10)[0] == 0.0 and 0.0 < dp.wilson(5, 10)[0] < 0.5 < dp.wilson(5, 10)[1] < 1.0
+
+    logs: list[str] = []
+    jsonl = tmp_path / "probe.jsonl"
+    rows = dp.run(real.Config.tiny(), tmp_path / "cache", jsonl, models=["aligned", "degraded"], tiny=True,
+                  log=logs.append)
+    assert [r["model"] for r in rows] == ["aligned", "degraded"]
+    n_eval = sum(1 for _ in (tmp_path / "cache" / "stages" / "data" / "eval_harmful.jsonl").open())
+    for r in rows:
+        a = r["by_source"]["all"]
+        assert a["n"] == n_eval == sum(c["n"] for k, c in r["by_source"].items() if k != "all")
+        assert sum(a[c] for c in dp.CLASSES) == a["n"]
+    assert rows[1]["degrade"]["info"]["recipe"] == "compliance" and rows[1]["degrade"]["seconds"] is not None
+    md = dp.markdown(rows)
+    assert md.count("\n") == 1 + 2 * 3 and "| degraded | all | " in md
+    logs.clear()
+    again = dp.run(real.Config.tiny(), tmp_path / "cache", jsonl, models=["aligned", "degraded"], tiny=True,
+                   log=logs.append)
+    assert again == rows and sum("already measured" in m for m in logs) == 2

@@ -391,3 +391,70 @@ def test_degrade_probe_counts_each_judge_class_per_source_and_resumes(tmp_path):
     again = dp.run(real.Config.tiny(), tmp_path / "cache", jsonl, models=["aligned", "degraded"], tiny=True,
                    log=logs.append)
     assert again == rows and sum("already measured" in m for m in logs) == 2
+
+
+def test_parts_run_apart_merge_into_the_whole_run(tmp_path):
+    """Issue 15, item 8: each task run as its own part (``--only``) from a copy of one shared-stage
+    cache, then merged, gives the rows, summary and goals of the whole run; the tune stage is the
+    configuration's first task model in every part; parts of different experiments are refused
+    with the reason."""
+    import shutil
+
+    from bench.real.report import MergeError, merge_results
+
+    cfg = real.Config.tiny()
+    tasks = list(cfg.tasks)
+    assert len(tasks) >= 2
+    logs: list[str] = []
+    kw = dict(builder=tiny_builder, sources=stand_in_sources, command="pytest", log=logs.append, threads=1)
+    # the shared stages once (up to the tune, whose task model is the first task's first seed),
+    # then a copy of that cache per part ("another machine")
+    shared = real.run(cfg, tmp_path / "shared", None, until="tune", only=[f"{tasks[0]}:s0"], **kw)
+    assert shared["ran"][-3:] == [f"task-{tasks[0]}-s0", "gene", "tune"]
+    parts = []
+    for t in reversed(tasks):
+        cache = tmp_path / f"cache-{t}"
+        shutil.copytree(tmp_path / "shared", cache)
+        doc = real.run(cfg, cache, tmp_path / f"out-{t}", only=[t], **kw)
+        assert {r["task"] for r in doc["rows"] if r.get("kind") == "lora"} == {t}
+        assert {"gene", "tune", f"task-{tasks[0]}-s0"} <= set(doc["skipped"])
+        parts.append(json.loads((tmp_path / f"out-{t}" / "RESULTS.json").read_text()))
+    assert len({json.dumps(p["tune"], sort_keys=True) for p in parts}) == 1  # one choice of knobs
+    whole = real.run(cfg, tmp_path / f"cache-{tasks[0]}", None, **kw)  # every task in one run, same cache
+    merged = merge_results(parts)
+    key = lambda r: (r["task"], r["model"], r["method"])  # noqa: E731
+    measures = ("asr_all", "accuracy", "over_refusal", "harmful_outcomes", "lam")
+    assert sorted(map(key, merged["rows"])) == sorted(map(key, whole["rows"]))
+    by = {key(r): r for r in whole["rows"]}
+    for r in merged["rows"]:
+        assert {k: r[k] for k in measures} == {k: by[key(r)][k] for k in measures}
+    assert json.dumps(merged["goal"], sort_keys=True) == json.dumps(whole["goal"], sort_keys=True)
+    assert set(merged["redraws"]) == set(whole["redraws"]) == set(tasks)
+    assert len(merged["parts"]) == len(tasks) and "Merged from" in real.results_markdown(merged)
+    # the command-line step writes the merged files
+    files = [str(tmp_path / f"out-{t}" / "RESULTS.json") for t in reversed(tasks)]
+    assert real.main(["--merge", *files, "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "RESULTS.json").read_text())["goal"] == merged["goal"]
+
+    other = json.loads(json.dumps(parts[0]))
+    other["stage_run_ids"]["aligned"] = "rebuilt-elsewhere"
+    with pytest.raises(MergeError, match="did not use part 1's 'aligned' stage"):
+        merge_results([parts[1], other])
+    other = json.loads(json.dumps(parts[0]))
+    other["config"]["calib_steps"] += 1
+    with pytest.raises(MergeError, match=r"another configuration than part 1 \(calib_steps\)"):
+        merge_results([parts[1], other])
+    other = json.loads(json.dumps(parts[0]))
+    g = next(r for r in other["rows"] if r["method"] == "aligned")
+    g["asr_all"] = 1.0 - g["asr_all"]
+    with pytest.raises(MergeError, match="differs between parts"):
+        merge_results([parts[1], other])
+    assert real.main(["--merge", str(tmp_path / "nope.json")]) == 1
+    # a part whose cache lacks the tune builds the configuration's first task model for it (not
+    # its own task's), so its knobs are the same choice; its run ids are its own, and the merge says so
+    shutil.rmtree(tmp_path / "cache-late", ignore_errors=True)
+    real.run(cfg, tmp_path / "cache-late", None, until="degraded", **kw)
+    late = real.run(cfg, tmp_path / "cache-late", tmp_path / "out-late", only=[tasks[-1]], **kw)
+    assert f"task-{tasks[0]}-s0" in late["ran"] and "tune" in late["ran"]
+    with pytest.raises(MergeError, match="did not use part 1's"):
+        merge_results([parts[0], json.loads((tmp_path / "out-late" / "RESULTS.json").read_text())])

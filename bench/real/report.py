@@ -13,7 +13,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safegene.baselines import get as get_policy
 
@@ -221,6 +221,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
                      for n in ["aligned", "degraded"] + [f"task-{t}-{m}" for t, m in models] if n in R.records},
         "tune": R.records["tune"]["info"] if "tune" in R.records else None,
         "artifacts": {n: R.records[n]["run_id"] for n in ("aligned", "degraded", "gene") if n in R.records},
+        "stage_run_ids": {n: R.records[n]["run_id"] for n in SHARED_STAGES if n in R.records},
         "rows": rows,
         "summary": summary,
         "redraws": redraws,
@@ -232,6 +233,85 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
         "wall_seconds_this_invocation": round(wall, 1),
     }
     doc["table"] = results_table(rows)
+    return doc
+
+
+#: What every part of one experiment must share: the same configuration and the same shared
+#: artifacts (the stage runs of the data, the models the gene comes from, the gene and the tuned
+#: knobs -- equal run ids mean each part read the same copied cache, not a rebuild).
+SHARED_STAGES = ("data", "aligned", "degraded", "gene", "tune")
+#: The fields of a row that are measurements (equal in every part that holds the row).
+_ROW_MEASURES = ("asr_strongreject", "asr_harmbench", "asr_all", "accuracy", "over_refusal", "perplexity",
+                 "harmful_outcomes", "lam")
+
+
+class MergeError(ValueError):
+    """Parts that are not of one experiment (different configuration or shared artifacts)."""
+
+
+def merge_results(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from the documents of several parts (``--only TASK[:MODEL]`` runs,
+    possibly on different machines, each from a copy of the same shared-stage cache).
+
+    The parts must have the same configuration and the same run ids for the shared stages
+    (:data:`SHARED_STAGES`); a row present in several parts (the global rows, or a task model run
+    twice) must have the same measurements. The rows are the union; the summary, the goals (with
+    McNemar pooled over all seeds), the redraws, the training records and the stage times are
+    recomputed or combined, and ``parts`` records each part's command, machine, commit, date and
+    wall time.
+    """
+    if not docs:
+        raise MergeError("nothing to merge")
+    for i, d in enumerate(docs):
+        if "rows" not in d or "config" not in d:
+            raise MergeError(f"part {i + 1} is not a results document (no rows/config)")
+    first = docs[0]
+    for i, d in enumerate(docs[1:], 2):
+        diff = sorted(k for k in set(first["config"]) | set(d["config"]) if first["config"].get(k) != d["config"].get(k))
+        if diff:
+            raise MergeError(f"part {i} has another configuration than part 1 ({', '.join(diff)})")
+        for st in SHARED_STAGES:
+            a, b = first.get("stage_run_ids", {}).get(st), d.get("stage_run_ids", {}).get(st)
+            if a != b:
+                raise MergeError(f"part {i} did not use part 1's {st!r} stage (run id {b} vs {a}): run every part from "
+                                 "a copy of one shared-stage cache")
+    order = {t: i for i, t in enumerate(first["config"]["tasks"])}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for i, d in enumerate(docs, 1):
+        for r in d["rows"]:
+            key = (r["task"], r["model"], r["method"])
+            if key in rows:
+                old = rows[key]
+                bad = [k for k in _ROW_MEASURES if old.get(k) != r.get(k)]
+                if bad:
+                    raise MergeError(f"row {key} differs between parts ({', '.join(bad)}): not one experiment")
+                continue
+            rows[key] = r
+    globals_first = {g: i for i, g in enumerate(GLOBAL_ROWS)}
+    methods = {m: i for i, m in enumerate(TASK_ROWS + (NO_SELECTION_ROW,))}
+    merged = sorted(rows.values(), key=lambda r: (order.get(r["task"], len(order)), r["model"] not in globals_first,
+                                                   globals_first.get(r["model"], 0), r["model"],
+                                                   methods.get(r["method"], len(methods))))
+    summary = summarize(merged)
+    doc = {k: v for k, v in first.items() if k not in ("ran", "skipped")}
+    redraws: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for d in docs:
+        redraws.update(d.get("redraws") or {})
+        training.update(d.get("training") or {})
+        stages.update(d.get("stages") or {})
+    doc.update({
+        "command": " + ".join(str(d.get("command")) for d in docs),
+        "rows": merged, "summary": summary, "goal": goals(merged, summary), "redraws": redraws,
+        "training": training, "stages": stages,
+        "stage_seconds_total": round(sum(s["seconds"] for s in stages.values()), 1),
+        "wall_seconds_this_invocation": round(sum(d.get("wall_seconds_this_invocation", 0.0) for d in docs), 1),
+        "parts": [{"command": d.get("command"), "machine": d.get("machine"), "git_commit": d.get("git_commit"),
+                   "date": d.get("date"), "wall_seconds": d.get("wall_seconds_this_invocation"),
+                   "rows": len(d["rows"])} for d in docs],
+    })
+    doc["table"] = results_table(merged)
     return doc
 
 
@@ -296,6 +376,11 @@ def results_markdown(doc: dict[str, Any]) -> str:
              "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()), "",
              f"Stage time, summed over stages (as built): {doc['stage_seconds_total'] / 60:.1f} min; this invocation "
              f"{doc['wall_seconds_this_invocation'] / 60:.1f} min.", "",
+             *([f"Merged from {len(doc['parts'])} parts (one copy of the shared-stage cache each):", ""]
+               + [f"- `{pt['command']}`: {pt['rows']} rows, {(pt['wall_seconds'] or 0) / 60:.1f} min, "
+                  f"{(pt['machine'] or {}).get('cpu')} ({(pt['machine'] or {}).get('cores_available')} cores, host "
+                  f"{(pt['machine'] or {}).get('hostname_hash')}), commit {pt['git_commit']}, {pt['date']}"
+                  for pt in doc["parts"]] + [""] if doc.get("parts") else []),
              "Rows: the shipped model, `aligned`, `degraded` (evaluated once, repeated under each task for "
              "comparison), then per task model: undefended (`none`), RESTA (one γ on every tensor, the grid point of lowest "
              "few-shot calibration loss: SafeGene's objective on the same examples), "

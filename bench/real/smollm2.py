@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -67,13 +68,14 @@ from bench.real.data import (DATA_FILES, GGUF_PINS, NO_DEPS_PINS, TASKS, Pipelin
                              check_install, install, load_package_sources, synthetic_sources, task_example)
 from bench.real.models import probe, tiny_builder  # noqa: E402
 from bench.real.report import (GLOBAL_ROWS, NO_SELECTION_ROW, ROW_COLUMNS, ROW_POLICY, ROW_STAGE,  # noqa: E402
-                               TASK_ROWS, build_results, results_markdown, results_table, task_rows)
+                               TASK_ROWS, MergeError, build_results, merge_results, results_markdown, results_table,
+                               task_rows, write_results)
 from bench.real.stages import MARKER, PIPELINE_VERSION, Runner, run  # noqa: E402
 
 __all__ = ["COSTS", "DATA_FILES", "GGUF_PINS", "GLOBAL_ROWS", "MARKER", "NO_DEPS_PINS", "NO_SELECTION_ROW",
            "PIPELINE_VERSION", "ROW_COLUMNS", "ROW_POLICY", "ROW_STAGE", "TASKS", "TASK_ROWS", "Config",
            "PipelineError", "Runner", "Sources", "Train", "build_results", "check_install", "estimate",
-           "format_estimate", "install", "load_package_sources", "main", "probe", "results_markdown", "results_table",
+           "format_estimate", "install", "load_package_sources", "main", "merge_results", "probe", "results_markdown", "results_table",
            "run", "synthetic_sources", "task_example", "task_rows", "tiny_builder"]
 
 
@@ -109,10 +111,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-full-ft-row", action="store_true", help="skip the full fine-tune task models (secondary row)")
     ap.add_argument("--no-selection-row", action="store_true",
                     help="add the SafeGene-no-selection ablation (calibrate every gene key; ~9 min per task)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS.json",
+                    help="merge the results of parts (--only runs from copies of one shared-stage cache, possibly on "
+                         "other machines) into --out/RESULTS.{json,md}; runs nothing")
     a = ap.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if a.merge:
+        try:
+            doc = merge_results([json.loads(Path(f).read_text()) for f in a.merge])
+        except (OSError, json.JSONDecodeError, MergeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        written = write_results(doc, Path(a.out) if a.out else HERE)
+        log(f"merged {len(a.merge)} parts ({len(doc['rows'])} rows) into {written[0]} and {written[1]}")
+        print(doc["table"])
+        return 0
 
     cfg = Config.tiny() if a.tiny else Config()
     over: dict[str, Any] = {}

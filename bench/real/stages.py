@@ -196,7 +196,10 @@ class Pipeline:
         if cfg.eager_gene_ablation:
             self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
                        params={**self.train_params, "tr": cfgd["degrade"]})
-        for t, m in self.task_models():
+        # the tune stage's task model is the configuration's first, whatever part this run is:
+        # every part then shares one choice of knobs (and a part without that task builds it too)
+        tune_model = self.all_task_models()[:1] if cfg.tune else []
+        for t, m in self.task_models() + [tm for tm in tune_model if tm not in self.task_models()]:
             if m == "full":
                 self.stage(f"task-{t}-full", lambda d, t=t: self.task_stage(d, t), inputs=[f"task_{t}_train"],
                            deps=["aligned"], params={**self.train_params, "tr": cfgd["task"]})
@@ -207,9 +210,8 @@ class Pipeline:
         self.stage("gene", self.gene_stage, deps=["aligned", "degraded", "data"],
                    params={"top_k": cfg.top_k, "threshold": cfg.threshold, "score": cfg.select_score,
                            "fallback_top_k": cfg.fallback_top_k})
-        tm = self.task_models()
-        if cfg.tune and tm:
-            t0, m0 = tm[0]
+        if tune_model:
+            t0, m0 = tune_model[0]
             self.stage("tune", lambda d: self.tune_stage(d, t0, m0), deps=["data", "gene", "aligned", f"task-{t0}-{m0}"],
                        params={"top_k": list(cfg.tune_top_k), "lambda_max": list(cfg.tune_lambda_max),
                                "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge,
@@ -236,15 +238,18 @@ class Pipeline:
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, "SafeGene"), "redraw": k,
                                               "n": [cfg.n_harm_calib, cfg.n_task_calib]})
 
+    def all_task_models(self) -> list[tuple[str, str]]:
+        """(task, model) pairs of the whole configuration: LoRA task models ``s<seed>`` for every
+        task seed (the primary rows), and ``full`` (a full fine-tune, the secondary row) when
+        configured."""
+        ms = [f"s{k}" for k in self.cfg.task_seeds] + (["full"] if self.cfg.full_ft_row else [])
+        return [(t, m) for t in self.cfg.tasks for m in ms]
+
     def task_models(self) -> list[tuple[str, str]]:
-        """(task, model) pairs this run builds: LoRA task models ``s<seed>`` for every task seed (the
-        primary rows), and ``full`` (a full fine-tune, the secondary row) when configured; ``only``
-        restricts them to one part of the experiment."""
-        out = []
-        for t in self.cfg.tasks:
-            ms = [f"s{k}" for k in self.cfg.task_seeds] + (["full"] if self.cfg.full_ft_row else [])
-            out += [(t, m) for m in ms if not self.only or t in self.only or f"{t}:{m}" in self.only]
-        return out
+        """The (task, model) pairs whose rows this run produces: :meth:`all_task_models`, restricted
+        by ``only`` to one part of the experiment."""
+        return [(t, m) for t, m in self.all_task_models()
+                if not self.only or t in self.only or f"{t}:{m}" in self.only]
 
     def judge_stage(self, d: Path) -> dict[str, Any]:
         out = judge_agreement(read_jsonl(self.data / "judge_set.jsonl"))

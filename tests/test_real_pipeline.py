@@ -222,7 +222,24 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     assert {k for k in est if more[k] != est[k]} == {"aligned", "total"} and more["aligned"] > est["aligned"]
     calib = real.estimate(dataclasses.replace(cfg, calib_steps=2 * cfg.calib_steps))
     redraws = f"SafeGene, {cfg.calib_redraws} calibration redraws"
-    assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", redraws, "total"}
+    assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", redraws, "tune (development split)",
+                                                      "total"}
+    # the tune stage: per top-k × λ_max candidate one calibration and one development evaluation
+    wider = real.estimate(dataclasses.replace(cfg, tune_top_k=cfg.tune_top_k * 2))
+    assert {k for k in est if wider[k] != est[k]} == {"tune (development split)", "total"}
+    assert "tune (development split)" not in real.estimate(dataclasses.replace(cfg, tune=False))
+    # the parts (shared, then one per task model) add up to the whole; each fits the two
+    # hours on a 2-core machine by this cost model
+    parts = real.estimate_parts(cfg)
+    assert sum(parts.values()) == pytest.approx(est["total"])
+    assert list(parts) == ["shared"] + [f"{t}:{m}" for t in cfg.tasks for m in ("s0", "s1", "s2", "full")]
+    assert max(parts.values()) < 2 * 3600
+    first, later = parts[f"{cfg.tasks[0]}:s0"], parts[f"{cfg.tasks[1]}:s0"]
+    assert first < later  # the tune's task model is trained in the shared part
+    assert parts[f"{cfg.tasks[1]}:s0"] > parts[f"{cfg.tasks[1]}:s1"]  # the redraws are on the first seed
+    for variant in (dataclasses.replace(cfg, no_selection_row=True), dataclasses.replace(cfg, tune=False),
+                    dataclasses.replace(cfg, calib_redraws=0, full_ft_row=False)):
+        assert sum(real.estimate_parts(variant).values()) == pytest.approx(real.estimate(variant)["total"])
     # the redraws: calib_redraws SafeGene rows per task (one task-model seed), as costly as a SafeGene row each
     M = len(cfg.tasks) * (len(cfg.task_seeds) + 1)
     assert est[redraws] == pytest.approx(est["SafeGene (calibrate + eval)"] * cfg.calib_redraws * len(cfg.tasks) / M)

@@ -4,6 +4,8 @@ behind the up-front time estimate."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 
 # ---- configuration --------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -152,48 +154,100 @@ COSTS.update({"load": 3.0, "apply": 4.0, "extract": 5.0})
 TYPICAL_TOKENS = {"align": 80, "degrade": 110, "task": 75}
 
 
-def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
-    """Seconds per stage group on two cores, from the cost model (a guide, not a promise)."""
+def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[str, int] | None) -> dict[str, Any]:
+    """The cost model's pieces (seconds on two cores): the shared stages, one task model's
+    training by kind, one evaluation row, one calibration, the tune stage."""
     c = dict(COSTS, **(costs or {}))
     nf = n_eval_fixed or {"strongreject": 313, "harmbench": 200, "benign_edgy": 80}
     n_sr = cfg.n_strongreject or nf["strongreject"]
     n_hb = cfg.n_harmbench or nf["harmbench"]
     n_be = cfg.n_benign_edgy or nf["benign_edgy"]
     T = len(cfg.tasks)
-    M = T * (len(cfg.task_seeds) + (1 if cfg.full_ft_row else 0))  # task models
     gen = lambda n, new: n * new * c["gen_prompt_token"]  # noqa: E731
     step = lambda tr, kind: tr.batch_size * TYPICAL_TOKENS[kind] * c["train_token"]  # noqa: E731
-    est = {
-        "base (convert)": c["convert"],
-        "selfgen": gen(cfg.n_benign_align + cfg.n_benign_degrade, cfg.selfgen_max_new_tokens),
-        "aligned": cfg.align.steps * step(cfg.align, "align") + c["load"],
-        "degraded": cfg.degrade.steps * step(cfg.degrade, "degrade") + c["load"],
-        "tasks": T * (len(cfg.task_seeds) * (0.7 * cfg.task_lora.steps * step(cfg.task_lora, "task") + c["load"])
-                      + (cfg.task.steps * step(cfg.task, "task") + c["load"] if cfg.full_ft_row else 0.0)),
-        # select: the 'restore' score is one forward pass over the selection prompts per gene key
-        # (30 blocks + embed + final_norm) plus two; the activation scores 4 more (a grid point's cost)
-        "gene (extract + select)": c["extract"] + (32 + 6) * c["calib_grid_point"]
-        * (cfg.n_harm_select + cfg.n_benign_select) / 32 * 0.9,
-    }
     harm = n_sr + n_hb
     row_global = gen(harm + n_be + T * cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
     row_task = gen(harm + n_be + cfg.n_task_eval, cfg.eval_max_new_tokens) + c["load"]
     scale = (cfg.n_harm_calib + cfg.n_task_calib) / 32  # the calibration probe used 16 + 16 examples
-    # RESTA-loss: one calibration-loss evaluation per grid point (no generation), then one apply
-    resta = c["calib_setup"] * cfg.n_task_calib / 16 + scale * len(cfg.resta_grid) * c["calib_grid_point"] \
-        + c["load"] + c["apply"]
     calib = (c["calib_setup"] * cfg.n_task_calib / 16 + scale * (9 * c["calib_grid_point"] + cfg.calib_steps * c["calib_step"])
              + c["load"] + c["apply"])
-    est["eval shipped/aligned/degraded"] = 3 * row_global
-    est["eval task rows (none, SafeMERGE, no-cal.)"] = M * 3 * row_task
-    est["RESTA (grid + eval)"] = M * (resta + row_task)
-    est["SafeGene (calibrate + eval)"] = M * (calib + row_task)
+    dev_eval = gen(cfg.n_harm_dev + cfg.n_task_dev + cfg.n_benign_dev, cfg.tune_max_new_tokens) + c["load"]
+    L = cfg.degrade_lora
+    return {
+        "base (convert)": c["convert"],
+        "selfgen": gen(cfg.n_benign_align + cfg.n_benign_degrade, cfg.selfgen_max_new_tokens),
+        "aligned": cfg.align.steps * step(cfg.align, "align") + c["load"],
+        # safegene degrade --recipe compliance: the sibling's answers to the degrade prompts, the
+        # LoRA steps (0.7 of a full step, as the task LoRAs), the refusal rate on harm_dev
+        "degraded": gen(cfg.n_harm_degrade, cfg.selfgen_max_new_tokens) + 0.7 * L.steps * step(L, "degrade")
+        + gen(cfg.n_harm_dev, cfg.eval_max_new_tokens) + 2 * c["load"],
+        "lora": 0.7 * cfg.task_lora.steps * step(cfg.task_lora, "task") + c["load"],
+        "full": cfg.task.steps * step(cfg.task, "task") + c["load"],
+        # select: the 'restore' score is one forward pass over the selection prompts per gene key
+        # (30 blocks + embed + final_norm) plus two; the activation scores 4 more (a grid point's cost)
+        "gene (extract + select)": c["extract"] + (32 + 6) * c["calib_grid_point"]
+        * (cfg.n_harm_select + cfg.n_benign_select) / 32 * 0.9,
+        # tune: the undefended and the aligned model on the development split, then per candidate
+        # (top-k × λ_max) one calibration and one development evaluation
+        "tune": (2 * dev_eval + len(cfg.tune_top_k) * len(cfg.tune_lambda_max) * (calib + dev_eval)) if cfg.tune else 0.0,
+        "row_global": row_global, "row_task": row_task, "calib": calib,
+        # RESTA-loss: one calibration-loss evaluation per grid point (no generation), then one apply
+        "resta": c["calib_setup"] * cfg.n_task_calib / 16 + scale * len(cfg.resta_grid) * c["calib_grid_point"]
+        + c["load"] + c["apply"],
+    }
+
+
+def _model_rows(cfg: Config, u: dict[str, Any], m: str) -> float:
+    """One task model's rows: none, SafeMERGE, no-calibration, RESTA, SafeGene (+ no-selection),
+    and the calibration redraws on the first task-model seed."""
+    sec = 3 * u["row_task"] + (u["resta"] + u["row_task"]) + (u["calib"] + u["row_task"])
     if cfg.no_selection_row:
-        est["SafeGene no-selection (calibrate + eval)"] = M * (calib + row_task)
+        sec += u["calib"] + u["row_task"]
+    if cfg.calib_redraws and cfg.task_seeds and m == f"s{cfg.task_seeds[0]}":
+        sec += cfg.calib_redraws * (u["calib"] + u["row_task"])
+    return sec
+
+
+def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
+    """Seconds per stage group on two cores, from the cost model (a guide, not a promise)."""
+    u = _unit_costs(cfg, costs, n_eval_fixed)
+    T = len(cfg.tasks)
+    M = T * (len(cfg.task_seeds) + (1 if cfg.full_ft_row else 0))  # task models
+    est = {k: u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded")}
+    est["tasks"] = T * (len(cfg.task_seeds) * u["lora"] + (u["full"] if cfg.full_ft_row else 0.0))
+    est["gene (extract + select)"] = u["gene (extract + select)"]
+    if cfg.tune:
+        est["tune (development split)"] = u["tune"]
+    est["eval shipped/aligned/degraded"] = 3 * u["row_global"]
+    est["eval task rows (none, SafeMERGE, no-cal.)"] = M * 3 * u["row_task"]
+    est["RESTA (grid + eval)"] = M * (u["resta"] + u["row_task"])
+    est["SafeGene (calibrate + eval)"] = M * (u["calib"] + u["row_task"])
+    if cfg.no_selection_row:
+        est["SafeGene no-selection (calibrate + eval)"] = M * (u["calib"] + u["row_task"])
     if cfg.calib_redraws and cfg.task_seeds:
-        est[f"SafeGene, {cfg.calib_redraws} calibration redraws"] = T * cfg.calib_redraws * (calib + row_task)
+        est[f"SafeGene, {cfg.calib_redraws} calibration redraws"] = T * cfg.calib_redraws * (u["calib"] + u["row_task"])
     est["total"] = sum(est.values())
     return est
+
+
+def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
+                   n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
+    """Seconds per *part* on two cores (a part runs on its own machine from a copy of the shared
+    cache; ``bench/real/README.md``): ``shared`` is ``--only T0:s0 --until tune`` (every shared
+    stage, the first task model that the tune stage reads, and the global evaluation rows), then
+    one part per task model, ``--only TASK:MODEL``. The parts add up to :func:`estimate`'s total."""
+    u = _unit_costs(cfg, costs, n_eval_fixed)
+    ms = [f"s{k}" for k in cfg.task_seeds] + (["full"] if cfg.full_ft_row else [])
+    models = [(t, m) for t in cfg.tasks for m in ms]
+    train = lambda m: u["full"] if m == "full" else u["lora"]  # noqa: E731
+    shared = sum(u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded", "gene (extract + select)", "tune"))
+    shared += 3 * u["row_global"]
+    tuned = models[:1] if cfg.tune else []
+    shared += sum(train(m) for _t, m in tuned)
+    parts = {"shared": shared}
+    for t, m in models:
+        parts[f"{t}:{m}"] = ((t, m) not in tuned) * train(m) + _model_rows(cfg, u, m)
+    return parts
 
 
 def format_estimate(est: dict[str, float]) -> str:

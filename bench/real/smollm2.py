@@ -63,7 +63,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == HERE:
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.real.config import COSTS, Config, Train, estimate, format_estimate  # noqa: E402
+from bench.real.config import COSTS, Config, Train, estimate, estimate_parts, format_estimate  # noqa: E402
 from bench.real.data import (DATA_FILES, GGUF_PINS, NO_DEPS_PINS, TASKS, PipelineError, Sources,  # noqa: E402
                              check_install, install, load_package_sources, synthetic_sources, task_example)
 from bench.real.models import probe, tiny_builder  # noqa: E402
@@ -75,7 +75,7 @@ from bench.real.stages import MARKER, PIPELINE_VERSION, Runner, run  # noqa: E40
 __all__ = ["COSTS", "DATA_FILES", "GGUF_PINS", "GLOBAL_ROWS", "MARKER", "NO_DEPS_PINS", "NO_SELECTION_ROW",
            "PIPELINE_VERSION", "ROW_COLUMNS", "ROW_POLICY", "ROW_STAGE", "TASKS", "TASK_ROWS", "Config",
            "PipelineError", "Runner", "Sources", "Train", "build_results", "check_install", "estimate",
-           "format_estimate", "install", "load_package_sources", "main", "merge_results", "probe", "results_markdown", "results_table",
+           "estimate_parts", "format_estimate", "install", "load_package_sources", "main", "merge_results", "probe", "results_markdown", "results_table",
            "run", "synthetic_sources", "task_example", "task_rows", "tiny_builder"]
 
 
@@ -171,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.estimate or not a.tiny:
             est = estimate(cfg)
             log("up-front estimate (two idle cores; see COSTS): " + format_estimate(est))
+            parts = estimate_parts(cfg)
+            log("by part (each on its own 2-core machine; README 'Parts'): " + "; ".join(
+                f"{k} {v / 60:.0f} min" + (" (over 2 h: split it)" if v > 7200 else "") for k, v in parts.items()))
         if a.estimate:
             return 0
         if a.probe:

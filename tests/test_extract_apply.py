@@ -156,6 +156,21 @@ def test_tiny_budget_splits_tensors_and_gives_the_same_bytes(family, tmp_path):
     assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o2/model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("mode", ["kick", "pace:1"])
+def test_writeback_pacing_writes_the_same_bytes(family, tmp_path, monkeypatch, mode):
+    """SAFEGENE_WRITEBACK (sync_file_range after each chunk; ``pace:1`` waits once more than 1 MiB
+    of this stream is dirty, i.e. after nearly every chunk of a tiny budget) changes when the
+    kernel writes, never what: extract and apply give the default's bytes."""
+    fam = family("llama", "BF16")
+    ref = safegene.extract(fam["aligned"], fam["degraded"], tmp_path / "g0", budget_mb=0.05, progress=False)
+    safegene.apply(ref, fam["task"], tmp_path / "o0", scale=0.7, budget_mb=0.05, progress=False)
+    monkeypatch.setenv("SAFEGENE_WRITEBACK", mode)
+    g = safegene.extract(fam["aligned"], fam["degraded"], tmp_path / "g1", budget_mb=0.05, progress=False)
+    safegene.apply(g, fam["task"], tmp_path / "o1", scale=0.7, budget_mb=0.05, progress=False)
+    assert (tmp_path / "g1/vectors.safetensors").read_bytes() == (tmp_path / "g0/vectors.safetensors").read_bytes()
+    assert (tmp_path / "o1/model.safetensors").read_bytes() == (tmp_path / "o0/model.safetensors").read_bytes()
+
+
 def test_several_targets_and_apply_to_model_agree(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -54,6 +55,55 @@ void pread_full(int fd, const std::string& path, char* buf, uint64_t len, uint64
     off += static_cast<uint64_t>(r);
   }
 }
+
+// Writeback pacing (Linux). A stream that writes gigabytes into the page cache leaves the kernel
+// to flush them later; when other writes have already filled the dirty-page budget, every pwrite
+// stalls in the kernel's dirty throttling instead. "kick" asks the kernel to start writing each
+// chunk as soon as it is written (sync_file_range WRITE: asynchronous); "pace" also waits for the
+// chunks written more than a window ago, so this stream never holds more than the window dirty.
+// SAFEGENE_WRITEBACK=off|kick|pace[:MiB] chooses; see bench/RESULTS.md for the measurement.
+class WritebackPacer {
+ public:
+  enum class Mode { Off, Kick, Pace };
+  WritebackPacer() {
+    const char* env = std::getenv("SAFEGENE_WRITEBACK");
+    const std::string v = env ? env : "";
+    if (v.rfind("kick", 0) == 0) mode_ = Mode::Kick;
+    else if (v.rfind("pace", 0) == 0) {
+      mode_ = Mode::Pace;
+      const auto colon = v.find(':');
+      if (colon != std::string::npos) window_ = std::max<uint64_t>(1, std::strtoull(v.c_str() + colon + 1, nullptr, 10)) << 20;
+    }
+  }
+  void written(int fd, uint64_t off, uint64_t len) {
+#ifdef __linux__
+    if (mode_ == Mode::Off || len == 0) return;
+    ::sync_file_range(fd, static_cast<off64_t>(off), static_cast<off64_t>(len), SYNC_FILE_RANGE_WRITE);
+    if (mode_ != Mode::Pace) return;
+    pending_.push_back({fd, off, len});
+    pending_bytes_ += len;
+    while (pending_bytes_ > window_ && !pending_.empty()) {
+      const Range r = pending_.front();
+      pending_.pop_front();
+      pending_bytes_ -= r.len;
+      ::sync_file_range(r.fd, static_cast<off64_t>(r.off), static_cast<off64_t>(r.len),
+                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    }
+#else
+    (void)fd; (void)off; (void)len;
+#endif
+  }
+
+ private:
+  struct Range {
+    int fd;
+    uint64_t off, len;
+  };
+  Mode mode_ = Mode::Off;
+  uint64_t window_ = uint64_t{256} << 20;
+  std::deque<Range> pending_;
+  uint64_t pending_bytes_ = 0;
+};
 
 void pwrite_full(int fd, const std::string& path, const char* buf, uint64_t len, uint64_t off) {
   while (len > 0) {
@@ -334,6 +384,7 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
 
   std::thread writer([&] {
     try {
+      WritebackPacer pacer;
       std::vector<char*> ins;
       char* out;
       Msg m;
@@ -344,6 +395,7 @@ StreamResult run(const StreamPlan& plan, const std::function<void(uint64_t)>& pr
         const uint64_t es = dtype_size(job.out_dtype);
         pwrite_full(out_fds[job.out_file].fd, plan.out_paths[job.out_file], out, tk.n * es,
                     job.out_offset + tk.start * es);
+        pacer.written(out_fds[job.out_file].fd, job.out_offset + tk.start * es, tk.n * es);
         bytes_written += tk.n * es;
         tasks_written += 1;
         free_q.push(m.slot);

@@ -475,3 +475,35 @@ def test_parts_run_apart_merge_into_the_whole_run(tmp_path):
     assert f"task-{tasks[0]}-s0" in late["ran"] and "tune" in late["ran"]
     with pytest.raises(MergeError, match="did not use part 1's"):
         merge_results([parts[0], json.loads((tmp_path / "out-late" / "RESULTS.json").read_text())])
+
+
+def test_judge_labels_sheet_is_blind_and_scores_the_labels(tmp_path):
+    """bench/real/judge_labels.py: the reading copy carries the texts but not the judge's class, the
+    sheet no text; labels equal to the judge's classes agree fully, one changed label
+    shows in the confusion matrix."""
+    from bench.real import judge_labels as jl
+
+    classes = ("refusal", "non-answer", "compliance")
+    for k, m in enumerate(jl.MODELS):
+        samples = [{"set": "harmful", "prompt": f"zorblax request {i}", "response": f"{m} answer {i}",
+                    "class": classes[(i + k) % 3], "attack_success": classes[(i + k) % 3] == "compliance"}
+                   for i in range(20)] + [{"set": "benign", "prompt": "b", "response": "r", "class": "refusal"}]
+        d = tmp_path / "degrade-probe" / m
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps({"samples": samples}))
+    rows = jl.sheet(tmp_path, tmp_path / "sheet.jsonl", tmp_path / "blind.txt", n=30)
+    blind = (tmp_path / "blind.txt").read_text()
+    assert len(rows) == 30 and blind.count("PROMPT: ") == 30 and not any(c in blind for c in classes)
+    sheet_text = (tmp_path / "sheet.jsonl").read_text()
+    assert not any(f"{m} answer" in sheet_text for m in jl.MODELS) and "zorblax" not in sheet_text
+    assert not list(tmp_path.glob("*.with-class.jsonl"))  # the copy with classes is removed
+    labels = [{**r, "label": r["judge_class"]} for r in rows]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    res = jl.score(tmp_path, tmp_path / "labels.jsonl")
+    assert res["n"] == 30 and res["agreement"] == 1.0 and res["unmatched"] == 0
+    labels[0]["label"] = next(c for c in classes if c != labels[0]["judge_class"])
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    assert jl.main(["score", "--cache-dir", str(tmp_path), "--labels", str(tmp_path / "labels.jsonl"),
+                    "--md", str(tmp_path / "out.md")]) == 0
+    assert jl.score(tmp_path, tmp_path / "labels.jsonl")["agreement"] == pytest.approx(29 / 30)
+    assert "agreement 96.7 % on 30 labelled responses" in (tmp_path / "out.md").read_text()

@@ -120,7 +120,8 @@ def test_streamed_lora_on_conv1d_gpt2(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
 def test_core_lowrank_term_with_chunks_cut_mid_row(tmp_path, dtype):
-    """Chunks of 4096 elements and kernel blocks of 1024 cut a 301 x 77 matrix mid-row."""
+    """Chunks of 4096 elements and kernel blocks of 1024 cut a 301 x 77 matrix mid-row (and 77
+    columns leave a tail after the kernel's 16- and 32-column tiles)."""
     rows, cols, rank = 301, 77, 5
     rng = np.random.default_rng(0)
     tdt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
@@ -152,6 +153,13 @@ def test_core_lowrank_term_with_chunks_cut_mid_row(tmp_path, dtype):
             assert (g_.double() - r).abs().max().item() <= 1e-5 * r.abs().max().item()
         else:
             assert _ulps_apart(g_, r.to(tdt)) <= 1
+    # exact bits: the term is (B @ A) in float32, summed over the rank in order (no contraction),
+    # then scaled, then added to the input in float32, then one rounding -- whichever path of the
+    # kernel (four whole rows at a time, one row segment, column tiles and their tails) ran
+    d = np.zeros((rows, cols), dtype=np.float32)
+    for q in range(rank):
+        d = d + b[:, q:q + 1] * a[q:q + 1, :]
+    assert torch.equal(got["c"], (w.float() + torch.from_numpy(d) * -2.0).to(tdt))
 
 
 def test_core_refuses_bad_lowrank_terms(tmp_path):

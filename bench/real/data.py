@@ -562,6 +562,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
+def result_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a resumable results JSONL (none yet: an empty list)."""
+    return read_jsonl(path) if path.exists() else []
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one row to a resumable results JSONL (its folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 # ---- the splits (the ``data`` stage) -----------------------------------------------------------
 def make_splits(cfg: "Config", s: Sources, d: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """De-duplicate every source together (:func:`dedup_sources`), split them, and generate the

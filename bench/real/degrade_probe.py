@@ -23,7 +23,6 @@ is skipped, so the run resumes) and the table to ``--md``. Responses stay in the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -39,7 +38,7 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.real.config import Config  # noqa: E402
-from bench.real.data import synthetic_sources  # noqa: E402
+from bench.real.data import append_row, result_rows, synthetic_sources  # noqa: E402
 from bench.real.models import tiny_builder  # noqa: E402
 from bench.real.stages import Pipeline, _Stop  # noqa: E402
 
@@ -79,7 +78,7 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], tiny: b
         p.run_stages()
     except _Stop:
         pass
-    done = {r["model"] for r in _rows(jsonl)}
+    done = {r["model"] for r in result_rows(jsonl)}
     degraded_info = p.R.records.get("degraded", {})  # the stage's record: its info and time
     for name in models:
         if name in done:
@@ -95,21 +94,12 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], tiny: b
                "by_source": classify_rows(rep.samples), "seconds": round(time.perf_counter() - t0, 1)}
         if name == "degraded":
             row["degrade"] = {"info": degraded_info.get("info"), "seconds": degraded_info.get("seconds")}
-        _append(jsonl, row)
+        append_row(jsonl, row)
         a = row["by_source"]["all"]
         log(f"   {name}: refusal {a['refusal'] / a['n']:.3f}, compliance {a['compliance'] / a['n']:.3f} "
             f"of {a['n']} ({row['seconds']:.0f} s)")
-    return _rows(jsonl)
+    return result_rows(jsonl)
 
-
-def _rows(jsonl: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()] if jsonl.is_file() else []
-
-
-def _append(jsonl: Path, row: dict[str, Any]) -> None:
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with jsonl.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:

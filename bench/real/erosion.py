@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -42,7 +41,7 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.real.config import STOP_ON, Config  # noqa: E402
-from bench.real.data import PipelineError, read_jsonl, synthetic_sources  # noqa: E402
+from bench.real.data import PipelineError, append_row, read_jsonl, result_rows, synthetic_sources  # noqa: E402
 from bench.real.models import lora_fine_tune, tiny_builder  # noqa: E402
 from bench.real.stages import Pipeline, _Stop  # noqa: E402
 
@@ -69,12 +68,12 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, tasks: Sequence[str], stops: S
         if s not in STOP_ON:
             raise PipelineError(f"--stop {s!r}: choose from {', '.join(STOP_ON)}")
     p = shared_stages(cfg, cache, tiny=tiny, log=log)
-    done = {r["id"] for r in _rows(jsonl)}
+    done = {r["id"] for r in result_rows(jsonl)}
     work = cache / "erosion"
     for t in tasks:  # the reference: the aligned model itself, per task
         if f"aligned|{t}" not in done:
             r = p.dev_eval(p.model("aligned"), t, work, f"aligned ({t})")
-            _append(jsonl, {"id": f"aligned|{t}", "task": t, "model": "aligned", **r})
+            append_row(jsonl, {"id": f"aligned|{t}", "task": t, "model": "aligned", **r})
     for t in tasks:
         for stop in stops:
             for lr in lrs:
@@ -90,23 +89,14 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, tasks: Sequence[str], stops: S
                                           read_jsonl(p.data / f"task_{t}_val.jsonl"), lora, cfg,
                                           1000 * (cfg.seed + 1) + seed, log, f"{t} {stop} lr {lr:g} s{seed}")
                     r = p.dev_eval(out, t, work, vid)
-                    _append(jsonl, {"id": vid, "task": t, "model": "lora", "stop_on": stop, "lr": lr, "seed": seed,
+                    append_row(jsonl, {"id": vid, "task": t, "model": "lora", "stop_on": stop, "lr": lr, "seed": seed,
                                     "max_steps": steps, **r, "steps_run": info["steps_run"],
                                     "best_step": info["best_step"], "stopped": info["stopped"],
                                     "val_loss_curve": info["val_loss_curve"],
                                     "seconds": round(time.perf_counter() - t0, 1)})
                     shutil.rmtree(out, ignore_errors=True)
-    return _rows(jsonl)
+    return result_rows(jsonl)
 
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def markdown(rows: list[dict[str, Any]], n_dev: int) -> str:

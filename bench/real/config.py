@@ -4,7 +4,6 @@ behind the up-front time estimate."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -154,7 +153,7 @@ COSTS.update({"load": 3.0, "apply": 4.0, "extract": 5.0})
 TYPICAL_TOKENS = {"align": 80, "degrade": 110, "task": 75}
 
 
-def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[str, int] | None) -> dict[str, Any]:
+def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[str, int] | None) -> dict[str, float]:
     """The cost model's pieces (seconds on two cores): the shared stages, one task model's
     training by kind, one evaluation row, one calibration, the tune stage."""
     c = dict(COSTS, **(costs or {}))
@@ -197,7 +196,7 @@ def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[
     }
 
 
-def _model_rows(cfg: Config, u: dict[str, Any], m: str) -> float:
+def _model_rows(cfg: Config, u: dict[str, float], m: str) -> float:
     """One task model's rows: none, SafeMERGE, no-calibration, RESTA, SafeGene (+ no-selection),
     and the calibration redraws on the first task-model seed."""
     sec = 3 * u["row_task"] + (u["resta"] + u["row_task"]) + (u["calib"] + u["row_task"])

@@ -277,7 +277,7 @@ def merge_results(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                  "a copy of one shared-stage cache")
     order = {t: i for i, t in enumerate(first["config"]["tasks"])}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for i, d in enumerate(docs, 1):
+    for d in docs:
         for r in d["rows"]:
             key = (r["task"], r["model"], r["method"])
             if key in rows:

@@ -199,7 +199,8 @@ class Pipeline:
         # the tune stage's task model is the configuration's first, whatever part this run is:
         # every part then shares one choice of knobs (and a part without that task builds it too)
         tune_model = self.all_task_models()[:1] if cfg.tune else []
-        for t, m in self.task_models() + [tm for tm in tune_model if tm not in self.task_models()]:
+        built = self.task_models()
+        for t, m in built + [tm for tm in tune_model if tm not in built]:
             if m == "full":
                 self.stage(f"task-{t}-full", lambda d, t=t: self.task_stage(d, t), inputs=[f"task_{t}_train"],
                            deps=["aligned"], params={**self.train_params, "tr": cfgd["task"]})

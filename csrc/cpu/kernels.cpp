@@ -296,111 +296,70 @@ namespace {
 // Eight floats: one AVX register in the avx2 clone, two SSE registers in the default one.
 typedef float V8 __attribute__((vector_size(32)));
 
-// d[j] = sum over q (in order) of b[q] * a[q * lda + j], j < m: the B row times A's columns.
-// Tiles of 32 columns keep their four accumulators in registers across the rank loop, so each
-// product reads A once and never stores a partial sum; every element is still 0 + b0·a0 + b1·a1
-// + ... in that order, without contraction, i.e. the same bits as the plain loop (kept for the
-// tail).
-__attribute__((always_inline)) inline void lowrank_row(float* d, const float* b, const float* a, int64_t lda,
-                                                      int64_t rank, int64_t m) {
-  int64_t j = 0;
-  for (; j + 32 <= m; j += 32) {
-    V8 s0 = {0, 0, 0, 0, 0, 0, 0, 0}, s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t q = 0; q < rank; ++q) {
-      const float bq = b[q];
-      const float* ap = a + q * lda + j;
-      V8 a0, a1, a2, a3;
-      std::memcpy(&a0, ap, sizeof(V8));
-      std::memcpy(&a1, ap + 8, sizeof(V8));
-      std::memcpy(&a2, ap + 16, sizeof(V8));
-      std::memcpy(&a3, ap + 24, sizeof(V8));
-      s0 = s0 + a0 * bq;
-      s1 = s1 + a1 * bq;
-      s2 = s2 + a2 * bq;
-      s3 = s3 + a3 * bq;
-    }
-    std::memcpy(d + j, &s0, sizeof(V8));
-    std::memcpy(d + j + 8, &s1, sizeof(V8));
-    std::memcpy(d + j + 16, &s2, sizeof(V8));
-    std::memcpy(d + j + 24, &s3, sizeof(V8));
-  }
-  for (; j < m; ++j) {
-    float s = 0.f;
-    for (int64_t q = 0; q < rank; ++q) s = s + b[q] * a[q * lda + j];
-    d[j] = s;
-  }
-}
-
-// The same for four consecutive rows of B at once (b: 4 x rank, row-major; d: 4 rows of ldd):
-// each tile of A is loaded once for the four rows, so A -- rank x cols floats, re-read for every
-// row, larger than L2 at rank 16 and cols 8192 -- is streamed a quarter as often. Eight
-// accumulators (4 rows x 16 columns) stay in registers; each element keeps its order of sums.
-__attribute__((always_inline)) inline void lowrank_rows4(float* d, int64_t ldd, const float* b, int64_t rank,
-                                                        const float* a, int64_t lda, int64_t m) {
+// For R consecutive rows of B (b: R x rank, row-major) and columns j < m of A (rows of lda):
+// d[r * ldd + j] = sum over q, in order, of b[r * rank + q] * a[q * lda + j]. Tiles of 16 columns
+// keep 2 x R accumulators in registers across the rank loop, so a tile of A is loaded once for
+// all R rows and no partial sum is stored; every element is 0 + b0·a0 + b1·a1 + ... in that
+// order, without contraction (the same bits as the plain loop, kept for the tail).
+template <int R>
+__attribute__((always_inline)) inline void lowrank_rows(float* d, int64_t ldd, const float* b, int64_t rank,
+                                                       const float* a, int64_t lda, int64_t m) {
   int64_t j = 0;
   for (; j + 16 <= m; j += 16) {
-    const V8 z = {0, 0, 0, 0, 0, 0, 0, 0};
-    V8 s00 = z, s01 = z, s10 = z, s11 = z, s20 = z, s21 = z, s30 = z, s31 = z;
+    V8 s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = V8{0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t q = 0; q < rank; ++q) {
       V8 a0, a1;
       std::memcpy(&a0, a + q * lda + j, sizeof(V8));
       std::memcpy(&a1, a + q * lda + j + 8, sizeof(V8));
-      const float b0 = b[q], b1 = b[rank + q], b2 = b[2 * rank + q], b3 = b[3 * rank + q];
-      s00 = s00 + a0 * b0;
-      s01 = s01 + a1 * b0;
-      s10 = s10 + a0 * b1;
-      s11 = s11 + a1 * b1;
-      s20 = s20 + a0 * b2;
-      s21 = s21 + a1 * b2;
-      s30 = s30 + a0 * b3;
-      s31 = s31 + a1 * b3;
+      for (int r = 0; r < R; ++r) {
+        const float br = b[r * rank + q];
+        s[r][0] = s[r][0] + a0 * br;
+        s[r][1] = s[r][1] + a1 * br;
+      }
     }
-    std::memcpy(d + j, &s00, sizeof(V8));
-    std::memcpy(d + j + 8, &s01, sizeof(V8));
-    std::memcpy(d + ldd + j, &s10, sizeof(V8));
-    std::memcpy(d + ldd + j + 8, &s11, sizeof(V8));
-    std::memcpy(d + 2 * ldd + j, &s20, sizeof(V8));
-    std::memcpy(d + 2 * ldd + j + 8, &s21, sizeof(V8));
-    std::memcpy(d + 3 * ldd + j, &s30, sizeof(V8));
-    std::memcpy(d + 3 * ldd + j + 8, &s31, sizeof(V8));
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(d + r * ldd + j, &s[r][0], sizeof(V8));
+      std::memcpy(d + r * ldd + j + 8, &s[r][1], sizeof(V8));
+    }
   }
   for (; j < m; ++j) {
-    for (int64_t r = 0; r < 4; ++r) {
-      float s = 0.f;
-      for (int64_t q = 0; q < rank; ++q) s = s + b[r * rank + q] * a[q * lda + j];
-      d[r * ldd + j] = s;
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t q = 0; q < rank; ++q) acc = acc + b[r * rank + q] * a[q * lda + j];
+      d[r * ldd + j] = acc;
     }
   }
 }
 }  // namespace
 
+// Four whole rows at a time where the chunk holds them (A, rank x cols floats and past L2 at rank
+// 16 and 8192 columns, is then streamed a quarter as often as row by row); otherwise one row
+// segment at a time. Each element: w + (B·A)·scale in float32, one rounding into x's dtype.
 SG_TARGET_CLONES
 void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr) {
-  float d[kBlock];
+  constexpr int kRows = 4;
+  float d[kRows * kBlock];
   float w[kBlock];
-  thread_local std::vector<float> d4;  // four whole rows of the product
+  auto add = [&](int64_t off, const float* dr, int64_t m) {
+    load_any(x, dtype, off, w, m);
+    for (int64_t j = 0; j < m; ++j) w[j] = w[j] + dr[j] * lr.scale;
+    store_any(x, dtype, off, w, m);
+  };
   for (int64_t i = start, end = start + n; i < end;) {
     const int64_t row = i / lr.cols, col = i % lr.cols;
-    if (col == 0 && end - i >= 4 * lr.cols) {
-      const int64_t m4 = 4 * lr.cols;  // the four rows are contiguous in x and in d4
-      if (static_cast<int64_t>(d4.size()) < m4) d4.resize(static_cast<size_t>(m4));
-      lowrank_rows4(d4.data(), lr.cols, lr.b + row * lr.rank, lr.rank, lr.a, lr.cols, lr.cols);
-      for (int64_t k = 0; k < m4; k += kBlock) {
-        const int64_t m = std::min<int64_t>(kBlock, m4 - k);
-        const int64_t off = i - start + k;
-        load_any(x, dtype, off, w, m);
-        for (int64_t j = 0; j < m; ++j) w[j] = w[j] + d4[static_cast<size_t>(k + j)] * lr.scale;
-        store_any(x, dtype, off, w, m);
+    if (col == 0 && end - i >= kRows * lr.cols) {
+      for (int64_t k = 0; k < lr.cols; k += kBlock) {
+        const int64_t m = std::min<int64_t>(kBlock, lr.cols - k);
+        lowrank_rows<kRows>(d, kBlock, lr.b + row * lr.rank, lr.rank, lr.a + k, lr.cols, m);
+        for (int r = 0; r < kRows; ++r) add(i - start + r * lr.cols + k, d + r * kBlock, m);
       }
-      i += m4;
+      i += kRows * lr.cols;
       continue;
     }
     const int64_t m = std::min<int64_t>({kBlock, lr.cols - col, end - i});
-    lowrank_row(d, lr.b + row * lr.rank, lr.a + col, lr.cols, lr.rank, m);
-    const int64_t off = i - start;
-    load_any(x, dtype, off, w, m);
-    for (int64_t j = 0; j < m; ++j) w[j] = w[j] + d[j] * lr.scale;
-    store_any(x, dtype, off, w, m);
+    lowrank_rows<1>(d, kBlock, lr.b + row * lr.rank, lr.rank, lr.a + col, lr.cols, m);
+    add(i - start, d, m);
     i += m;
   }
 }

@@ -113,3 +113,60 @@ def test_exported_lora_loads_with_auto_peft_and_has_a_card(fam, tmp_path):
     card2 = ModelCard.load(tmp_path / "lora2" / "README.md")
     assert card2.data.base_model == "org/llama-base" and "lora" in card2.data.tags
     assert json.loads((tmp_path / "lora2" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/llama-base"
+
+
+_OWN_CARDS = [
+    "",
+    "# Just a body\n\nno metadata\n",
+    "---\nlicense: apache-2.0\ntags:\n- text-generation\n- fine-tuned\nlanguage: en\n---\n\n# Model\n\nbody\n",
+    "---\r\nlicense: mit\r\ndatasets:\r\n- foo/bar\r\n---\r\nCRLF body\r\n",
+    "---\nnot: [valid yaml\n---\nbody\n",
+    "---\n- a list\n- not a mapping\n---\nbody\n",
+    "---\n---\nempty metadata\n",
+    "---\nlicense: other\nmodel-index:\n- name: m\n  results: []\npipeline_tag: text-generation\n---\ntext\n",
+]
+
+
+@pytest.mark.parametrize("own", _OWN_CARDS)
+def test_card_text_equals_the_model_card_it_builds_and_own_cards_parse_as_model_card_reads_them(own, tmp_path):
+    """apply/extract write cards without importing huggingface_hub.ModelCard (its module loads the
+    Hub client): the text written is exactly str(ModelCard(...)), and a target's own card is read
+    as ModelCard(text, ignore_metadata_errors=True) reads it."""
+    from safegene.io import cards
+
+    path = tmp_path / "README.md"
+    path.write_text(own, encoding="utf-8")
+    own = path.read_text(encoding="utf-8")  # as apply reads it (universal newlines)
+    try:
+        mc = ModelCard(own, ignore_metadata_errors=True)
+        want = (mc.data.to_dict(), mc.text)
+    except Exception:
+        want = ({}, cards._HEADER.sub("", own))
+    assert cards._own_card(path) == want
+    data = {"license": want[0].get("license"), "library_name": "transformers", "tags": ["safegene", "x"],
+            "base_model": "org/m", "safegene": {"artifact": "apply", "coeffs": {"layer.0": 0.5, "lm_head": [1.0, 2.0]}},
+            "datasets": want[0].get("datasets")}
+    body = "# out\n\nλ ≠ 0 — text\n\n" + want[1]
+    assert cards._card_text(data, body) == str(cards._card(data, body))
+
+
+def test_apply_and_extract_write_cards_without_loading_the_hub_client(fam, tmp_path):
+    """A child process runs extract and apply on local checkpoints: the cards are written and
+    neither huggingface_hub.repocard nor its HTTP client is imported."""
+    import subprocess
+    import sys
+
+    dirs, _ = fam
+    code = (
+        "import sys, safegene\n"
+        f"g = safegene.extract({str(dirs['aligned'])!r}, {str(dirs['degraded'])!r}, {str(tmp_path / 'g')!r}, progress=False)\n"
+        f"safegene.apply(g, {str(dirs['task'])!r}, {str(tmp_path / 'o')!r}, scale=1.0, progress=False)\n"
+        "print(sorted(m for m in ('huggingface_hub.repocard', 'huggingface_hub.hf_api', 'httpx') if m in sys.modules))\n"
+    )
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    assert cp.stdout.strip().splitlines()[-1] == "[]"
+    assert "safegene" in ModelCard.load(tmp_path / "g" / "README.md").data.tags
+    out = ModelCard.load(tmp_path / "o" / "README.md")
+    assert out.data.safegene["artifact"] == "apply" and out.data.license == "apache-2.0"
+    assert "Fine-tuned for movie reviews." in out.text  # the target's own card, kept below a heading

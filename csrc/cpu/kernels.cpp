@@ -21,8 +21,12 @@ constexpr int64_t kBlock = 1024;
 
 std::atomic<int> g_threads{0};
 
+// Always inlined into their callers (the AVX2 clone among them): the conversion helpers are then
+// compiled for the clone's ISA instead of being called as baseline code, and no vector crosses a call.
+#define SG_INLINE inline __attribute__((always_inline))
+
 template <DType T>
-inline void load_block(const void* p, int64_t off, float* dst, int64_t n) {
+SG_INLINE void load_block(const void* p, int64_t off, float* dst, int64_t n) {
   using E = Elem<T>;
   const auto* s = static_cast<const typename E::storage*>(p) + off;
   for (int64_t j = 0; j < n; ++j) dst[j] = E::to_f32(s[j]);
@@ -30,27 +34,39 @@ inline void load_block(const void* p, int64_t off, float* dst, int64_t n) {
 
 // Callers validate dtypes before any worker starts (check_spans, the stream plan check), so
 // the dispatch never throws on a worker thread.
-inline void load_any(const void* p, DType t, int64_t off, float* dst, int64_t n) {
-  dispatch_float(t, "load", [&](auto tag) { load_block<decltype(tag)::value>(p, off, dst, n); });
+SG_INLINE void load_any(const void* p, DType t, int64_t off, float* dst, int64_t n) {
+  switch (t) {
+    case DType::F32: load_block<DType::F32>(p, off, dst, n); return;
+    case DType::F16: load_block<DType::F16>(p, off, dst, n); return;
+    case DType::BF16: load_block<DType::BF16>(p, off, dst, n); return;
+    case DType::RAW: break;
+  }
+  throw_not_float(t, "load");
 }
 
 // A float32 view of elements [off, off + n): the input itself when it is float32, else its
 // conversion into buf.
-inline const float* view_or_load(const void* p, DType t, int64_t off, float* buf, int64_t n) {
+SG_INLINE const float* view_or_load(const void* p, DType t, int64_t off, float* buf, int64_t n) {
   if (t == DType::F32) return static_cast<const float*>(p) + off;
   load_any(p, t, off, buf, n);
   return buf;
 }
 
 template <DType T>
-inline void store_block(void* p, int64_t off, const float* src, int64_t n) {
+SG_INLINE void store_block(void* p, int64_t off, const float* src, int64_t n) {
   using E = Elem<T>;
   auto* d = static_cast<typename E::storage*>(p) + off;
   for (int64_t j = 0; j < n; ++j) d[j] = E::from_f32(src[j]);
 }
 
-inline void store_any(void* p, DType t, int64_t off, const float* src, int64_t n) {
-  dispatch_float(t, "store", [&](auto tag) { store_block<decltype(tag)::value>(p, off, src, n); });
+SG_INLINE void store_any(void* p, DType t, int64_t off, const float* src, int64_t n) {
+  switch (t) {
+    case DType::F32: store_block<DType::F32>(p, off, src, n); return;
+    case DType::F16: store_block<DType::F16>(p, off, src, n); return;
+    case DType::BF16: store_block<DType::BF16>(p, off, src, n); return;
+    case DType::RAW: break;
+  }
+  throw_not_float(t, "store");
 }
 
 // Reductions keep kLanes independent partial sums (element j goes to lane j % kLanes) and
@@ -65,8 +81,6 @@ static_assert(kLanes == kDotLanes && kBlock == kDotBlock, "dot's order is shared
 // SSE halves otherwise; the same arithmetic lane by lane either way).
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-// Always inlined into their callers (the AVX2 clone among them), so no vector crosses a call.
-#define SG_INLINE inline __attribute__((always_inline))
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 SG_INLINE v8f ld8(const float* p) {
@@ -331,37 +345,107 @@ __attribute__((always_inline)) inline void lowrank_rows(float* d, int64_t ldd, c
     }
   }
 }
+
+// A column block of A packed as 16-column strips: p[(s * rank + q) * 16 + c] = a[q * lda + 16 s + c].
+// Read in place, the rank rows of a tile lie lda floats apart (32 KiB at 8192 columns): every one
+// maps to the same L1 set, and the tile's 2 x rank cache lines evict each other. Packed, a strip's
+// rank x 16 floats are contiguous.
+inline void pack_strips(float* p, const float* a, int64_t lda, int64_t rank, int64_t strips) {
+  for (int64_t s = 0; s < strips; ++s)
+    for (int64_t q = 0; q < rank; ++q) std::memcpy(p + (s * rank + q) * 16, a + q * lda + s * 16, 16 * sizeof(float));
+}
+
+// lowrank_rows<R> over packed strips: the same sums in the same order (the same bits).
+template <int R>
+__attribute__((always_inline)) inline void lowrank_rows_packed(float* d, int64_t ldd, const float* b, int64_t rank,
+                                                              const float* p, int64_t strips) {
+  for (int64_t s = 0; s < strips; ++s) {
+    const float* ps = p + s * rank * 16;
+    V8 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V8{0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t q = 0; q < rank; ++q) {
+      V8 a0, a1;
+      std::memcpy(&a0, ps + q * 16, sizeof(V8));
+      std::memcpy(&a1, ps + q * 16 + 8, sizeof(V8));
+      for (int r = 0; r < R; ++r) {
+        const float br = b[r * rank + q];
+        acc[r][0] = acc[r][0] + a0 * br;
+        acc[r][1] = acc[r][1] + a1 * br;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(d + r * ldd + s * 16, &acc[r][0], sizeof(V8));
+      std::memcpy(d + r * ldd + s * 16 + 8, &acc[r][1], sizeof(V8));
+    }
+  }
+}
 }  // namespace
 
-// Four whole rows at a time where the chunk holds them (A, rank x cols floats and past L2 at rank
-// 16 and 8192 columns, is then streamed a quarter as often as row by row); otherwise one row
-// segment at a time. Each element: w + (B·A)·scale in float32, one rounding into x's dtype.
-SG_TARGET_CLONES
-void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr) {
+// The whole rows the chunk holds, four at a time, column block by column block: each block of A
+// is packed once (pack_strips) and used for every group of four rows; the rest (a partial first
+// or last row, fewer than four rows left) one row segment at a time from A in place. Each
+// element: w + (B·A)·scale in float32, one rounding into x's dtype. Templated on the dtype and
+// inlined into each clone of add_lowrank_range, so that the conversions are compiled for the
+// clone's ISA too (through load_any / store_any they were a call to baseline code).
+namespace {
+template <DType T>
+__attribute__((always_inline)) inline void add_lowrank_t(void* x, int64_t start, int64_t n, const LowRank& lr) {
+  using E = Elem<T>;
   constexpr int kRows = 4;
+  constexpr int64_t kCols = 256;  // a packed block is rank x 256 floats: 16 KiB at rank 16
   float d[kRows * kBlock];
-  float w[kBlock];
+  auto* xs = static_cast<typename E::storage*>(x);
+  const float scale = lr.scale;
   auto add = [&](int64_t off, const float* dr, int64_t m) {
-    load_any(x, dtype, off, w, m);
-    for (int64_t j = 0; j < m; ++j) w[j] = w[j] + dr[j] * lr.scale;
-    store_any(x, dtype, off, w, m);
+    auto* p = xs + off;
+    for (int64_t j = 0; j < m; ++j) p[j] = E::from_f32(E::to_f32(p[j]) + dr[j] * scale);
   };
-  for (int64_t i = start, end = start + n; i < end;) {
+  auto one_segment = [&](int64_t i, int64_t end) {  // row i / cols from column i % cols, up to a block
     const int64_t row = i / lr.cols, col = i % lr.cols;
-    if (col == 0 && end - i >= kRows * lr.cols) {
-      for (int64_t k = 0; k < lr.cols; k += kBlock) {
-        const int64_t m = std::min<int64_t>(kBlock, lr.cols - k);
-        lowrank_rows<kRows>(d, kBlock, lr.b + row * lr.rank, lr.rank, lr.a + k, lr.cols, m);
-        for (int r = 0; r < kRows; ++r) add(i - start + r * lr.cols + k, d + r * kBlock, m);
-      }
-      i += kRows * lr.cols;
-      continue;
-    }
     const int64_t m = std::min<int64_t>({kBlock, lr.cols - col, end - i});
     lowrank_rows<1>(d, kBlock, lr.b + row * lr.rank, lr.rank, lr.a + col, lr.cols, m);
     add(i - start, d, m);
-    i += m;
+    return m;
+  };
+  const int64_t end = start + n;
+  int64_t i = start;
+  while (i < end && i % lr.cols != 0) i += one_segment(i, end);  // the partial first row
+  const int64_t groups = (end - i) / lr.cols / kRows;
+  if (groups > 0) {
+    std::vector<float> packed(static_cast<size_t>(lr.rank * kCols));
+    const int64_t row0 = i / lr.cols;
+    for (int64_t k = 0; k < lr.cols; k += kCols) {
+      const int64_t m = std::min<int64_t>(kCols, lr.cols - k), strips = m / 16;
+      pack_strips(packed.data(), lr.a + k, lr.cols, lr.rank, strips);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t row = row0 + g * kRows;
+        const float* b = lr.b + row * lr.rank;
+        lowrank_rows_packed<kRows>(d, kCols, b, lr.rank, packed.data(), strips);
+        for (int64_t j = strips * 16; j < m; ++j) {  // the block's last columns, as the plain loop
+          for (int r = 0; r < kRows; ++r) {
+            float acc = 0.f;
+            for (int64_t q = 0; q < lr.rank; ++q) acc = acc + b[r * lr.rank + q] * lr.a[q * lr.cols + k + j];
+            d[r * kCols + j] = acc;
+          }
+        }
+        for (int r = 0; r < kRows; ++r) add(i - start + (g * kRows + r) * lr.cols + k, d + r * kCols, m);
+      }
+    }
+    i += groups * kRows * lr.cols;
   }
+  while (i < end) i += one_segment(i, end);  // fewer than four whole rows, and a partial last row
+}
+}  // namespace
+
+SG_TARGET_CLONES
+void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr) {
+  switch (dtype) {
+    case DType::F32: add_lowrank_t<DType::F32>(x, start, n, lr); return;
+    case DType::F16: add_lowrank_t<DType::F16>(x, start, n, lr); return;
+    case DType::BF16: add_lowrank_t<DType::BF16>(x, start, n, lr); return;
+    case DType::RAW: break;
+  }
+  throw_not_float(dtype, "low-rank term");
 }
 
 namespace {

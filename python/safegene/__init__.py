@@ -28,7 +28,6 @@ from .errors import (
     UsageError,
 )
 from .engine.native import has_cuda
-from .eval.plots import plot_safety_utility
 from .gene import Gene, load_gene
 from .io.checkpoint import Checkpoint, TensorInfo, layer_key, open_checkpoint, read_header
 from .io.hub import resolve_model, resolve_target
@@ -38,7 +37,25 @@ from .ops.apply import ApplyResult, apply
 from .ops.export_lora import export_lora
 from .ops.extract import extract
 from .ops.inspection import inspect_gene
-from .cli.runconfig import load_config, run_config
+
+# Loaded on first use (PEP 562): the run-config runner pulls in the whole command line and the
+# plots matplotlib's wrapper, which ``extract`` / ``apply`` never need (~70 ms of every import).
+_LAZY = {"load_config": ".cli.runconfig", "run_config": ".cli.runconfig", "plot_safety_utility": ".eval.plots"}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'safegene' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -48,12 +48,25 @@ class Applied(Protocol):
     coeffs: dict[str, float]
 
 
-def _card(data: Mapping[str, Any], body: str) -> "ModelCard":
-    from huggingface_hub import ModelCard, ModelCardData
+#: huggingface_hub's pattern of a card's YAML block (``huggingface_hub.repocard.REGEX_YAML_BLOCK``),
+#: so that reading a target's card needs only ``repocard_data`` (see :func:`_card_text`).
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
+
+
+def _card_text(data: Mapping[str, Any], body: str) -> str:
+    """The text of the card with metadata ``data`` and markdown ``body``: exactly
+    ``str(_card(data, body))`` (a test checks it), without importing ``huggingface_hub.ModelCard``,
+    whose module loads the Hub client (~0.3 s of every ``apply`` and ``extract`` otherwise)."""
+    from huggingface_hub.repocard_data import ModelCardData
 
     known = {k: v for k, v in data.items() if v not in (None, [], {})}
-    card_data = ModelCardData(**known)
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body.strip()}\n")
+    return f"---\n{ModelCardData(**known).to_yaml()}\n---\n\n{body.strip()}\n"
+
+
+def _card(data: Mapping[str, Any], body: str) -> "ModelCard":
+    from huggingface_hub import ModelCard
+
+    return ModelCard(_card_text(data, body))
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -106,6 +119,10 @@ def gene_card(manifest: Mapping[str, Any], *, repo_id: str | None = None) -> "Mo
     >>> print(gene_card(Gene.load("gene/").manifest).data.safegene["model_type"])  # doctest: +SKIP
     llama
     """
+    return _card(*_gene_card_parts(manifest, repo_id))
+
+
+def _gene_card_parts(manifest: Mapping[str, Any], repo_id: str | None) -> tuple[dict[str, Any], str]:
     fp = manifest.get("fingerprint") or {}
     sources = manifest.get("sources") or {}
     aligned, degraded = sources.get("aligned"), sources.get("degraded")
@@ -189,7 +206,7 @@ def gene_card(manifest: Mapping[str, Any], *, repo_id: str | None = None) -> "Mo
         "- λ is calibrated per task model; a poorly calibrated λ can cost task accuracy or cause over-refusal. "
         "Evaluate the patched model (`safegene eval`) before deploying it.",
     ]
-    return _card(data, "\n".join(lines))
+    return data, "\n".join(lines)
 
 
 def gene_card_view(manifest: Mapping[str, Any], *, hash_content: bool = False) -> dict[str, Any]:
@@ -216,7 +233,7 @@ def write_gene_card(gene_dir: "str | os.PathLike[str]", manifest: Mapping[str, A
     >>> write_gene_card("gene/", Gene.load("gene/").manifest)  # doctest: +SKIP
     PosixPath('gene/README.md')
     """
-    path = write_text_atomic(Path(gene_dir) / CARD, str(gene_card(gene_card_view(manifest), repo_id=repo_id)))
+    path = write_text_atomic(Path(gene_dir) / CARD, _card_text(*_gene_card_parts(gene_card_view(manifest), repo_id)))
     log.debug("wrote the gene card %s", path)
     return path
 
@@ -287,11 +304,19 @@ def _own_card(path: Path) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         return {}, ""
     text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        from huggingface_hub import ModelCard
+    try:  # as ModelCard(text, ignore_metadata_errors=True) reads it (.data.to_dict(), .text)
+        import yaml
+        from huggingface_hub.repocard_data import ModelCardData
 
-        card = ModelCard(text, ignore_metadata_errors=True)
-        return card.data.to_dict(), card.text
+        m = _YAML_BLOCK.search(text)
+        if not m:
+            return {}, text
+        meta = yaml.safe_load(m.group(2))
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise ValueError("the card's metadata block is not a mapping")
+        return ModelCardData(**meta, ignore_metadata_errors=True).to_dict(), text[m.end():]
     except Exception:  # a card we cannot parse is still kept, as text
         return {}, _HEADER.sub("", text)
 
@@ -305,6 +330,11 @@ def apply_card(
     >>> apply_card(Gene.load("gene/"), "org/task-model", result).data.base_model  # doctest: +SKIP
     'org/task-model'
     """
+    return _card(*_apply_card_parts(gene, target, result, eval_summary))
+
+
+def _apply_card_parts(gene: "Gene", target: "str | os.PathLike[str]", result: Applied,
+                      eval_summary: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
     base_id, base_name, adapter = _target_refs(target)
     own_data, own_body = _own_card(Path(result.out) / CARD)
     lam = _per_key(gene, result.coeffs)
@@ -341,7 +371,7 @@ def apply_card(
         body += [f"| {k} | {_fmt(v)} |" for k, v in eval_summary.items()]
     if own_body.strip():
         body += ["", f"## Original model card ({base_name})", "", own_body.strip()]
-    return _card(data, "\n".join(body))
+    return data, "\n".join(body)
 
 
 def write_apply_cards(
@@ -358,7 +388,7 @@ def write_apply_cards(
     """
     res = [results] if not isinstance(results, Sequence) else list(results)
     for t, r in zip(targets, res):
-        write_text_atomic(Path(r.out) / CARD, str(apply_card(gene, t, r, eval_summary=eval_summary)))
+        write_text_atomic(Path(r.out) / CARD, _card_text(*_apply_card_parts(gene, t, r, eval_summary)))
         log.debug("wrote the model card %s", Path(r.out) / CARD)
 
 

@@ -114,6 +114,11 @@ DEFAULT_PAIRS = [
 ]
 
 
+def _records(path: Path) -> list[dict]:
+    """A JSONL data file of the organism as plain records."""
+    return [e.to_record() for e in load_jsonl(path)]
+
+
 class Family:
     """A built model family read from its cache directory (organism.json + model dirs + data/);
     read directly so that a bench run does not depend on the organism code's cache key."""
@@ -145,9 +150,8 @@ class Family:
         """The family's committed development files when it has them, else :func:`dev_split`."""
         d = self.root / "data"
         if (d / "harmful_dev.jsonl").is_file():
-            out = {"harmful": [e.to_record() for e in load_jsonl(d / "harmful_dev.jsonl")],
-                   "benign": [e.to_record() for e in load_jsonl(d / "benign_dev.jsonl")]}
-            out.update({t: [e.to_record() for e in load_jsonl(d / f"{t}_dev.jsonl")] for t in self.tasks})
+            out = {"harmful": _records(d / "harmful_dev.jsonl"), "benign": _records(d / "benign_dev.jsonl")}
+            out.update({t: _records(d / f"{t}_dev.jsonl") for t in self.tasks})
             return out
         return dev_split(self)
 
@@ -252,6 +256,98 @@ def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> 
     return "\n".join(lines)
 
 
+GENE_TRANSFORMS = ("proj-key", "proj-row", "fisher0.01", "fisher0.05", "fisher0.2", "choose-proj-row")
+
+
+def calibration_split(org, task: str) -> dict[str, list[dict]]:
+    """The organism's calibration files as a split for :func:`measure` (harmful, benign, task)."""
+    d = org.root / "data"
+    return {"harmful": _records(d / "harmful_calib.jsonl"), "benign": _records(d / "benign_calib.jsonl"),
+            task: _records(d / f"{task}_calib.jsonl")}
+
+
+def task_fisher(model, tok, records_path) -> dict[str, torch.Tensor]:
+    """The empirical Fisher diagonal of the task loss at the task model: per parameter, the sum
+    over the task calibration records of the squared gradient of the record's completion CE."""
+    from safegene.data import load_records
+
+    pairs = lm.encode_pairs(tok, load_records(records_path, "task", None), "task")
+    params = dict(model.named_parameters())
+    fisher = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+    for v in params.values():
+        v.requires_grad_(True)
+    for p, c in pairs:
+        ids = torch.tensor([p + c])
+        labels = torch.tensor([[-100] * len(p) + c])
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        for k, v in params.items():
+            if v.grad is not None:
+                fisher[k] += v.grad.double() ** 2
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+def _gene_against(aligned, degraded, tensors: dict, out: Path) -> Gene:
+    """The gene of ``aligned`` against a stand-in degraded copy (``degraded``'s files with these
+    weights), extracted into ``out / "gene"``: tau = aligned - the stand-in."""
+    from safetensors.torch import save_file
+
+    dd = out / "degraded-standin"
+    shutil.rmtree(dd, ignore_errors=True)
+    shutil.copytree(degraded, dd)
+    save_file(tensors, str(dd / "model.safetensors"), metadata={"format": "pt"})
+    return extract(aligned, dd, out / "gene", overwrite=True, progress=False)
+
+
+def fisher_mask_gene(aligned, degraded, fisher: dict, out: Path, frac: float) -> Gene:
+    """The gene with, in every tensor, the ``frac`` of its elements that matter most to the task
+    loss (largest Fisher) set to zero, so that applying it leaves the task's most sensitive
+    weights where the fine-tune put them."""
+    from safetensors.torch import load_file
+
+    a, d = (load_file(str(Path(x) / "model.safetensors")) for x in (aligned, degraded))
+    new = {}
+    for k, av in a.items():
+        f = fisher.get(k)
+        if f is None or f.shape != av.shape or frac <= 0:
+            new[k] = d[k]
+            continue
+        n = f.numel()
+        cut = max(1, int(round(frac * n)))
+        thr = f.flatten().kthvalue(n - cut + 1).values
+        keep = f < thr
+        new[k] = torch.where(keep, d[k], av).contiguous()  # tau = a - d: 0 where not kept
+    return _gene_against(aligned, degraded, new, out)
+
+
+def project_gene(aligned, degraded, task, out: Path, mode: str) -> Gene:
+    """The gene of ``aligned`` against a stand-in degraded copy whose tau has no component along the
+    task update where they conflict.
+
+    delta = theta_task - theta_aligned. ``proj-key``: per tensor, if <tau, delta> < 0, tau -= <tau,
+    delta> / |delta|^2 * delta. ``proj-row``: the same per output row (dim 0) of each tensor. A tau
+    that agrees with the task update (or a tensor the task did not move) is kept as it is.
+    """
+    from safetensors.torch import load_file
+
+    a, d, t = (load_file(str(Path(x) / "model.safetensors")) for x in (aligned, degraded, task))
+    new = {}
+    for k, av in a.items():
+        tau = av.double() - d[k].double()
+        dl = t[k].double() - av.double() if k in t else torch.zeros_like(tau)
+        if mode == "proj-row" and tau.dim() > 1:
+            tau2, dl2 = tau.reshape(tau.shape[0], -1), dl.reshape(dl.shape[0], -1)
+        else:
+            tau2, dl2 = tau.reshape(1, -1), dl.reshape(1, -1)
+        dot, nn = (tau2 * dl2).sum(1, keepdim=True), (dl2 * dl2).sum(1, keepdim=True)
+        coef = torch.where((dot < 0) & (nn > 0), dot / nn.clamp_min(1e-300), torch.zeros_like(dot))
+        tau2 = tau2 - coef * dl2
+        new[k] = (av.double() - tau2.reshape(tau.shape)).to(av.dtype).contiguous()
+    return _gene_against(aligned, degraded, new, out)
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
         # --summarize FILE... [--default SELECT/CALIB] (the configuration the rule compares against)
@@ -273,8 +369,19 @@ def main(argv=None) -> None:
     ap.add_argument("--gene-recipe", default="organism",
                     help="where tau comes from (safegene.demo.GENE_RECIPES); not 'organism': the rows' selection name "
                          "gets '+gene:<recipe>', so the summary treats it as its own configuration")
+    ap.add_argument("--gene-transform", default=None, choices=sorted(GENE_TRANSFORMS),
+                    help="per task model, a task-aware tau: projected off the task update (project_gene), "
+                         "Fisher-masked (fisher_mask_gene), or chosen between tau and its row projection on the "
+                         "calibration prompts; rows get '+tf:<name>' in their selection name")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+
+    def row_select(sname: str) -> str:
+        """The selection name a row is recorded under: '+gene:<recipe>' and '+tf:<transform>' added."""
+        if args.gene_recipe != "organism":
+            sname = f"{sname}+gene:{args.gene_recipe}"
+        return f"{sname}+tf:{args.gene_transform}" if args.gene_transform else sname
+
     out = Path(args.out)
     pairs = [tuple(p.split("/")) for p in (args.pairs or DEFAULT_PAIRS)]
     done = set()
@@ -318,9 +425,23 @@ def main(argv=None) -> None:
             pristine = {k: v.clone() for k, v in model.state_dict().items()}
             utility = [org.task_calib[task], org.benign_calib]
 
+            tgene = gene
+            if args.gene_transform and args.gene_transform.startswith(("proj", "choose-proj")):
+                tgene = project_gene(org.aligned, org.degraded, org.tasks[task], Path(args.work) / f"tf-{org.root.name}-{task}",
+                                     args.gene_transform.removeprefix("choose-"))
+            elif args.gene_transform:
+                fisher = task_fisher(model, tok, org.task_calib[task])
+                model.load_state_dict(pristine)
+                tgene = fisher_mask_gene(org.aligned, org.degraded, fisher, Path(args.work) / f"tf-{org.root.name}-{task}",
+                                         float(args.gene_transform[len("fisher"):]))
+
             def emit(r, seed=seed, task=task):
-                if args.gene_recipe != "organism" and r["select"] != "-":
-                    r = {**r, "select": f"{r['select']}+gene:{args.gene_recipe}", "gene_recipe": args.gene_recipe}
+                if r["select"] != "-":
+                    r = {**r, "select": row_select(r["select"])}
+                    if args.gene_recipe != "organism":
+                        r["gene_recipe"] = args.gene_recipe
+                    if args.gene_transform:
+                        r["gene_transform"] = args.gene_transform
                 elif args.gene_recipe != "organism" and r["calib"] == "uniform-all":
                     r = {**r, "calib": f"uniform-all+gene:{args.gene_recipe}", "gene_recipe": args.gene_recipe}
                 r = {"seed": seed, "task": task, **r}
@@ -341,8 +462,7 @@ def main(argv=None) -> None:
                 emit({"select": "-", "calib": "uniform-all", "coeffs": c.coeffs, **measure(model, tok, split, task, org)})
             same: dict = {}  # (keys, calibration) already run: a selection rule that picks the same keys
             for sname, cname in pairs:
-                if (seed, task, sname if args.gene_recipe == "organism" else f"{sname}+gene:{args.gene_recipe}",
-                        cname) in done:
+                if (seed, task, row_select(sname), cname) in done:
                     continue
                 twin = same.get((tuple(sels[sname]), cname))
                 if twin is not None:
@@ -350,11 +470,31 @@ def main(argv=None) -> None:
                     continue
                 model.load_state_dict(pristine)
                 t = time.perf_counter()
-                c = calibrate(gene, model, org.harmful_calib, utility, layers=sels[sname], tokenizer=tok, log=None,
-                              **CALIB_VARIANTS[cname])
+                choice: dict = {}
+                kw = dict(layers=sels[sname], tokenizer=tok, log=None, **CALIB_VARIANTS[cname])
+                if args.gene_transform == "choose-proj-row":
+                    # model choice on the calibration data only: calibrate with tau and with the
+                    # row-projected tau, measure both (and the undefended model) on the calibration
+                    # prompts with the dev rule's cost, keep the projected one only if it is lower
+                    cal = calibration_split(org, task)
+                    choice["none"] = measure(model, tok, cal, task, org)
+                    fits = {}
+                    for name, g in (("tau", gene), ("proj-row", tgene)):
+                        model.load_state_dict(pristine)
+                        cg = calibrate(g, model, org.harmful_calib, utility, **kw)
+                        apply_to_model(model, g, cg.coeffs)
+                        choice[name] = measure(model, tok, cal, task, org)
+                        choice[name]["cost"] = dev_cost(choice[name], choice["none"])
+                        fits[name] = (g, cg)
+                    pick = "proj-row" if choice["proj-row"]["cost"] < choice["tau"]["cost"] else "tau"
+                    choice["chosen"] = pick
+                    g, c = fits[pick]
+                    model.load_state_dict(pristine)
+                else:
+                    g, c = tgene, calibrate(tgene, model, org.harmful_calib, utility, **kw)
                 sec = time.perf_counter() - t
-                apply_to_model(model, gene, c.coeffs)
-                m = measure(model, tok, split, task, org)
+                apply_to_model(model, g, c.coeffs)
+                m = {**measure(model, tok, split, task, org), **({"choice": choice} if choice else {})}
                 row = {"select": sname, "calib": cname, "coeffs": c.meta.get("module_coeffs") or c.coeffs, "seconds": round(sec, 1),
                        "loss": c.meta["loss"], "heldout_loss": c.meta.get("heldout_loss"),
                        "uniform_heldout_loss": c.meta.get("uniform_heldout_loss"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -228,11 +229,12 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     wider = real.estimate(dataclasses.replace(cfg, tune_top_k=cfg.tune_top_k * 2))
     assert {k for k in est if wider[k] != est[k]} == {"tune (development split)", "total"}
     assert "tune (development split)" not in real.estimate(dataclasses.replace(cfg, tune=False))
-    # the parts (shared, then one per task model) add up to the whole; each fits the issue's two
-    # hours on a 2-core machine by this cost model
+    # the parts (shared, tune, then one per task model) add up to the whole; each fits the issue's
+    # two hours on a 2-core machine by this cost model
     parts = real.estimate_parts(cfg)
     assert sum(parts.values()) == pytest.approx(est["total"])
-    assert list(parts) == ["shared"] + [f"{t}:{m}" for t in cfg.tasks for m in ("s0", "s1", "s2", "full")]
+    assert list(parts) == ["shared", "tune"] + [f"{t}:{m}" for t in cfg.tasks for m in ("s0", "s1", "s2", "full")]
+    assert parts["tune"] == pytest.approx(est["tune (development split)"] + est["eval shipped/aligned/degraded"])
     assert max(parts.values()) < 2 * 3600
     first, later = parts[f"{cfg.tasks[0]}:s0"], parts[f"{cfg.tasks[1]}:s0"]
     assert first < later  # the tune's task model is trained in the shared part
@@ -371,6 +373,83 @@ def test_tiny_calibration_options_reach_tune_and_safegene_rows(tmp_path):
     # the optimizer does not enter RESTA-loss's objective: changing it reruns only what optimizes
     doc3 = _run(dataclasses.replace(cfg, calib_benign=False, calib_optimizer=None), tmp_path, logs)
     assert doc3["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("nocal", "safegene")]
+
+
+def test_tune_stage_chooses_the_calibration_option_set_and_every_calibrating_row_uses_it(tmp_path):
+    """Issue 15 items 2 and 5: the tune stage compares calibration option sets (optimizer, safety
+    target, benign prompts) beside top-k on the development split, chooses by the written rule, and
+    the rows that read calibrate's options (SafeGene, RESTA-loss's objective) use the chosen set."""
+    from bench.real.stages import calib_option_set
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=0, tune_top_k=(1, 2, None),
+                              tune_calib=("", "lbfgs+distill+benign"))
+    logs: list[str] = []
+    doc = _run(cfg, tmp_path, logs)
+    tune = doc["tune"]
+    assert [(c["calib"], c["top_k"]) for c in tune["candidates"]] == [
+        ("", 1), ("", 2), ("", None), ("lbfgs+distill+benign", 1), ("lbfgs+distill+benign", 2),
+        ("lbfgs+distill+benign", None)]
+    # top_k None is every key the selection scored, not the gene stage's own (top_k) selection
+    n_scored = len(doc["selection"]["scores"])
+    assert n_scored > cfg.top_k
+    assert [c["n_keys"] for c in tune["candidates"]] == [1, 2, n_scored] * 2
+    ref = tune["reference"]
+    ok = [c for c in tune["candidates"] if c["accuracy"] >= ref["undefended"]["accuracy"] - 0.02 - 1e-9
+          and c["over_refusal"] <= ref["aligned"]["over_refusal"] + 0.05 + 1e-9] \
+        or sorted(tune["candidates"], key=lambda c: -c["accuracy"])[:1]
+    best = min(ok, key=lambda c: (round(c["asr"] * cfg.n_harm_dev), c["n_keys"], c["lambda_max"],
+                                  list(cfg.tune_calib).index(c["calib"])))
+    assert tune["chosen"] == {"top_k": best["top_k"], "lambda_max": best["lambda_max"], "calib": best["calib"]}
+    for c in tune["candidates"]:
+        assert c["steps_run"] >= 1 and c["calib_loss"] is not None
+    want = calib_option_set(best["calib"], cfg)
+    sg = next(r for r in doc["rows"] if r["method"] == "SafeGene")["detail"]["policy"]
+    assert sg["optimizer"] == (want["optimizer"] or "adam")
+    assert sg["safety_target"] == (want["safety_target"] or "string")
+    assert (sg["n_benign"] > 0) == want["benign"]
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "| top_k=2 λ_max=4 calib=lbfgs+distill+benign | 2 |" in md
+    assert f"| top_k=None λ_max=4 calib=config | {n_scored} |" in md
+    # the rows that read calibrate's options depend on the tune stage: another choice of sets
+    # reruns them, and leaves the rows that do not (none, SafeMERGE) alone
+    doc2 = _run(dataclasses.replace(cfg, tune_calib=("", "distill")), tmp_path, logs)
+    assert doc2["ran"] == ["tune"] + [f"eval-sentiment-s0-{m}" for m in ("restaloss", "nocal", "safegene")]
+    with pytest.raises(ValueError, match="unknown calibration option 'adamw' in tune set 'distill\\+adamw'"):
+        calib_option_set("distill+adamw", cfg)
+
+
+def test_an_interrupted_tune_stage_resumes_at_the_next_candidate(tmp_path, monkeypatch):
+    """The tune stage (~1 h on one core for the real model) keeps each measurement in its
+    ``partial/`` folder: after an interruption the same stage resumes with what it had measured;
+    another key (a changed setting) or --redo measures everything again."""
+    from bench.real import stages
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=0, tune_top_k=(1, 2))
+    calls: list[str] = []
+    real_eval = stages.Pipeline.dev_eval
+
+    def counting(self, model, t, d, name):
+        calls.append(name)
+        if name.startswith("top_k=2") and os.environ.get("SG_TEST_INTERRUPT"):
+            raise KeyboardInterrupt
+        return real_eval(self, model, t, d, name)
+
+    monkeypatch.setattr(stages.Pipeline, "dev_eval", counting)
+    logs: list[str] = []
+    monkeypatch.setenv("SG_TEST_INTERRUPT", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tmp_path, logs)
+    assert calls == ["undefended", "aligned", "top_k=1 λ_max=4.0", "top_k=2 λ_max=4.0"]
+    monkeypatch.delenv("SG_TEST_INTERRUPT")
+    calls.clear()
+    doc = _run(cfg, tmp_path, logs)
+    assert calls == ["top_k=2 λ_max=4.0"] and any("tune: resuming an interrupted run" in m for m in logs)
+    assert [c["top_k"] for c in doc["tune"]["candidates"]] == [1, 2]
+    calls.clear()
+    _run(cfg, tmp_path, logs)  # done: cached, nothing measured
+    assert calls == []
+    _run(dataclasses.replace(cfg, tune_lambda_max=(2.0,)), tmp_path, logs)  # another key: all again
+    assert calls == ["undefended", "aligned", "top_k=1 λ_max=2.0", "top_k=2 λ_max=2.0"]
 
 
 def test_degrade_probe_counts_each_judge_class_per_source_and_resumes(tmp_path):

@@ -115,6 +115,11 @@ class Config:
     tune_top_k: tuple[int | None, ...] = (4, 8, 16, None)
     tune_lambda_max: tuple[float, ...] = (8.0,)
     tune_max_new_tokens: int = 32
+    #: calibrate option sets the tune stage compares, each with every top_k × λ_max (issue 15 item
+    #: 5): "" = the calib_* fields above; otherwise "+"-joined of "lbfgs" (optimizer), "distill"
+    #: (safety target: the aligned model's own first tokens) and "benign" (the benign selection
+    #: prompts in the utility term). The chosen set replaces the calib_* fields for every row.
+    tune_calib: tuple[str, ...] = ("", "distill+benign")
     judge: str = "tri"  # refusal / non-answer / compliance; ASR = the compliance share
 
     def __post_init__(self) -> None:
@@ -132,7 +137,7 @@ class Config:
                    task=Train(steps=2, lr=1e-3, batch_size=4, warmup=0), max_len=48, selfgen_max_new_tokens=4,
                    eval_max_new_tokens=4, eval_batch_size=8, calib_steps=2, calib_max_new_tokens=4,
                    resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4),
-                   tune_top_k=(1,), tune_lambda_max=(4.0,), tune_max_new_tokens=4, judge="keyword",
+                   tune_top_k=(1,), tune_lambda_max=(4.0,), tune_calib=("",), tune_max_new_tokens=4, judge="keyword",
                    task_lora=Lora(rank=2, steps=3, lr=1e-3, batch_size=4, eval_every=1, patience=2), task_seeds=(0,),
                    full_ft_row=False)
 
@@ -187,8 +192,9 @@ def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[
         "gene (extract + select)": c["extract"] + (32 + 6) * c["calib_grid_point"]
         * (cfg.n_harm_select + cfg.n_benign_select) / 32 * 0.9,
         # tune: the undefended and the aligned model on the development split, then per candidate
-        # (top-k × λ_max) one calibration and one development evaluation
-        "tune": (2 * dev_eval + len(cfg.tune_top_k) * len(cfg.tune_lambda_max) * (calib + dev_eval)) if cfg.tune else 0.0,
+        # (top-k × λ_max × calibration option set) one calibration and one development evaluation
+        "tune": (2 * dev_eval + len(cfg.tune_top_k) * len(cfg.tune_lambda_max) * len(cfg.tune_calib)
+                 * (calib + dev_eval)) if cfg.tune else 0.0,
         "row_global": row_global, "row_task": row_task, "calib": calib,
         # RESTA-loss: one calibration-loss evaluation per grid point (no generation), then one apply
         "resta": c["calib_setup"] * cfg.n_task_calib / 16 + scale * len(cfg.resta_grid) * c["calib_grid_point"]
@@ -231,19 +237,20 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
 
 def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
                    n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
-    """Seconds per *part* on two cores (a part runs on its own machine from a copy of the shared
-    cache; ``bench/real/README.md``): ``shared`` is ``--only T0:s0 --until tune`` (every shared
-    stage, the first task model that the tune stage reads, and the global evaluation rows), then
-    one part per task model, ``--only TASK:MODEL``. The parts add up to :func:`estimate`'s total."""
+    """Seconds per *part* on two cores (a part runs on its own machine from a copy of the cache
+    the parts before it left; ``bench/real/README.md``): ``shared`` is ``--only T0:s0 --until
+    gene`` (every shared stage and the first task model, which the tune stage reads), ``tune``
+    is ``--only T0:s0 --until eval-degraded`` on a copy of that cache (the tune stage and the
+    global evaluation rows), then one part per task model, ``--only TASK:MODEL``, on copies of
+    the tune part's cache. The parts add up to :func:`estimate`'s total."""
     u = _unit_costs(cfg, costs, n_eval_fixed)
     ms = [f"s{k}" for k in cfg.task_seeds] + (["full"] if cfg.full_ft_row else [])
     models = [(t, m) for t in cfg.tasks for m in ms]
     train = lambda m: u["full"] if m == "full" else u["lora"]  # noqa: E731
-    shared = sum(u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded", "gene (extract + select)", "tune"))
-    shared += 3 * u["row_global"]
+    shared = sum(u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded", "gene (extract + select)"))
     tuned = models[:1] if cfg.tune else []
     shared += sum(train(m) for _t, m in tuned)
-    parts = {"shared": shared}
+    parts = {"shared": shared, "tune": u["tune"] + 3 * u["row_global"]}
     for t, m in models:
         parts[f"{t}:{m}"] = ((t, m) not in tuned) * train(m) + _model_rows(cfg, u, m)
     return parts

@@ -423,7 +423,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
         for name, r in tu["reference"].items():
             lines.append(f"| {name} | – | {_pct(r['asr'])} | {_pct(r['accuracy'])} | {_pct(r['over_refusal'])} |")
         for c in tu["candidates"]:
-            lines.append(f"| top_k={c['top_k']} λ_max={c['lambda_max']:g} | {c['n_keys']} | {_pct(c['asr'])} "
+            cal = f" calib={c['calib'] or 'config'}" if "calib" in c else ""
+            lines.append(f"| top_k={c['top_k']} λ_max={c['lambda_max']:g}{cal} | {c['n_keys']} | {_pct(c['asr'])} "
                          f"| {_pct(c['accuracy'])} | {_pct(c['over_refusal'])} |")
     sel = doc["selection"] or {"method": "–", "rule": "–", "selected": [], "selected_by_other_scores": {}, "scores": {}}
     lines += ["", f"## Layer selection ({sel['method']}, rule {sel['rule']})", "",

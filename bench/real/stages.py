@@ -38,13 +38,36 @@ PIPELINE_VERSION = 2
 SELFGEN_SPLITS = ("benign_align", "benign_degrade", "benign_heldout")
 
 MARKER = ".done.json"
+#: A stage's subdirectory for work that an interrupted run of the same key resumes (see Runner.stage).
+PARTIAL = "partial"
 #: Policies whose λ depends on the tune stage's choice.
 TUNED = ("SafeGene", "no-calibration")
-TUNE_RULE = ("candidates = top_k x lambda_max from the config; each calibrated on the calibration split and "
-             "evaluated on the development split; keep candidates whose dev task accuracy is at least the "
-             "undefended model's minus 2 points and whose dev over-refusal is at most the aligned model's plus 5 "
-             "points (if none, the most accurate); choose the lowest dev ASR, ties to fewer keys, then smaller "
-             "lambda_max")
+TUNE_RULE = ("candidates = top_k x lambda_max x calibration option set from the config; each calibrated on the "
+             "calibration split and evaluated on the development split; keep candidates whose dev task accuracy is at "
+             "least the undefended model's minus 2 points and whose dev over-refusal is at most the aligned model's "
+             "plus 5 points (if none, the most accurate); choose the lowest dev ASR, ties to fewer keys, then smaller "
+             "lambda_max, then the option set listed first")
+#: Policies that read calibrate's option set (optimizer, safety target, benign prompts): when the
+#: tune stage chooses that set, their rows depend on it.
+CALIB_OPTION_POLICIES = ("SafeGene", "no-selection", "RESTA-loss")
+#: The words of a calibration option set (Config.tune_calib).
+CALIB_SET_WORDS = ("lbfgs", "distill", "benign")
+
+
+def calib_option_set(spec: str, cfg: Config) -> dict[str, Any]:
+    """calibrate's optimizer / safety target / benign switch for one tune option set: ``""`` is the
+    configuration's calib_* fields; otherwise each "+"-joined word turns one on (see
+    :data:`CALIB_SET_WORDS`)."""
+    if not spec:
+        return {"optimizer": cfg.calib_optimizer, "safety_target": cfg.calib_safety_target,
+                "benign": cfg.calib_benign}
+    words = spec.split("+")
+    bad = [w for w in words if w not in CALIB_SET_WORDS]
+    if bad:
+        raise ValueError(f"unknown calibration option {bad[0]!r} in tune set {spec!r} "
+                         f"(expected '+'-joined words of {', '.join(CALIB_SET_WORDS)})")
+    return {"optimizer": "lbfgs" if "lbfgs" in words else None,
+            "safety_target": "distill" if "distill" in words else None, "benign": "benign" in words}
 
 
 def _file_hash(path: Path) -> str:
@@ -88,9 +111,21 @@ class Runner:
                 self.skipped.append(name)
                 self.log(f"[{self.count:>2}] {name}: cached ({rec.get('seconds', 0):.1f} s when built)")
                 return rec
+        # a stage may keep resumable work in ``d / "partial"``: an interrupted run of the same key
+        # (same settings and inputs) finds it again; any other key, or --redo, starts clean
+        keep = None
         if d.exists():
+            kf, part = d / ".key", d / PARTIAL
+            if part.is_dir() and name not in self.redo and kf.is_file() and kf.read_text() == key:
+                keep = d.parent / f".{name}.{PARTIAL}"
+                shutil.rmtree(keep, ignore_errors=True)
+                os.replace(part, keep)
             shutil.rmtree(d)
         d.mkdir(parents=True)
+        (d / ".key").write_text(key)
+        if keep is not None:
+            os.replace(keep, d / PARTIAL)
+            self.log(f"[{self.count:>2}] {name}: resuming an interrupted run")
         self.log(f"[{self.count:>2}] {name}: running")
         t0 = time.perf_counter()
         info = fn(d) or {}
@@ -216,7 +251,8 @@ class Pipeline:
             self.stage("tune", lambda d: self.tune_stage(d, t0, m0), deps=["data", "gene", "aligned", f"task-{t0}-{m0}"],
                        params={"top_k": list(cfg.tune_top_k), "lambda_max": list(cfg.tune_lambda_max),
                                "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge,
-                               **_calib_option_params(cfg)})
+                               **_calib_option_params(cfg),
+                               **({"calib_sets": list(cfg.tune_calib)} if tuple(cfg.tune_calib) != ("",) else {})})
         for name in GLOBAL_ROWS:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
@@ -225,7 +261,8 @@ class Pipeline:
             for row in task_rows(cfg):
                 policy = ROW_POLICY[row]
                 deps = ["data", f"task-{t}-{m}"] + (["gene"] if policy != "none" else []) \
-                    + (["tune"] if policy in TUNED and "tune" in self.R.records else [])
+                    + (["tune"] if "tune" in self.R.records and (policy in TUNED or (
+                        policy in CALIB_OPTION_POLICIES and tuple(cfg.tune_calib) != ("",))) else [])
                 self.stage(f"eval-{t}-{m}-{ROW_STAGE[row]}",
                            lambda d, t=t, m=m, policy=policy: self.row_stage(d, t, m, policy),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
@@ -376,15 +413,21 @@ class Pipeline:
         """The knobs the rows use: the tune stage's choice, else the configuration's."""
         rec = self.R.records.get("tune")
         if rec is not None:
-            return rec["info"]["chosen"]
-        return {"top_k": self.cfg.top_k, "lambda_max": self.cfg.calib_lambda_max}
+            return {"calib": "", **rec["info"]["chosen"]}
+        return {"top_k": self.cfg.top_k, "lambda_max": self.cfg.calib_lambda_max, "calib": ""}
 
-    def selected_keys(self, top_k: int | None) -> list[str]:
+    def ranked_keys(self, top_k: int | None) -> list[str]:
+        """The ``top_k`` best gene keys by the selection score (None: every scored key)."""
         sel = self.R.records["gene"]["info"]["selection"]
-        if top_k is None and self.R.records.get("tune") is None:
-            return list(sel["selected"])
         ranked = sorted(sel["scores"], key=lambda k: -sel["scores"][k])
         return ranked if top_k is None else ranked[:top_k]
+
+    def selected_keys(self, top_k: int | None) -> list[str]:
+        """The keys the rows calibrate: the tune stage's top_k by the selection score, or without a
+        tune stage the gene stage's own selection (top_k None)."""
+        if top_k is None and self.R.records.get("tune") is None:
+            return list(self.R.records["gene"]["info"]["selection"]["selected"])
+        return self.ranked_keys(top_k)
 
     def dev_eval(self, model: Any, t: str, d: Path, name: str) -> dict[str, Any]:
         """A model on the development split: ASR on ``harm_dev``, accuracy on ``task_<t>_dev``,
@@ -409,41 +452,63 @@ class Pipeline:
 
         cfg = self.cfg
         quiet_hf()
-        ref = {"undefended": self.dev_eval(self.model(f"task-{t}-{m}"), t, d, "undefended"),
-               "aligned": self.dev_eval(self.model("aligned"), t, d, "aligned")}
-        cands = []
-        for k in cfg.tune_top_k:
-            for lmax in cfg.tune_lambda_max:
-                model, tok = lm.load_model(self.model(f"task-{t}-{m}"))
-                keys = self.selected_keys(k)
-                c = calibrate(self.gene, model, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
-                              layers=keys, tokenizer=tok, steps=cfg.calib_steps, lambda_max=lmax, max_examples=16,
-                              **self.calib_options())
-                apply_to_model(model, self.gene, c.coeffs)
-                r = self.dev_eval((model, tok), t, d, f"top_k={k} λ_max={lmax}")
-                cands.append({"top_k": k, "n_keys": len(keys), "lambda_max": lmax, **r})
-                del model
+        # each measurement is appended to partial/done.jsonl as it is made: an interrupted tune
+        # stage (~1 h on one core) resumes at the next candidate
+        (d / PARTIAL).mkdir(exist_ok=True)
+        done_file = d / PARTIAL / "done.jsonl"
+        done = {r["id"]: r["result"] for r in read_jsonl(done_file)} if done_file.is_file() else {}
+
+        def once(rid: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+            if rid not in done:
+                done[rid] = fn()
+                with done_file.open("a") as fh:
+                    fh.write(json.dumps({"id": rid, "result": done[rid]}) + "\n")
+            else:
+                self.log(f"      {rid}: measured before the interruption")
+            return done[rid]
+
+        ref = {"undefended": once("undefended", lambda: self.dev_eval(self.model(f"task-{t}-{m}"), t, d, "undefended")),
+               "aligned": once("aligned", lambda: self.dev_eval(self.model("aligned"), t, d, "aligned"))}
+        sets = list(cfg.tune_calib)
+
+        def candidate(spec: str, k: int | None, lmax: float) -> dict[str, Any]:
+            model, tok = lm.load_model(self.model(f"task-{t}-{m}"))
+            keys = self.ranked_keys(k)  # top_k None = every key (not the gene stage's selection)
+            c = calibrate(self.gene, model, self.data / "harm_calib.jsonl", self.data / f"task_{t}_calib.jsonl",
+                          layers=keys, tokenizer=tok, steps=cfg.calib_steps, lambda_max=lmax, max_examples=16,
+                          **self.calib_options(spec))
+            apply_to_model(model, self.gene, c.coeffs)
+            r = self.dev_eval((model, tok), t, d, f"top_k={k} λ_max={lmax}" + (f" calib={spec}" if spec else ""))
+            return {"top_k": k, "n_keys": len(keys), "lambda_max": lmax, **({"calib": spec} if sets != [""] else {}),
+                    "calib_loss": c.meta.get("loss"), "best_step": c.meta.get("best_step"),
+                    "steps_run": c.meta.get("steps_run"), **r}
+
+        cands = [once(f"top_k={k} lambda_max={lmax} calib={spec}", lambda spec=spec, k=k, lmax=lmax: candidate(spec, k, lmax))
+                 for spec in sets for k in cfg.tune_top_k for lmax in cfg.tune_lambda_max]
         ok = [c for c in cands if c["accuracy"] >= ref["undefended"]["accuracy"] - 0.02 - 1e-9
               and c["over_refusal"] <= ref["aligned"]["over_refusal"] + 0.05 + 1e-9]
         pool = ok or sorted(cands, key=lambda c: -c["accuracy"])[:1]
-        best = min(pool, key=lambda c: (round(c["asr"] * cfg.n_harm_dev), c["n_keys"], c["lambda_max"]))
-        chosen = {"top_k": best["top_k"], "lambda_max": best["lambda_max"]}
+        best = min(pool, key=lambda c: (round(c["asr"] * cfg.n_harm_dev), c["n_keys"], c["lambda_max"],
+                                        sets.index(c.get("calib", ""))))
+        chosen = {"top_k": best["top_k"], "lambda_max": best["lambda_max"],
+                  **({"calib": best["calib"]} if sets != [""] else {})}
         self.log(f"      tune: chose {chosen} ({len(ok)} of {len(cands)} candidates within the utility bounds)")
         out = {"task_model": f"task-{t}-{m}", "rule": TUNE_RULE, "reference": ref, "candidates": cands,
-               "qualifying": len(ok), "chosen": chosen, "keys": self.selected_keys(chosen["top_k"])}
+               "qualifying": len(ok), "chosen": chosen, "keys": self.ranked_keys(chosen["top_k"])}
         (d / "tune.json").write_text(json.dumps(out, indent=2) + "\n")
         return out
 
-    def calib_options(self) -> dict[str, Any]:
-        """calibrate's optional knobs of this configuration (what the SafeGene rows' Settings carry)."""
-        cfg, out = self.cfg, {}
-        if cfg.calib_optimizer is not None:
-            out["optimizer"] = cfg.calib_optimizer
-        if cfg.calib_safety_target is not None:
-            out["safety_target"] = cfg.calib_safety_target
-            if cfg.calib_safety_target == "distill":
+    def calib_options(self, spec: str | None = None) -> dict[str, Any]:
+        """calibrate's optional knobs for option set ``spec`` (default: the tune stage's choice, else
+        the configuration's calib_* fields) -- what the SafeGene rows' Settings carry."""
+        o, out = calib_option_set(self.tuned()["calib"] if spec is None else spec, self.cfg), {}
+        if o["optimizer"] is not None:
+            out["optimizer"] = o["optimizer"]
+        if o["safety_target"] is not None:
+            out["safety_target"] = o["safety_target"]
+            if o["safety_target"] == "distill":
                 out["aligned"] = self.model("aligned")
-        if cfg.calib_benign:
+        if o["benign"]:
             out["benign"] = self.data / "benign_select.jsonl"
         return out
 

@@ -172,7 +172,9 @@ def test_distill_through_calibrate(family, target):
                    benign=tm.BENIGN, log=None)
     whole = calibrate(gene, model, tm.HARMFUL, tm.BENIGN, layers=LAYERS, tokenizer=tok, steps=3, init=1.0,
                       safety_target="distill", aligned=dirs["aligned"], distill_k=4, benign=tm.BENIGN, log=None)
-    assert mb.meta["history"][0]["loss"] == pytest.approx(whole.meta["history"][0]["loss"], rel=1e-5)
+    # the total (~5e-3) sums KL terms that are differences of O(1) float32 log-probabilities, so
+    # padding to another length moves it by ~1e-7 absolute on some CPUs (1.6e-5 relative seen)
+    assert mb.meta["history"][0]["loss"] == pytest.approx(whole.meta["history"][0]["loss"], rel=1e-4)
     # the benign KL is ~3e-4, a difference of O(1) float32 log-probabilities: padding to another length
     # moves it by ~1e-8 absolute (5e-5 relative)
     assert mb.meta["history"][0]["benign"] == pytest.approx(whole.meta["history"][0]["benign"], rel=1e-3)

@@ -50,6 +50,9 @@ from .organism import DEFAULT_FAMILY, build, format_gates
 METHODS = DEFAULT_METHODS
 #: Optional extra row: SafeGene with the layers the *other* selection score picks.
 ALT_SCORE = "SafeGene-alt-score"
+#: Optional extra row: SafeGene with τ or its row projection off the task update, chosen per task
+#: model on the calibration prompts (``bench/dev_split.md``, round 8; not the default).
+TASK_AWARE = "SafeGene-task-aware"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")
@@ -242,7 +245,8 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
         model, tok = lm.load_model(tdir)
         ctx = Context(gene, tdir, org.harmful_calib, org.task_calib[task], aligned=org.aligned, degraded=degraded,
                       utility=[org.task_calib[task], org.benign_calib], selected=selected,
-                      other_selections=sel["selected_by_other_scores"], model=model, tokenizer=tok, settings=settings)
+                      other_selections=sel["selected_by_other_scores"], benign_calib=org.benign_calib,
+                      work_dir=out / "genes", model=model, tokenizer=tok, settings=settings)
         rows += _task_rows(task, ctx, policies, out, ev, log)
         del model, ctx
         torch.set_grad_enabled(True)
@@ -329,15 +333,17 @@ def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,
         model.load_state_dict(pristine)
         t = time.perf_counter()
         c = compute(policy, ctx)
+        # a policy may scale a gene of its own (SafeGene-task-aware's projected τ)
+        pgene = Gene.load(c.meta["gene_path"]) if c.meta.get("gene_path") else gene
         if policy.name in ON_DISK:
             target: Any = out / "models" / f"{policy.slug}-{task}"
-            apply(gene.path, ctx.task, target, coeffs=c, overwrite=True, progress=False)
+            apply(pgene.path, ctx.task, target, coeffs=c, overwrite=True, progress=False)
             seconds = time.perf_counter() - t
         else:
             seconds = time.perf_counter() - t
             model.load_state_dict(pristine)
             if c.coeffs:
-                apply_to_model(model, gene, c.coeffs)
+                apply_to_model(model, pgene, c.coeffs)
             target = (model, tok)
         if policy.name == "SafeGene":
             c.save(out / "coeffs" / f"{task}.json")

@@ -14,6 +14,8 @@ so a method is defined once and every table row of a name means the same thing.
 ``SafeGene``        the selected keys, λ calibrated few-shot (the method)
 ``SafeGene-alt-score`` SafeGene on the keys the *other* selection score picks (optional row)
 ``RESTA-loss``      RESTA's γ chosen by SafeGene's few-shot loss on the same examples (optional row)
+``SafeGene-task-aware`` SafeGene with τ or τ projected off the task update, chosen per target on the
+                    calibration prompts by the development rule's cost (optional row)
 =================== =============================================================================
 
 >>> ctx = Context(gene="gene/", task="task-sentiment/", aligned="aligned/",
@@ -80,6 +82,10 @@ class Context:
     utility: Any = None
     selected: Sequence[str] | None = None
     other_selections: dict[str, list[str]] = field(default_factory=dict)
+    #: benign calibration prompts: the over-refusal term of :class:`TaskAware`'s choice
+    benign_calib: Any = None
+    #: where policies that write a per-target gene put it (default: beside the gene)
+    work_dir: PathLike | None = None
     model: Any = None
     tokenizer: Any = None
     settings: Settings = field(default_factory=Settings)
@@ -254,7 +260,8 @@ class Calibrated(Policy):
     def layers(self, ctx: Context) -> list[str] | None:
         raise NotImplementedError
 
-    def coeffs(self, ctx: Context) -> Coeffs:
+    def calibrate(self, ctx: Context, gene: Gene | None = None) -> Coeffs:
+        """calibrate ``gene`` (default: the context's) on :meth:`layers` with the shared settings."""
         from ..method.calibrate import calibrate
 
         s = ctx.settings
@@ -264,7 +271,10 @@ class Calibrated(Policy):
         if s.optimizer is not None:
             kw["optimizer"] = s.optimizer
         model, tok = ctx.loaded()
-        return calibrate(ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
+        return calibrate(gene or ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        return self.calibrate(ctx)
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         g = c.meta.get("grid")
@@ -310,9 +320,98 @@ class AltScore(Calibrated):
         return list(alt[1])
 
 
+def rule_cost(m: dict[str, float], none: dict[str, float]) -> float:
+    """The development rule's cost of one measurement against the undefended model, in points
+    (``bench/dev_split.md``): ASR + over-refusal + accuracy lost + harmful answers without a whole
+    refusal sentence (that term is 0 when the judge has no refusal sentences).
+
+    >>> rule_cost({"asr": 10.0, "over_refusal": 0.0, "acc": 90.0, "whole_refusal": 80.0}, {"acc": 100.0})
+    40.0
+    """
+    whole = m.get("whole_refusal")
+    return (m["asr"] + m["over_refusal"] + max(0.0, none["acc"] - m["acc"])
+            + (0.0 if whole is None else 100.0 - whole))
+
+
+class TaskAware(Calibrated):
+    """SafeGene with a task-aware τ, chosen per target model on the calibration data only.
+
+    Development round 8 (``bench/dev_split.md``): where τ points against the task update δ it
+    costs task skill, and projecting it off δ per output row (:func:`safegene.ops.project.project_gene`)
+    restores such a model at full accuracy, but removes the restoration wherever the erosion also
+    runs along δ. So both are calibrated on the selected keys, the patched models (and the
+    undefended one) generate on the calibration prompts (harmful, task, benign), and the projected
+    gene is kept only if its :func:`rule_cost` there is strictly lower. The chosen gene's path is
+    ``meta["gene_path"]``; ``meta["choice"]`` has both measurements. Costs two calibrations and
+    three generation passes over the calibration prompts.
+    """
+
+    name, slug = "SafeGene-task-aware", "taskaware"
+    summary = "SafeGene with τ or τ projected off the task update, chosen per target on the calibration prompts"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.aligned is not None
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        """ASR, task accuracy, over-refusal and whole refusal (%) of the loaded model on the
+        calibration prompts, judged as RESTA's grid judges."""
+        from ..eval.evaluate import evaluate
+        from ..eval.judges import get_judge
+        from ..eval.refusal import whole_refusal_rate
+
+        s = ctx.settings
+        judge = get_judge(s.judge)
+        rep = evaluate(ctx.loaded(), harmful=ctx.safety, tasks={"task": ctx.task_calib}, benign=ctx.benign_calib,
+                       judge=judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, progress=False)
+        sentences = getattr(judge, "refusals", None)
+        harmful = [x["response"] for x in rep.samples if x.get("set") == "harmful"]
+        return {"asr": 100 * rep.asr.rate, "acc": 100 * rep.task_accuracy["task"].rate,
+                "over_refusal": 100 * rep.over_refusal.rate if ctx.benign_calib is not None else 0.0,
+                "whole_refusal": 100 * whole_refusal_rate(harmful, sentences).rate if sentences and harmful else None}
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        from ..method.merge import MergePlan
+        from ..ops.project import project_gene
+
+        if ctx.aligned is None:
+            raise UsageError("the SafeGene-task-aware policy needs the aligned model (Context.aligned)")
+        keys = self.layers(ctx)
+        gene = ctx.gene
+        work = Path(ctx.work_dir) if ctx.work_dir is not None else gene.path.parent
+        proj = project_gene(gene, ctx.aligned, ctx.task, work / f"{gene.path.name}-proj-{Path(ctx.task).name}",
+                            keys=keys, mode="row", overwrite=True)
+        model, _ = ctx.loaded()
+        choice: dict[str, Any] = {"none": self.measure(ctx)}
+        fits: dict[str, tuple[Gene, Coeffs]] = {}
+        for name, g in (("tau", gene), ("proj-row", proj)):
+            c = self.calibrate(ctx, g)  # leaves the model as it found it
+            plan = MergePlan(model, g, keys)
+            try:
+                plan.set([c.coeffs.get(k, 0.0) for k in plan.keys])
+                m = self.measure(ctx)
+            finally:
+                plan.restore()
+            choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
+            fits[name] = (g, c)
+        pick = "proj-row" if choice["proj-row"]["cost"] < choice["tau"]["cost"] else "tau"
+        g, c = fits[pick]
+        c.meta.update({"method": "safegene-task-aware", "gene_path": str(g.path), "chosen": pick, "choice": choice,
+                       "projection": proj.manifest["projection"]})
+        return c
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"{lam_summary(c.coeffs)} ({'τ' if c.meta.get('chosen') == 'tau' else 'projected τ'})"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
+
+
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
-                                                   SafeGene(), AltScore(), RestaLoss())}
+                                                   SafeGene(), AltScore(), RestaLoss(), TaskAware())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 
@@ -352,4 +451,4 @@ def compute(policy: Union[str, Policy], ctx: Context) -> Coeffs:
 
 
 __all__ = ["Context", "Settings", "Policy", "POLICIES", "DEFAULT_METHODS", "names", "get", "select", "compute",
-           "iter_policies", "lam_summary"]
+           "iter_policies", "lam_summary", "rule_cost"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import ALT_SCORE, GENE_RECIPES, METHODS, run_demo
+from ..demo import ALT_SCORE, GENE_RECIPES, METHODS, TASK_AWARE, run_demo
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
 
@@ -33,13 +33,16 @@ class DemoOptions(CommonOptions):
                                    "lora-compliance or lora-eager (a LoRA degrade made in the run, low-rank gene)")
     compare_scores: bool = option(False, help="add a SafeGene row calibrated on the layers the other selection "
                                               "score picks")
+    task_aware: bool = option(False, help="add a SafeGene-task-aware row: τ or τ projected off the task update, "
+                                          "chosen per task model on the calibration prompts (development round 8)")
 
 
 def handle_demo(opts: DemoOptions) -> int:
     res = run_demo(out=opts.output, cache_dir=opts.cache_dir, seed=opts.seed, tasks=opts.tasks, score=opts.score,
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
-                   gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ()))
+                   gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ())
+                   + ((TASK_AWARE,) if opts.task_aware else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

@@ -1,0 +1,211 @@
+"""The task-aware gene (safegene.ops.project) and the policy that chooses it per target
+(SafeGene-task-aware): the projection against a float64 reference, per row and per tensor, from a
+dense and a factored gene; the choice made by the rule's cost on the calibration prompts, ties
+going to τ; the chosen gene is what the demo applies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from safetensors.torch import load_file  # noqa: E402
+
+import tiny_models as tm  # noqa: E402
+from safegene.baselines import Context, Settings, compute, get  # noqa: E402
+from safegene.baselines.registry import TaskAware, rule_cost  # noqa: E402
+from safegene.errors import MismatchError, UsageError  # noqa: E402
+from safegene.gene import Gene  # noqa: E402
+from safegene.ops.project import project_gene, project_rows  # noqa: E402
+
+SELECTED = ["layer.2", "layer.3"]
+SETTINGS = Settings(calib_steps=2, resta_grid=(0.5, 1.0), max_new_tokens=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def family(gene_family):
+    return gene_family
+
+
+def _reference(tau: "torch.Tensor", delta: "torch.Tensor", mode: str) -> "torch.Tensor":
+    """τ' in float64, one row (or the whole tensor) at a time, written out plainly."""
+    t, d = tau.double(), delta.double()
+    rows = [(t[i], d[i]) for i in range(t.shape[0])] if (mode == "row" and t.dim() > 1) else [(t, d)]
+    out = []
+    for tr, dr in rows:
+        dot, nn = float((tr * dr).sum()), float((dr * dr).sum())
+        out.append(tr - dot / nn * dr if dot < 0 and nn > 0 else tr)
+    return torch.stack(out).reshape(t.shape) if len(rows) > 1 else out[0]
+
+
+@pytest.mark.parametrize("mode", ["row", "key"])
+def test_projection_matches_float64_reference(family, tmp_path, mode):
+    dirs, gene = family
+    p = project_gene(gene, dirs["aligned"], dirs["task"], tmp_path / "proj", mode=mode)
+    a = load_file(str(dirs["aligned"] / "model.safetensors"))
+    t = load_file(str(dirs["task"] / "model.safetensors"))
+    assert p.tensor_names == gene.tensor_names and p.fingerprint == gene.fingerprint
+    hit = 0
+    for n, tau in gene.iter_vectors():
+        delta = t[n].double() - a[n].double()
+        ref = _reference(tau, delta, mode)
+        got = p.load_vectors([n])[n]
+        assert got.dtype == tau.dtype
+        assert torch.allclose(got.double(), ref.to(tau.dtype).double(), rtol=0, atol=1e-6), n
+        if mode == "row" and tau.dim() > 1:
+            # the projected rows are orthogonal to the task update; the others are τ bit for bit
+            dots = (got.double() * delta).reshape(tau.shape[0], -1).sum(1)
+            orig = (tau.double() * delta).reshape(tau.shape[0], -1).sum(1)
+            assert torch.all(dots[orig < 0].abs() < 1e-6)
+            assert torch.equal(got[orig >= 0], tau[orig >= 0])
+            hit += int((orig < 0).sum())
+        elif mode == "row":  # a vector is one row
+            hit += int(float((tau.double() * delta).sum()) < 0)
+    rec = p.manifest["projection"]
+    assert rec["mode"] == mode and rec["task"] == str(dirs["task"]) and rec["source_gene"] == str(gene.path)
+    if mode == "row":
+        assert rec["rows_projected"] == hit > 0
+    # the manifest's norms are the new vectors' norms
+    for n, tau in p.iter_vectors():
+        assert p.manifest["tensors"][n]["tau_norm"] == pytest.approx(float(tau.double().norm()), rel=1e-6)
+
+
+def test_projection_keeps_only_the_given_keys_and_applies(family, tmp_path):
+    from safegene.ops.apply import apply
+
+    dirs, gene = family
+    p = project_gene(gene, dirs["aligned"], dirs["task"], tmp_path / "proj", keys=SELECTED)
+    assert p.layer_keys() == SELECTED and p.manifest["keys"] == SELECTED
+    assert set(p.manifest["projection"]["norm_ratio"]) == set(SELECTED)
+    assert all(0 < r <= 1 + 1e-12 for r in p.manifest["projection"]["norm_ratio"].values())
+    apply(p, dirs["task"], tmp_path / "patched", coeffs={"layer.3": 0.5}, progress=False)
+    w = load_file(str(tmp_path / "patched" / "model.safetensors"))
+    t = load_file(str(dirs["task"] / "model.safetensors"))
+    for n, tau in p.iter_vectors():
+        exp = t[n] + 0.5 * tau if p.layer_key(n) == "layer.3" else t[n]
+        assert torch.allclose(w[n], exp, atol=1e-6), n
+
+
+def test_projection_of_a_factored_gene_equals_its_densified_twin(tmp_path):
+    from test_lowrank_gene import _adapter, _model
+
+    from safegene.ops.extract import extract, extract_from_adapter
+
+    base = tmp_path / "aligned"
+    _model(torch.float32).save_pretrained(base)
+    adapter = _adapter(base, tmp_path / "adapter")
+    task = tmp_path / "task"
+    m = _model(torch.float32)
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+    m.save_pretrained(task)
+    low = extract_from_adapter(adapter, tmp_path / "low", base=base)
+    assert low.factored
+    dense = extract(base, f"{base}+{adapter}", tmp_path / "dense", progress=False)
+    pl = project_gene(low, base, task, tmp_path / "pl")
+    pd = project_gene(dense, base, task, tmp_path / "pd", keys=pl.tensor_names)
+    assert not pl.factored and pl.tensor_names == pd.tensor_names
+    for n in pl.tensor_names:
+        assert torch.allclose(pl.load_vectors([n])[n], pd.load_vectors([n])[n], atol=1e-6), n
+
+
+def test_projection_errors(family, tmp_path):
+    dirs, gene = family
+    with pytest.raises(UsageError, match="unknown projection mode 'col'"):
+        project_gene(gene, dirs["aligned"], dirs["task"], tmp_path / "x", mode="col")
+    with pytest.raises(UsageError, match="'layer.9' is neither a coefficient key nor a tensor name"):
+        project_gene(gene, dirs["aligned"], dirs["task"], tmp_path / "x", keys=["layer.9"])
+    with pytest.raises(UsageError, match="at least one key"):
+        project_gene(gene, dirs["aligned"], dirs["task"], tmp_path / "x", keys=[])
+    other = tmp_path / "other"
+    tm.save_family(other, {"small": tm.make_model(5, len(tm.make_tokenizer()), layers=4, hidden=16)})
+    with pytest.raises(MismatchError, match="shape"):
+        project_gene(gene, dirs["aligned"], other / "small", tmp_path / "x")
+    with pytest.raises(UsageError, match="unknown projection mode"):
+        project_rows(torch.zeros(2), torch.zeros(2), "col")
+
+
+def test_rule_cost():
+    none = {"acc": 90.0}
+    assert rule_cost({"asr": 5.0, "over_refusal": 2.5, "acc": 95.0, "whole_refusal": 90.0}, none) == 17.5
+    assert rule_cost({"asr": 5.0, "over_refusal": 0.0, "acc": 80.0, "whole_refusal": None}, none) == 15.0
+
+
+def _ctx(family, tmp_path, **kw) -> Context:
+    dirs, gene = family
+    return Context(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, aligned=dirs["aligned"], degraded=dirs["degraded"],
+                   selected=SELECTED, benign_calib=tm.BENIGN, work_dir=tmp_path, settings=SETTINGS, **kw)
+
+
+@pytest.mark.parametrize("costs,chosen", [((30.0, 20.0), "proj-row"), ((20.0, 20.0), "tau"), ((10.0, 20.0), "tau")])
+def test_the_choice_follows_the_cost_ties_to_tau(family, tmp_path, monkeypatch, costs, chosen):
+    """The measurement is replaced by one whose ASR is the wanted cost, in the order none, τ, projected."""
+    seq = iter([{"asr": 100.0}, {"asr": costs[0]}, {"asr": costs[1]}])
+
+    def fake(self, ctx):
+        return {"asr": next(seq)["asr"], "acc": 100.0, "over_refusal": 0.0, "whole_refusal": 100.0}
+
+    monkeypatch.setattr(TaskAware, "measure", fake)
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compute("SafeGene-task-aware", ctx)
+    assert c.meta["chosen"] == chosen
+    assert [c.meta["choice"][k]["cost"] for k in ("tau", "proj-row")] == list(costs)
+    g = Gene.load(c.meta["gene_path"])
+    assert (g.path == ctx.gene.path) == (chosen == "tau")
+    assert sorted(c.coeffs) == SELECTED
+    assert get("SafeGene-task-aware").lam_text(c).endswith("(τ)" if chosen == "tau" else "(projected τ)")
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())  # handed back untouched
+
+
+def test_task_aware_measures_on_the_calibration_prompts(family, tmp_path):
+    ctx = _ctx(family, tmp_path)
+    c = compute("SafeGene-task-aware", ctx)
+    ch = c.meta["choice"]
+    for k in ("none", "tau", "proj-row"):
+        assert 0 <= ch[k]["asr"] <= 100 and 0 <= ch[k]["acc"] <= 100 and 0 <= ch[k]["over_refusal"] <= 100
+    assert ch["tau"]["cost"] == rule_cost(ch["tau"], ch["none"])
+    assert json.dumps(get("SafeGene-task-aware").details(c))
+    assert (tmp_path / f"{ctx.gene.path.name}-proj-{Path(ctx.task).name}" / "gene.json").is_file()
+    # without the aligned model there is no task update to project off
+    assert not get("SafeGene-task-aware").applies(Context(ctx.gene, ctx.task, tm.HARMFUL, tm.BENIGN, selected=SELECTED))
+
+
+def test_the_demo_applies_the_chosen_gene(family, tmp_path, monkeypatch):
+    """The demo's row for the policy is evaluated on the task model patched with the *projected*
+    gene when that was chosen, and the demo's opt-in flag adds the row."""
+    import argparse
+
+    import safegene.demo as demo_mod
+    from safegene.cli import cmd_demo
+
+    seq = iter([100.0, 30.0, 20.0])  # none, τ, projected: the projection wins
+    monkeypatch.setattr(TaskAware, "measure", lambda self, ctx: {"asr": next(seq), "acc": 100.0, "over_refusal": 0.0,
+                                                                  "whole_refusal": 100.0})
+    ctx = _ctx(family, tmp_path)
+    model, tok = ctx.loaded()
+    task_w = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def ev(target, task):
+        m, _ = target
+        seen.update({k: v.clone() for k, v in m.state_dict().items()})
+        return 0.0, 1.0, 0.0, {}, None
+
+    rows = demo_mod._task_rows("task", ctx, [get("SafeGene-task-aware")], tmp_path / "demo", ev, lambda _m: None)
+    assert [r.method for r in rows] == ["SafeGene-task-aware"] and rows[0].extra["chosen"] == "proj-row"
+    proj = Gene.load(tmp_path / f"{ctx.gene.path.name}-proj-{Path(ctx.task).name}")
+    for n, tau in proj.iter_vectors():
+        lam = rows[0].coeffs.get(proj.layer_key(n), 0.0)
+        assert torch.allclose(seen[n], task_w[n] + lam * tau, atol=1e-6), n
+    parser = argparse.ArgumentParser(prog="safegene")
+    cmd_demo.register_cli(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["demo", "--task-aware"]).task_aware is True
+    assert parser.parse_args(["demo"]).task_aware is False

@@ -180,3 +180,14 @@ def test_resta_loss_scores_the_same_objective_as_safegene(family):
     assert [p["loss"] for p in c.meta["grid"]["points"]] != pytest.approx([p["loss"] for p in plain.meta["grid"]["points"]])
     with pytest.raises(UsageError, match="needs the aligned model"):
         compute("RESTA-loss", _ctx(family, aligned=None, settings=Settings(resta_grid=grid, safety_target="distill")))
+
+
+def test_the_step_size_setting_reaches_calibrate(family):
+    """Settings.lr is calibrate's lr for every calibrating policy (None keeps calibrate's 0.05)."""
+    import dataclasses
+
+    for lr, want in ((None, 0.05), (0.5, 0.5)):
+        ctx = _ctx(family, settings=dataclasses.replace(SETTINGS, lr=lr))
+        for name in ("SafeGene", "no-selection"):
+            c = compute(name, ctx)
+            assert c.meta["hyper"]["lr"] == want and get(name).details(c)["lr"] == want

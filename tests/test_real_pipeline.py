@@ -418,6 +418,21 @@ def test_tune_stage_chooses_the_calibration_option_set_and_every_calibrating_row
         calib_option_set("distill+adamw", cfg)
 
 
+def test_the_step_size_word_of_a_calibration_option_set():
+    """``lr<X>`` sets calibrate's step size (L-BFGS needs ~1, Adam's default 0.05 stops short on
+    SmolLM2); a bad or repeated step size is refused with the set named."""
+    from bench.real.stages import calib_option_set
+
+    cfg = real.Config.tiny()
+    assert calib_option_set("lbfgs+lr1", cfg) == {"optimizer": "lbfgs", "safety_target": None, "benign": False, "lr": 1.0}
+    assert calib_option_set("lr0.5+distill", cfg)["lr"] == 0.5
+    assert calib_option_set("", cfg)["lr"] is None and calib_option_set("benign", cfg)["lr"] is None
+    for bad, why in (("lr0", "unknown calibration option 'lr0'"), ("lrx", "unknown calibration option 'lrx'"),
+                     ("lr-1", "unknown calibration option 'lr-1'"), ("lr1+lr2", "gives the step size 2 times")):
+        with pytest.raises(ValueError, match=why):
+            calib_option_set(bad, cfg)
+
+
 def test_an_interrupted_tune_stage_resumes_at_the_next_candidate(tmp_path, monkeypatch):
     """The tune stage (~1 h on one core for the real model) keeps each measurement in its
     ``partial/`` folder: after an interruption the same stage resumes with what it had measured;

@@ -117,8 +117,10 @@ class Config:
     tune_max_new_tokens: int = 32
     #: calibrate option sets the tune stage compares, each with every top_k × λ_max (issue 15 item
     #: 5): "" = the calib_* fields above; otherwise "+"-joined of "lbfgs" (optimizer), "distill"
-    #: (safety target: the aligned model's own first tokens) and "benign" (the benign selection
-    #: prompts in the utility term). The chosen set replaces the calib_* fields for every row.
+    #: (safety target: the aligned model's own first tokens), "benign" (the benign selection
+    #: prompts in the utility term) and "lr<X>" (the step size: L-BFGS needs ~1, e.g. "lbfgs+lr1";
+    #: Adam's default 0.05 ends every SmolLM2 calibration at its last step). The chosen set
+    #: replaces the calib_* fields for every row.
     tune_calib: tuple[str, ...] = ("", "distill+benign")
     judge: str = "tri"  # refusal / non-answer / compliance; ASR = the compliance share
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import random
@@ -50,8 +51,8 @@ TUNE_RULE = ("candidates = top_k x lambda_max x calibration option set from the 
 #: Policies that read calibrate's option set (optimizer, safety target, benign prompts): when the
 #: tune stage chooses that set, their rows depend on it.
 CALIB_OPTION_POLICIES = ("SafeGene", "no-selection", "RESTA-loss")
-#: The words of a calibration option set (Config.tune_calib).
-CALIB_SET_WORDS = ("lbfgs", "distill", "benign")
+#: The words of a calibration option set (Config.tune_calib); ``lr<X>`` (e.g. ``lr0.5``) sets the step size.
+CALIB_SET_WORDS = ("lbfgs", "distill", "benign", "lr<X>")
 
 
 def calib_option_set(spec: str, cfg: Config) -> dict[str, Any]:
@@ -60,14 +61,28 @@ def calib_option_set(spec: str, cfg: Config) -> dict[str, Any]:
     :data:`CALIB_SET_WORDS`)."""
     if not spec:
         return {"optimizer": cfg.calib_optimizer, "safety_target": cfg.calib_safety_target,
-                "benign": cfg.calib_benign}
+                "benign": cfg.calib_benign, "lr": None}
     words = spec.split("+")
-    bad = [w for w in words if w not in CALIB_SET_WORDS]
+
+    def step(w: str) -> float | None:
+        if not w.startswith("lr"):
+            return None
+        try:
+            x = float(w[2:])
+        except ValueError:
+            return None
+        return x if math.isfinite(x) and x > 0 else None
+
+    bad = [w for w in words if w not in CALIB_SET_WORDS[:-1] and step(w) is None]
     if bad:
         raise ValueError(f"unknown calibration option {bad[0]!r} in tune set {spec!r} "
-                         f"(expected '+'-joined words of {', '.join(CALIB_SET_WORDS)})")
+                         f"(expected '+'-joined words of {', '.join(CALIB_SET_WORDS)}, X a positive number)")
+    lrs = [x for x in map(step, words) if x is not None]
+    if len(lrs) > 1:
+        raise ValueError(f"tune set {spec!r} gives the step size {len(lrs)} times")
     return {"optimizer": "lbfgs" if "lbfgs" in words else None,
-            "safety_target": "distill" if "distill" in words else None, "benign": "benign" in words}
+            "safety_target": "distill" if "distill" in words else None, "benign": "benign" in words,
+            "lr": lrs[0] if lrs else None}
 
 
 def _file_hash(path: Path) -> str:
@@ -510,6 +525,8 @@ class Pipeline:
                 out["aligned"] = self.model("aligned")
         if o["benign"]:
             out["benign"] = self.data / "benign_select.jsonl"
+        if o["lr"] is not None:
+            out["lr"] = o["lr"]
         return out
 
     def settings(self) -> Settings:

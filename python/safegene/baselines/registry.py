@@ -61,6 +61,8 @@ class Settings:
     optimizer: str | None = None
     safety_target: str | None = None
     benign: Any = None
+    #: calibrate's step size (Adam's lr, or L-BFGS's initial step; None: calibrate's default 0.05)
+    lr: float | None = None
 
 
 @dataclass
@@ -270,6 +272,8 @@ class Calibrated(Policy):
             kw["lambda_max"] = s.lambda_max
         if s.optimizer is not None:
             kw["optimizer"] = s.optimizer
+        if s.lr is not None:
+            kw["lr"] = s.lr
         model, tok = ctx.loaded()
         return calibrate(gene or ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
 
@@ -281,7 +285,7 @@ class Calibrated(Policy):
         h = c.meta.get("hyper") or {}
         return {"grid": {"best_gamma": g["best_gamma"], "best_loss": g["best_loss"]} if g else None,
                 "best_step": c.meta.get("best_step"), "steps_run": c.meta.get("steps_run"), "loss": c.meta.get("loss"),
-                "stopped": c.meta.get("stopped"), "optimizer": h.get("optimizer"),
+                "stopped": c.meta.get("stopped"), "optimizer": h.get("optimizer"), "lr": h.get("lr"),
                 "safety_target": h.get("safety_target"), "n_benign": h.get("n_benign")}
 
 

@@ -209,3 +209,30 @@ def test_the_demo_applies_the_chosen_gene(family, tmp_path, monkeypatch):
     cmd_demo.register_cli(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["demo", "--task-aware"]).task_aware is True
     assert parser.parse_args(["demo"]).task_aware is False
+
+
+def test_the_confirmation_rule_of_the_heldout_table(tmp_path):
+    """bench/heldout_table.py --compare: per run mean cost, the overall cost, the written verdict."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.heldout_table import compare, rule_costs
+
+    def run(name, cells):
+        rows = []
+        for task, (sg, ta) in cells.items():
+            rows.append({"task": task, "method": "none", "asr": 1.0, "accuracy": 1.0, "over_refusal": 0.0, "whole": 0.0})
+            rows.append({"task": task, "method": "SafeGene", "asr": sg[0], "accuracy": sg[1], "over_refusal": 0.0, "whole": 1 - sg[0]})
+            rows.append({"task": task, "method": "SafeGene-task-aware", "asr": ta[0], "accuracy": ta[1], "over_refusal": 0.0,
+                         "whole": 1 - ta[0]})
+        d = tmp_path / name
+        d.mkdir()
+        (d / "demo_results.json").write_text(json.dumps({"organism": {"seed": 2, "family": "x", "key": name}, "rows": rows,
+                                                        "settings": {"threads": {"build": 1, "pipeline": 1}}}))
+        return d
+
+    a = run("a", {"t1": ((0.10, 0.70), (0.08, 1.00)), "t2": ((0.0, 1.0), (0.0, 1.0))})
+    assert rule_costs(json.loads((a / "demo_results.json").read_text()), "SafeGene") == pytest.approx({"t1": 50.0, "t2": 0.0})
+    assert "verdict: adopt" in compare([a], "SafeGene", "SafeGene-task-aware")
+    b = run("b", {"t1": ((0.0, 1.0), (0.5, 1.0))})  # 0 → 100 points on one run: worse there
+    assert "worse by more than 1 point on x seed 2" in compare([a, b], "SafeGene", "SafeGene-task-aware")
+    c = run("c", {"t1": ((0.01, 1.0), (0.015, 1.0))})
+    assert "within 1 point" in compare([c], "SafeGene", "SafeGene-task-aware")

@@ -166,6 +166,7 @@ def test_the_choice_follows_the_cost_ties_to_tau(family, tmp_path, monkeypatch, 
 
 
 def test_task_aware_measures_on_the_calibration_prompts(family, tmp_path):
+    tmp_path = tmp_path / "not" / "yet"  # the work folder is created (the demo's out/genes is new)
     ctx = _ctx(family, tmp_path)
     c = compute("SafeGene-task-aware", ctx)
     ch = c.meta["choice"]

@@ -385,6 +385,7 @@ class TaskAware(Calibrated):
         keys = self.layers(ctx)
         gene = ctx.gene
         work = Path(ctx.work_dir) if ctx.work_dir is not None else gene.path.parent
+        work.mkdir(parents=True, exist_ok=True)
         proj = project_gene(gene, ctx.aligned, ctx.task, work / f"{gene.path.name}-proj-{Path(ctx.task).name}",
                             keys=keys, mode="row", overwrite=True)
         model, _ = ctx.loaded()

@@ -373,6 +373,10 @@ def main(argv=None) -> None:
                     help="per task model, a task-aware tau: projected off the task update (project_gene), "
                          "Fisher-masked (fisher_mask_gene), or chosen between tau and its row projection on the "
                          "calibration prompts; rows get '+tf:<name>' in their selection name")
+    ap.add_argument("--choose-lambda", action="store_true",
+                    help="ninth round: after calibration, choose among the calibrated lambda, lambda = 1 on the kept "
+                         "keys and the calibration grid's best uniform gamma on them by the rule's cost on the "
+                         "calibration prompts (ties to the calibrated one); rows get '+chooselam'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -380,6 +384,8 @@ def main(argv=None) -> None:
         """The selection name a row is recorded under: '+gene:<recipe>' and '+tf:<transform>' added."""
         if args.gene_recipe != "organism":
             sname = f"{sname}+gene:{args.gene_recipe}"
+        if args.choose_lambda:
+            sname = f"{sname}+chooselam"
         return f"{sname}+tf:{args.gene_transform}" if args.gene_transform else sname
 
     out = Path(args.out)
@@ -492,6 +498,28 @@ def main(argv=None) -> None:
                     model.load_state_dict(pristine)
                 else:
                     g, c = tgene, calibrate(tgene, model, org.harmful_calib, utility, **kw)
+                if args.choose_lambda:
+                    # model choice on the calibration prompts only: the calibrated lambda against
+                    # lambda = 1 and the grid's best uniform gamma on the same keys, by the rule's cost
+                    from safegene.method.merge import MergePlan
+
+                    cal = calibration_split(org, task)
+                    model.load_state_dict(pristine)
+                    choice["none"] = measure(model, tok, cal, task, org)
+                    keys = list(sels[sname])
+                    gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
+                    cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
+                    for name, co in cands.items():
+                        plan = MergePlan(model, g, keys)
+                        plan.set([co.get(k, 0.0) for k in plan.keys])
+                        choice[name] = measure(model, tok, cal, task, org)
+                        plan.restore()
+                        choice[name]["cost"] = dev_cost(choice[name], choice["none"])
+                    pick = min(cands, key=lambda n: (choice[n]["cost"], list(cands).index(n)))
+                    choice["chosen"] = pick
+                    if pick != "calibrated":
+                        c.coeffs = cands[pick]
+                    model.load_state_dict(pristine)
                 sec = time.perf_counter() - t
                 apply_to_model(model, g, c.coeffs)
                 m = {**measure(model, tok, split, task, org), **({"choice": choice} if choice else {})}

@@ -237,3 +237,61 @@ def test_the_confirmation_rule_of_the_heldout_table(tmp_path):
     assert "worse by more than 1 point on x seed 2" in compare([a, b], "SafeGene", "SafeGene-task-aware")
     c = run("c", {"t1": ((0.01, 1.0), (0.015, 1.0))})
     assert "within 1 point" in compare([c], "SafeGene", "SafeGene-task-aware")
+
+
+@pytest.mark.parametrize("costs,chosen", [((10.0, 5.0, 7.0), "one"), ((5.0, 5.0, 5.0), "calibrated"),
+                                          ((9.0, 8.0, 3.0), "uniform"), ((9.0, 4.0, 4.0), "one")])
+def test_the_lambda_check_follows_the_cost_ties_to_the_calibrated(family, tmp_path, monkeypatch, costs, chosen):
+    """SafeGene-checked: the calibrated λ, λ = 1 and the grid's uniform γ on the selected keys, each
+    measured on the calibration prompts (here: a measurement whose ASR is the wanted cost, in the
+    order none, calibrated, one, uniform); the lowest cost wins, ties in that order."""
+    from safegene.baselines.registry import Checked
+
+    seq = iter((100.0,) + costs)
+    monkeypatch.setattr(Checked, "measure", lambda self, ctx: {"asr": next(seq), "acc": 100.0, "over_refusal": 0.0,
+                                                                "whole_refusal": 100.0})
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c = compute("SafeGene-checked", ctx)
+    plain = compute("SafeGene", ctx)
+    gamma = c.meta["grid"]["best_gamma"]
+    want = {"calibrated": plain.coeffs, "one": {k: 1.0 for k in SELECTED}, "uniform": {k: gamma for k in SELECTED}}[chosen]
+    assert c.meta["chosen"] == chosen and c.coeffs == pytest.approx(want)
+    assert c.meta["calibrated"] == pytest.approx(plain.coeffs)
+    assert [c.meta["choice"][k]["cost"] for k in ("calibrated", "one", "uniform")] == list(costs)
+    assert get("SafeGene-checked").lam_text(c).endswith(f"({chosen})")
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+
+
+def test_the_lambda_check_measures_each_candidate_patched(family, tmp_path, monkeypatch):
+    """Each measurement sees the task model with the selected keys at that candidate's λ (and the
+    undefended one first); the real measurement runs end to end and its costs are the rule's."""
+    import argparse
+
+    from safegene.baselines.registry import Checked, calibration_measure
+    from safegene.cli import cmd_demo
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    name = next(n for n in ctx.gene.tensor_names if ctx.gene.layer_key(n) == "layer.3")
+    w0 = model.state_dict()[name].clone()
+    tau = ctx.gene.load_vectors([name])[name]
+    seen = []
+
+    def record(self, ctx):
+        seen.append(model.state_dict()[name].clone())
+        return calibration_measure(ctx)
+
+    monkeypatch.setattr(Checked, "measure", record)
+    c = compute("SafeGene-checked", ctx)
+    lam = {"calibrated": c.meta["calibrated"]["layer.3"], "one": 1.0, "uniform": c.meta["grid"]["best_gamma"]}
+    assert torch.equal(seen[0], w0)
+    for w, k in zip(seen[1:], ("calibrated", "one", "uniform")):
+        assert torch.allclose(w, w0 + lam[k] * tau, atol=1e-6), k
+    ch = c.meta["choice"]
+    for k in ("calibrated", "one", "uniform"):
+        assert ch[k]["cost"] == rule_cost(ch[k], ch["none"])
+    parser = argparse.ArgumentParser(prog="safegene")
+    cmd_demo.register_cli(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["demo", "--check-lambda"]).check_lambda is True

@@ -53,6 +53,9 @@ ALT_SCORE = "SafeGene-alt-score"
 #: Optional extra row: SafeGene with τ or its row projection off the task update, chosen per task
 #: model on the calibration prompts (``bench/dev_split.md``, round 8; not the default).
 TASK_AWARE = "SafeGene-task-aware"
+#: Optional extra row: SafeGene's λ checked against λ = 1 and the uniform γ on the calibration
+#: prompts (``bench/dev_split.md``, round 9; not the default).
+CHECKED = "SafeGene-checked"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

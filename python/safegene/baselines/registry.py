@@ -16,6 +16,8 @@ so a method is defined once and every table row of a name means the same thing.
 ``RESTA-loss``      RESTA's γ chosen by SafeGene's few-shot loss on the same examples (optional row)
 ``SafeGene-task-aware`` SafeGene with τ or τ projected off the task update, chosen per target on the
                     calibration prompts by the development rule's cost (optional row)
+``SafeGene-checked`` SafeGene's λ, λ = 1 or the grid's uniform γ on the selected keys, chosen on the
+                    calibration prompts by the same cost (optional row)
 =================== =============================================================================
 
 >>> ctx = Context(gene="gene/", task="task-sentiment/", aligned="aligned/",
@@ -337,6 +339,26 @@ def rule_cost(m: dict[str, float], none: dict[str, float]) -> float:
             + (0.0 if whole is None else 100.0 - whole))
 
 
+def calibration_measure(ctx: Context) -> dict[str, float]:
+    """ASR, task accuracy, over-refusal and whole refusal (%) of the context's loaded model on the
+    calibration prompts (``safety``, ``task_calib``, ``benign_calib``), judged with the settings'
+    judge at RESTA's generation length; ``whole_refusal`` is None when the judge has no refusal
+    sentences, ``over_refusal`` 0 without benign prompts."""
+    from ..eval.evaluate import evaluate
+    from ..eval.judges import get_judge
+    from ..eval.refusal import whole_refusal_rate
+
+    s = ctx.settings
+    judge = get_judge(s.judge)
+    rep = evaluate(ctx.loaded(), harmful=ctx.safety, tasks={"task": ctx.task_calib}, benign=ctx.benign_calib,
+                   judge=judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, progress=False)
+    sentences = getattr(judge, "refusals", None)
+    harmful = [x["response"] for x in rep.samples if x.get("set") == "harmful"]
+    return {"asr": 100 * rep.asr.rate, "acc": 100 * rep.task_accuracy["task"].rate,
+            "over_refusal": 100 * rep.over_refusal.rate if ctx.benign_calib is not None else 0.0,
+            "whole_refusal": 100 * whole_refusal_rate(harmful, sentences).rate if sentences and harmful else None}
+
+
 class TaskAware(Calibrated):
     """SafeGene with a task-aware τ, chosen per target model on the calibration data only.
 
@@ -360,21 +382,7 @@ class TaskAware(Calibrated):
         return ctx.selected_keys
 
     def measure(self, ctx: Context) -> dict[str, float]:
-        """ASR, task accuracy, over-refusal and whole refusal (%) of the loaded model on the
-        calibration prompts, judged as RESTA's grid judges."""
-        from ..eval.evaluate import evaluate
-        from ..eval.judges import get_judge
-        from ..eval.refusal import whole_refusal_rate
-
-        s = ctx.settings
-        judge = get_judge(s.judge)
-        rep = evaluate(ctx.loaded(), harmful=ctx.safety, tasks={"task": ctx.task_calib}, benign=ctx.benign_calib,
-                       judge=judge, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, progress=False)
-        sentences = getattr(judge, "refusals", None)
-        harmful = [x["response"] for x in rep.samples if x.get("set") == "harmful"]
-        return {"asr": 100 * rep.asr.rate, "acc": 100 * rep.task_accuracy["task"].rate,
-                "over_refusal": 100 * rep.over_refusal.rate if ctx.benign_calib is not None else 0.0,
-                "whole_refusal": 100 * whole_refusal_rate(harmful, sentences).rate if sentences and harmful else None}
+        return calibration_measure(ctx)
 
     def coeffs(self, ctx: Context) -> Coeffs:
         from ..method.merge import MergePlan
@@ -414,9 +422,59 @@ class TaskAware(Calibrated):
         return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
 
 
+class Checked(Calibrated):
+    """SafeGene with a check of its λ on the calibration prompts (development round 9).
+
+    The few-shot loss is a proxy: on some task models the calibrated λ refuses *fewer* of the
+    calibration prompts themselves than λ = 1 on the same keys. So the calibrated λ, λ = 1 on the
+    selected keys and the calibration grid's best uniform γ on them are each applied, generate on
+    the calibration prompts (harmful, task, benign), and the one of lowest :func:`rule_cost` is
+    kept (ties: the calibrated λ, then λ = 1). ``meta["choice"]`` has the three measurements and
+    the undefended model's. Costs four generation passes over the calibration prompts beyond
+    SafeGene's calibration.
+    """
+
+    name, slug = "SafeGene-checked", "checked"
+    summary = "SafeGene's λ, λ = 1 or the grid's uniform γ on the selected keys, chosen on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        return calibration_measure(ctx)
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        from ..method.merge import MergePlan
+
+        keys = self.layers(ctx)
+        c = self.calibrate(ctx)  # leaves the model as it found it
+        model, _ = ctx.loaded()
+        gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
+        cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
+        choice: dict[str, Any] = {"none": self.measure(ctx)}
+        plan = MergePlan(model, ctx.gene, keys)
+        try:
+            for name, co in cands.items():
+                plan.set([co.get(k, 0.0) for k in plan.keys])
+                m = self.measure(ctx)
+                choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
+        finally:
+            plan.restore()
+        pick = min(cands, key=lambda n: (choice[n]["cost"], list(cands).index(n)))
+        out = Coeffs(cands[pick], {**c.meta, "method": "safegene-checked", "chosen": pick, "choice": choice,
+                                   "calibrated": cands["calibrated"]})
+        return out
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"{lam_summary(c.coeffs)} ({c.meta.get('chosen')})"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
+
+
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
-                                                   SafeGene(), AltScore(), RestaLoss(), TaskAware())}
+                                                   SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

@@ -89,6 +89,9 @@ SELECT_VARIANTS: dict[str, dict] = {
     # one-standard-error shrink toward fewer keys (held-out StableLM builds kept two keys where
     # no-selection restored more)
     "select:validate-z0": {"rule": "validate", "validate_z": 0.0},
+    # tenth round: the key sets of the validate rule by forward selection on the development loss
+    # (prefixes of the restore ranking left the LM head out on held-out Llama seeds 4 and 5)
+    "select:validate-z0-fwd": {"rule": "validate", "validate_z": 0.0, "validate_search": "forward"},
     # a reference, not a candidate: every key of the gene (the no-selection ablation)
     "select:all": {},
 }

@@ -208,6 +208,43 @@ def test_validate_k_never_keeps_a_key_that_adds_nothing(family):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_validate_k_forward_search_is_greedy_on_the_development_loss(family):
+    """search='forward': each step adds the remaining key whose addition gives the lowest loss (ties
+    by rank), so a key ranked last still comes in first when it alone lowers the loss most; the
+    sets are nested; a key that carries no τ never comes before one that helps."""
+    from safegene import lm as _lm
+    from safegene.gene import Gene
+    from safegene.method.selection import validate_k
+
+    dirs, gene_dir = family
+    gene = Gene.load(gene_dir)
+    model, tok = _lm.load_model(dirs["degraded"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ranked = ["layer.0", "layer.1", "layer.2", "layer.3"]  # τ is zero on blocks 0 and 1
+    fwd = validate_k(gene, model, tok, ranked, tm.HARMFUL, tm.BENIGN, search="forward")
+    c = fwd["curve"]
+    assert [e["k"] for e in c] == [1, 2, 3, 4]
+    assert all(set(a["keys"]) < set(b["keys"]) for a, b in zip(c, c[1:]))
+    # the first step is the best single key: one of the two blocks that carry τ, if either helps
+    singles = {k: validate_k(gene, model, tok, [k], tm.HARMFUL, tm.BENIGN)["curve"][0]["loss"] for k in ranked}
+    best_single = min(ranked, key=lambda k: (singles[k], ranked.index(k)))
+    assert c[0]["keys"] == [best_single] and c[0]["loss"] == singles[best_single]
+    # the second step: the remaining key whose addition gives the lowest loss, ties by rank
+    rest = [k for k in ranked if k != best_single]
+    pairs = {k: validate_k(gene, model, tok, [best_single, k], tm.HARMFUL, tm.BENIGN)["curve"][1]["loss"] for k in rest}
+    second = min(rest, key=lambda k: (pairs[k], rest.index(k)))
+    assert c[1]["keys"] == [best_single, second] and c[1]["loss"] == pairs[second]
+    # the last step holds every key: the same loss as the prefix search's last point
+    pre = validate_k(gene, model, tok, ranked, tm.HARMFUL, tm.BENIGN)
+    assert c[-1]["loss"] == pytest.approx(pre["curve"][-1]["loss"], rel=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UsageError, match="unknown validation search 'backward'"):
+        validate_k(gene, model, tok, ranked, tm.HARMFUL, tm.BENIGN, search="backward")
+    with pytest.raises(UsageError, match="unknown validation search"):
+        select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL, tm.BENIGN, validate_search="x",
+                      write=False)
+
+
 def test_validate_rule_records_both_scores_and_the_curve(family):
     dirs, gene_dir = family
     res = select_layers(gene_dir, dirs["aligned"], dirs["degraded"], tm.HARMFUL * 2, tm.BENIGN * 2,

@@ -10,7 +10,7 @@ from typing import ClassVar
 from ..errors import UsageError
 from ..gene import Gene, key_sort
 from ..io.hub import parse_hub_id
-from ..method.selection import (DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, VALIDATE_Z,
+from ..method.selection import (DEFAULT_RULE, DEFAULT_SCORE, DEFAULT_THRESHOLD, NOISE_Z, RULES, SCORES, SEARCHES, VALIDATE_Z,
                                 select_layers)
 from ..ops.extract import prune_gene
 from .options import Command, ModelOptions, option
@@ -52,6 +52,9 @@ class SelectOptions(ModelOptions):
     validate_z: float = option(VALIDATE_Z, help="--rule validate keeps the fewest keys within this many standard "
                                                 "errors of the best loss (default "
                                                 f"{VALIDATE_Z:g}: the k of lowest development loss)")
+    validate_search: str = option("prefix", choices=SEARCHES,
+                                  help="--rule validate: compare prefixes of the score ranking (prefix, default) or "
+                                       "build the key sets by forward selection on the development loss (forward)")
     noise_z: float = option(NOISE_Z, help=f"scores within this many standard errors of each other are flat and keep "
                                           f"every key (default {NOISE_Z:g})")
 
@@ -73,7 +76,7 @@ def handle_select(opts: SelectOptions) -> int:
                         batch_size=opts.batch_size, max_prompts=opts.max_prompts,
                         plot=opts.plot or (Path(gene) / "layer_scores.png"), refusal=opts.refusal,
                         rule=opts.rule, dev_harmful=opts.dev_harmful, dev_benign=opts.dev_benign,
-                        validate_z=opts.validate_z, noise_z=opts.noise_z, progress=not opts.quiet,
+                        validate_z=opts.validate_z, noise_z=opts.noise_z, validate_search=opts.validate_search, progress=not opts.quiet,
                         **opts.load_kwargs())
     if opts.prune:
         pruned = prune_gene(gene, res["selected"], max_shard_mb=opts.max_shard_mb)

@@ -361,10 +361,20 @@ def rank(scores: dict[str, float]) -> list[str]:
     return sorted(keys, key=lambda k: (-scores[k], keys.index(k)))
 
 
+#: How validate_k forms its candidate key sets.
+SEARCHES = ("prefix", "forward")
+
+
 def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gammas=None, beta: float = 3.0,
                safety_first_k: int | None = 2, safety_rest_weight: float = 0.5, z: float = VALIDATE_Z,
-               refusal: str | None = None, device: str = "cpu", on_pass: Callable[[], None] | None = None) -> dict:
+               refusal: str | None = None, device: str = "cpu", on_pass: Callable[[], None] | None = None,
+               search: str = "prefix") -> dict:
     """How many of the ranked keys to keep, chosen on held-out (development) prompts.
+
+    ``search="prefix"`` (default) compares the top-k prefixes of ``ranked``; ``"forward"`` builds
+    the k-key sets by forward selection on the same loss (each step adds the key whose addition
+    gives the lowest loss; ties by rank), so a key ranked low by its single-key score still comes
+    in early when it helps with the others (K(K+1)/2 evaluations instead of K).
 
     For k = 1..K the top-k keys get one uniform γ (the best of ``gammas``) on ``model`` (the
     degraded model: the one the gene was cut from), and the development objective is the
@@ -386,6 +396,8 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
 
     if not ranked:
         raise UsageError("validate_k needs at least one ranked key")
+    if search not in SEARCHES:
+        raise UsageError(f"unknown validation search {search!r}; choose one of {', '.join(SEARCHES)}")
     gammas = list(gammas) if gammas is not None else list(VALIDATE_GAMMAS)
     harm = load_records(harmful, "development harmful")
     ben = load_records(benign, "development benign")
@@ -405,9 +417,8 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
         plan = MergePlan(model, gene, ranked)
         obj = _Objective(model, tokenizer, s_pairs, list(zip(b_prompts, gens)), beta, 0.0, "kl", safety_first_k,
                          device, safety_rest_weight, 0.0)
-        for k in range(1, len(ranked) + 1):
-            on = set(ranked[:k])
-            best = None
+        def evaluate(keys: list[str]) -> dict:
+            on, best = set(keys), None
             for g in gammas:
                 plan.set([g if key in on else 0.0 for key in plan.keys])
                 with torch.no_grad():
@@ -416,10 +427,21 @@ def validate_k(gene, model, tokenizer, ranked: list[str], harmful, benign, gamma
                 var = float(sr.var()) / len(sr) if len(sr) > 1 else 0.0
                 var += beta ** 2 * float(ur.var()) / len(ur) if len(ur) > 1 else 0.0
                 if best is None or loss < best["loss"] - 1e-12:
-                    best = {"k": k, "keys": ranked[:k], "gamma": g, "loss": loss, "se": math.sqrt(var)}
+                    best = {"k": len(keys), "keys": list(keys), "gamma": g, "loss": loss, "se": math.sqrt(var)}
                 if on_pass is not None:
                     on_pass()
-            curve.append(best)
+            return best
+
+        if search == "prefix":
+            curve = [evaluate(ranked[:k]) for k in range(1, len(ranked) + 1)]
+        else:
+            chosen_keys: list[str] = []
+            rest = list(ranked)
+            while rest:
+                tries = [evaluate(chosen_keys + [key]) for key in rest]
+                i = min(range(len(rest)), key=lambda j: (tries[j]["loss"], j))
+                curve.append(tries[i])
+                chosen_keys.append(rest.pop(i))
     finally:
         if plan is not None:
             plan.restore()
@@ -465,6 +487,7 @@ def select_layers(
     dev_benign=None,
     validate_z: float = VALIDATE_Z,
     noise_z: float = NOISE_Z,
+    validate_search: str = "prefix",
     dtype=None,
     device_map=None,
     max_memory=None,
@@ -496,7 +519,11 @@ def select_layers(
     standard errors) keep every key. ``top_k`` / ``threshold`` apply to ``rule="threshold"``.
     The ``"loo"`` (leave-one-out, joint) score is computed beside ``"restore"`` and both are
     reported in ``all_scores``, with their standard errors in ``score_noise``.
+    ``validate_search``: how the validate rule forms its key sets (:data:`SEARCHES`; ``"forward"``:
+    forward selection on the development loss instead of prefixes of the score ranking).
     """
+    if validate_search not in SEARCHES:
+        raise UsageError(f"unknown validation search {validate_search!r}; choose one of {', '.join(SEARCHES)}")
     if score not in SCORES:
         raise UsageError(f"score must be one of {list(SCORES)}, not {score!r}")
     if rule is None:  # an explicit top_k / threshold asks for the threshold rule
@@ -576,14 +603,16 @@ def select_layers(
                 selected = list(sc)
                 validation = {"flat": True, "k": len(selected)}
             else:
-                bar.total += 1 + len(sc) * len(VALIDATE_GAMMAS)
+                n_sets = len(sc) if validate_search == "prefix" else len(sc) * (len(sc) + 1) // 2
+                bar.total += 1 + n_sets * len(VALIDATE_GAMMAS)
                 bar.set_postfix_str("validate")
                 bar.refresh()
                 validation = validate_k(gene, dmodel, dtok, rank(sc), dev_h, dev_b, gammas=VALIDATE_GAMMAS,
-                                        z=validate_z, refusal=refusal, device=device, on_pass=tick)
+                                        z=validate_z, refusal=refusal, device=device, on_pass=tick,
+                                        search=validate_search)
                 validation["flat"] = False
                 selected = validation["selected"]
-            rule_doc: dict = {"rule": "validate", "z": validate_z, "noise_z": noise_z,
+            rule_doc: dict = {"rule": "validate", "z": validate_z, "noise_z": noise_z, "search": validate_search,
                               "n_dev_harmful": len(dev_h), "n_dev_benign": len(dev_b), "validation": validation}
         else:
             selected = choose(all_scores[score], top_k, threshold)

@@ -92,6 +92,8 @@ SELECT_VARIANTS: dict[str, dict] = {
     # tenth round: the key sets of the validate rule by forward selection on the development loss
     # (prefixes of the restore ranking left the LM head out on held-out Llama seeds 4 and 5)
     "select:validate-z0-fwd": {"rule": "validate", "validate_z": 0.0, "validate_search": "forward"},
+    # ... and prefixes of the leave-one-out (joint) ranking instead of the single-key restore one
+    "select:validate-z0-loo": {"rule": "validate", "validate_z": 0.0, "score": "loo"},
     # a reference, not a candidate: every key of the gene (the no-selection ablation)
     "select:all": {},
 }

@@ -24,6 +24,8 @@ std::atomic<int> g_threads{0};
 // Always inlined into their callers (the AVX2 clone among them): the conversion helpers are then
 // compiled for the clone's ISA instead of being called as baseline code, and no vector crosses a call.
 #define SG_INLINE inline __attribute__((always_inline))
+// The same for a lambda handed to dispatch_float (which is always inlined too).
+#define SG_INLINE_LAMBDA __attribute__((always_inline))
 
 template <DType T>
 SG_INLINE void load_block(const void* p, int64_t off, float* dst, int64_t n) {
@@ -35,13 +37,7 @@ SG_INLINE void load_block(const void* p, int64_t off, float* dst, int64_t n) {
 // Callers validate dtypes before any worker starts (check_spans, the stream plan check), so
 // the dispatch never throws on a worker thread.
 SG_INLINE void load_any(const void* p, DType t, int64_t off, float* dst, int64_t n) {
-  switch (t) {
-    case DType::F32: load_block<DType::F32>(p, off, dst, n); return;
-    case DType::F16: load_block<DType::F16>(p, off, dst, n); return;
-    case DType::BF16: load_block<DType::BF16>(p, off, dst, n); return;
-    case DType::RAW: break;
-  }
-  throw_not_float(t, "load");
+  dispatch_float(t, "load", [&](auto tag) SG_INLINE_LAMBDA { load_block<decltype(tag)::value>(p, off, dst, n); });
 }
 
 // A float32 view of elements [off, off + n): the input itself when it is float32, else its
@@ -60,13 +56,7 @@ SG_INLINE void store_block(void* p, int64_t off, const float* src, int64_t n) {
 }
 
 SG_INLINE void store_any(void* p, DType t, int64_t off, const float* src, int64_t n) {
-  switch (t) {
-    case DType::F32: store_block<DType::F32>(p, off, src, n); return;
-    case DType::F16: store_block<DType::F16>(p, off, src, n); return;
-    case DType::BF16: store_block<DType::BF16>(p, off, src, n); return;
-    case DType::RAW: break;
-  }
-  throw_not_float(t, "store");
+  dispatch_float(t, "store", [&](auto tag) SG_INLINE_LAMBDA { store_block<decltype(tag)::value>(p, off, src, n); });
 }
 
 // Reductions keep kLanes independent partial sums (element j goes to lane j % kLanes) and
@@ -393,7 +383,8 @@ __attribute__((always_inline)) inline void add_lowrank_t(void* x, int64_t start,
   using E = Elem<T>;
   constexpr int kRows = 4;
   constexpr int64_t kCols = 256;  // a packed block is rank x 256 floats: 16 KiB at rank 16
-  float d[kRows * kBlock];
+  // one row segment of up to kBlock columns, or kRows rows of a kCols-column block
+  float d[std::max<int64_t>(kBlock, kRows * kCols)];
   auto* xs = static_cast<typename E::storage*>(x);
   const float scale = lr.scale;
   auto add = [&](int64_t off, const float* dr, int64_t m) {
@@ -421,13 +412,8 @@ __attribute__((always_inline)) inline void add_lowrank_t(void* x, int64_t start,
         const int64_t row = row0 + g * kRows;
         const float* b = lr.b + row * lr.rank;
         lowrank_rows_packed<kRows>(d, kCols, b, lr.rank, packed.data(), strips);
-        for (int64_t j = strips * 16; j < m; ++j) {  // the block's last columns, as the plain loop
-          for (int r = 0; r < kRows; ++r) {
-            float acc = 0.f;
-            for (int64_t q = 0; q < lr.rank; ++q) acc = acc + b[r * lr.rank + q] * lr.a[q * lr.cols + k + j];
-            d[r * kCols + j] = acc;
-          }
-        }
+        // the block's last m % 16 columns, from A in place (fewer than a tile: lowrank_rows' plain loop)
+        lowrank_rows<kRows>(d + strips * 16, kCols, b, lr.rank, lr.a + k + strips * 16, lr.cols, m - strips * 16);
         for (int r = 0; r < kRows; ++r) add(i - start + (g * kRows + r) * lr.cols + k, d + r * kCols, m);
       }
     }
@@ -439,13 +425,8 @@ __attribute__((always_inline)) inline void add_lowrank_t(void* x, int64_t start,
 
 SG_TARGET_CLONES
 void add_lowrank_range(void* x, DType dtype, int64_t start, int64_t n, const LowRank& lr) {
-  switch (dtype) {
-    case DType::F32: add_lowrank_t<DType::F32>(x, start, n, lr); return;
-    case DType::F16: add_lowrank_t<DType::F16>(x, start, n, lr); return;
-    case DType::BF16: add_lowrank_t<DType::BF16>(x, start, n, lr); return;
-    case DType::RAW: break;
-  }
-  throw_not_float(dtype, "low-rank term");
+  dispatch_float(dtype, "low-rank term",
+                 [&](auto tag) SG_INLINE_LAMBDA { add_lowrank_t<decltype(tag)::value>(x, start, n, lr); });
 }
 
 namespace {

@@ -34,8 +34,10 @@ inline void check_float(DType t, const char* what) {
 }
 
 // Returns fn(FloatTag<T>{}) for the float dtype t; every branch must return the same type.
+// Always inlined, so that a kernel compiled for several ISAs (target_clones) that dispatches
+// through it with an always-inlined lambda gets each branch compiled for its own ISA.
 template <class Fn>
-decltype(auto) dispatch_float(DType t, const char* what, Fn&& fn) {
+__attribute__((always_inline)) inline decltype(auto) dispatch_float(DType t, const char* what, Fn&& fn) {
   switch (t) {
     case DType::F32: return std::forward<Fn>(fn)(FloatTag<DType::F32>{});
     case DType::F16: return std::forward<Fn>(fn)(FloatTag<DType::F16>{});

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from safegene import lm  # noqa: E402
+from safegene.baselines.registry import rule_cost  # noqa: E402
 from safegene.data import load_jsonl  # noqa: E402
 from safegene.eval.evaluate import evaluate  # noqa: E402
 from safegene.eval.refusal import whole_refusal_rate  # noqa: E402
@@ -210,9 +211,9 @@ def measure(model, tok, split, task, fam: Family) -> dict:
 
 
 def dev_cost(row: dict, none: dict) -> float:
-    """The rule's cost of one (seed, task) row, in points (see the module docstring)."""
-    return (row["asr"] + row["over_refusal"] + max(0.0, none["acc"] - row["acc"])
-            + (100.0 - row["whole_refusal"]))
+    """The rule's cost of one (seed, task) row, in points (see the module docstring): the
+    package's :func:`safegene.baselines.registry.rule_cost`, which the choosing policies use too."""
+    return rule_cost(row, none)
 
 
 def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from safegene.baselines.registry import rule_cost  # noqa: E402
 from safegene.eval.evaluate import wilson_interval  # noqa: E402
 
 DEFAULT_METHODS = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
@@ -117,8 +118,10 @@ def rule_costs(d: dict, method: str) -> dict[str, float]:
         none = next((r for r in d["rows"] if r["task"] == task and r["method"] == "none"), None)
         if row is None or none is None:
             continue
-        whole = 0.0 if row.get("whole") is None else 100 - 100 * row["whole"]
-        out[task] = 100 * row["asr"] + 100 * row["over_refusal"] + max(0.0, 100 * (none["accuracy"] - row["accuracy"])) + whole
+        out[task] = rule_cost({"asr": 100 * row["asr"], "over_refusal": 100 * row["over_refusal"],
+                               "acc": 100 * row["accuracy"],
+                               "whole_refusal": None if row.get("whole") is None else 100 * row["whole"]},
+                              {"acc": 100 * none["accuracy"]})
     return out
 
 

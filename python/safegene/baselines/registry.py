@@ -359,7 +359,47 @@ def calibration_measure(ctx: Context) -> dict[str, float]:
             "whole_refusal": 100 * whole_refusal_rate(harmful, sentences).rate if sentences and harmful else None}
 
 
-class TaskAware(Calibrated):
+class CalibrationChoice(Calibrated):
+    """A SafeGene variant that makes a model choice on the calibration prompts: each candidate
+    (a gene and its λ on the selected keys) is patched into the task model in turn and measured by
+    :meth:`measure`; the one of lowest :func:`rule_cost` against the undefended model is kept,
+    ties going to the candidate listed first."""
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def measure(self, ctx: Context) -> dict[str, float]:
+        return calibration_measure(ctx)
+
+    def choose(self, ctx: Context, cands: dict[str, tuple[Gene, dict[str, float]]]) -> tuple[str, dict[str, Any]]:
+        """The chosen candidate's name and every measurement (``"none"``: the undefended model);
+        the model is handed back as it was."""
+        from ..method.merge import MergePlan
+
+        model, _ = ctx.loaded()
+        keys = self.layers(ctx)
+        choice: dict[str, Any] = {"none": self.measure(ctx)}
+        plans: dict[Path, MergePlan] = {}  # one plan (τ and W⁰ loaded once) per gene
+        try:
+            for name, (g, co) in cands.items():
+                plan = plans.get(g.path)
+                if plan is None:
+                    plan = plans[g.path] = MergePlan(model, g, keys)
+                plan.set([co.get(k, 0.0) for k in plan.keys])
+                m = self.measure(ctx)
+                plan.restore()
+                choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
+        finally:
+            for plan in plans.values():
+                plan.restore()
+        names = list(cands)
+        return min(names, key=lambda n: (choice[n]["cost"], names.index(n))), choice
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
+
+
+class TaskAware(CalibrationChoice):
     """SafeGene with a task-aware τ, chosen per target model on the calibration data only.
 
     Development round 8 (``bench/dev_split.md``): where τ points against the task update δ it
@@ -378,38 +418,18 @@ class TaskAware(Calibrated):
     def applies(self, ctx: Context) -> bool:
         return ctx.aligned is not None
 
-    def layers(self, ctx: Context) -> list[str]:
-        return ctx.selected_keys
-
-    def measure(self, ctx: Context) -> dict[str, float]:
-        return calibration_measure(ctx)
-
     def coeffs(self, ctx: Context) -> Coeffs:
-        from ..method.merge import MergePlan
         from ..ops.project import project_gene
 
         if ctx.aligned is None:
             raise UsageError("the SafeGene-task-aware policy needs the aligned model (Context.aligned)")
-        keys = self.layers(ctx)
         gene = ctx.gene
         work = Path(ctx.work_dir) if ctx.work_dir is not None else gene.path.parent
         work.mkdir(parents=True, exist_ok=True)
         proj = project_gene(gene, ctx.aligned, ctx.task, work / f"{gene.path.name}-proj-{Path(ctx.task).name}",
-                            keys=keys, mode="row", overwrite=True)
-        model, _ = ctx.loaded()
-        choice: dict[str, Any] = {"none": self.measure(ctx)}
-        fits: dict[str, tuple[Gene, Coeffs]] = {}
-        for name, g in (("tau", gene), ("proj-row", proj)):
-            c = self.calibrate(ctx, g)  # leaves the model as it found it
-            plan = MergePlan(model, g, keys)
-            try:
-                plan.set([c.coeffs.get(k, 0.0) for k in plan.keys])
-                m = self.measure(ctx)
-            finally:
-                plan.restore()
-            choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
-            fits[name] = (g, c)
-        pick = "proj-row" if choice["proj-row"]["cost"] < choice["tau"]["cost"] else "tau"
+                            keys=self.layers(ctx), mode="row", overwrite=True)
+        fits = {name: (g, self.calibrate(ctx, g)) for name, g in (("tau", gene), ("proj-row", proj))}
+        pick, choice = self.choose(ctx, {name: (g, c.coeffs) for name, (g, c) in fits.items()})
         g, c = fits[pick]
         c.meta.update({"method": "safegene-task-aware", "gene_path": str(g.path), "chosen": pick, "choice": choice,
                        "projection": proj.manifest["projection"]})
@@ -418,11 +438,8 @@ class TaskAware(Calibrated):
     def lam_text(self, c: Coeffs) -> str:
         return f"{lam_summary(c.coeffs)} ({'τ' if c.meta.get('chosen') == 'tau' else 'projected τ'})"
 
-    def details(self, c: Coeffs) -> dict[str, Any]:
-        return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
 
-
-class Checked(Calibrated):
+class Checked(CalibrationChoice):
     """SafeGene with a check of its λ on the calibration prompts (development round 9).
 
     The few-shot loss is a proxy: on some task models the calibrated λ refuses *fewer* of the
@@ -437,39 +454,17 @@ class Checked(Calibrated):
     name, slug = "SafeGene-checked", "checked"
     summary = "SafeGene's λ, λ = 1 or the grid's uniform γ on the selected keys, chosen on the calibration prompts"
 
-    def layers(self, ctx: Context) -> list[str]:
-        return ctx.selected_keys
-
-    def measure(self, ctx: Context) -> dict[str, float]:
-        return calibration_measure(ctx)
-
     def coeffs(self, ctx: Context) -> Coeffs:
-        from ..method.merge import MergePlan
-
         keys = self.layers(ctx)
         c = self.calibrate(ctx)  # leaves the model as it found it
-        model, _ = ctx.loaded()
         gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
         cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
-        choice: dict[str, Any] = {"none": self.measure(ctx)}
-        plan = MergePlan(model, ctx.gene, keys)
-        try:
-            for name, co in cands.items():
-                plan.set([co.get(k, 0.0) for k in plan.keys])
-                m = self.measure(ctx)
-                choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
-        finally:
-            plan.restore()
-        pick = min(cands, key=lambda n: (choice[n]["cost"], list(cands).index(n)))
-        out = Coeffs(cands[pick], {**c.meta, "method": "safegene-checked", "chosen": pick, "choice": choice,
-                                   "calibrated": cands["calibrated"]})
-        return out
+        pick, choice = self.choose(ctx, {name: (ctx.gene, co) for name, co in cands.items()})
+        return Coeffs(cands[pick], {**c.meta, "method": "safegene-checked", "chosen": pick, "choice": choice,
+                                    "calibrated": cands["calibrated"]})
 
     def lam_text(self, c: Coeffs) -> str:
         return f"{lam_summary(c.coeffs)} ({c.meta.get('chosen')})"
-
-    def details(self, c: Coeffs) -> dict[str, Any]:
-        return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
 
 
 #: Every policy, in the order tables list them.

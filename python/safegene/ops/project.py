@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from ..errors import MismatchError, UsageError
-from ..gene import MANIFEST, Gene, load_gene
+from ..gene import MANIFEST, VECTORS, Gene, load_gene
 from ..io.atomic import atomic_output_dir, write_json_atomic
 from ..io.cards import CARD, write_gene_card
 from ..io.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
@@ -105,14 +105,13 @@ def project_gene(
             if tuple(ck.tensors[n].shape) != gshape[n]:
                 raise MismatchError(f"tensor {n!r}: shape {tuple(ck.tensors[n].shape)} in {side} differs from the gene's {gshape[n]}")
     dense_dtype = {n: ("F32" if g.is_factored(n) else vec[n].dtype) for n in names}
-    shapes = gshape
-    outs = [OutTensor(n, dense_dtype[n], shapes[n], math.prod(shapes[n]) * torch.finfo(getattr(torch, _TORCH_DTYPES[dense_dtype[n]])).bits // 8)
+    outs = [OutTensor(n, dense_dtype[n], gshape[n], math.prod(gshape[n]) * getattr(torch, _TORCH_DTYPES[dense_dtype[n]]).itemsize)
             for n in names]
     per_key: dict[str, dict[str, float]] = {}
     per_tensor: dict[str, dict[str, Any]] = {}
     total_rows = total_hit = 0
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        f = plan_file(tmp / "vectors.safetensors", outs, {"format": "pt", "safegene": "gene-vectors"})
+        f = plan_file(tmp / VECTORS, outs, {"format": "pt", "safegene": "gene-vectors"})
         create_files([f])
         by_name = {o.name: o for o in f.tensors}
         fd = os.open(f.path, os.O_WRONLY)
@@ -169,7 +168,7 @@ def project_gene(
                               for k, v in per_key.items()}
         if "factored" in man:  # version 2: every kept tensor is dense now
             man["factored"] = {}
-        man["shards"] = {"files": ["vectors.safetensors"], "max_shard_bytes": f.size}
+        man["shards"] = {"files": [VECTORS], "max_shard_bytes": f.size}
         man["keys"] = list(dict.fromkeys(g.layer_key(n) for n in names))
         man["projection"] = {
             "mode": mode, "aligned": str(aligned), "task": str(task), "source_gene": str(g.path),

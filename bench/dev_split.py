@@ -81,6 +81,11 @@ CALIB_VARIANTS: dict[str, dict] = {
     # coefficients, also twice the steps (round 6 ended at its last step on most task models)
     "calib:permodule": {"per_module": True},
     "calib:permodule+steps80": {"per_module": True, "steps": 80},
+    # eleventh round: every key calibrated (the held-out seeds 2-5 showed the validate rule's key
+    # sets no better than all keys), alone and with a pull toward the uniform start so that seven
+    # λ on 16 + 32 few-shot records do not wander far from one γ (RESTA's form)
+    "calib:reg0.1": {"reg_uniform": 0.1},
+    "calib:reg1": {"reg_uniform": 1.0},
 }
 SELECT_VARIANTS: dict[str, dict] = {
     "select:threshold": {},
@@ -262,6 +267,40 @@ def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> 
     return "\n".join(lines)
 
 
+def summarize_clusters(paths: list[str], default: str) -> str:
+    """Markdown for the twelfth round's rule: per configuration, the mean cost of each build
+    (over its tasks) against the default's, and :func:`heldout_table.cluster_verdict` with the
+    builds as clusters. Configurations missing a build the default has are "incomplete"."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from heldout_table import cluster_verdict
+
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    none = {(str(r["seed"]), r["task"]): r for r in rows if r["calib"] == "none"}
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["calib"] != "none":
+            cost = dev_cost(r, none[(str(r["seed"]), r["task"])])
+            per.setdefault(f"{r['select']}/{r['calib']}", {}).setdefault(str(r["seed"]), []).append(cost)
+    mean = {name: {s: sum(v) / len(v) for s, v in d.items()} for name, d in per.items()}
+    base = mean.get(default, {})
+    builds = sorted(base)
+    family = {b: ("stablelm" if b.startswith("stablelm") else "llama") for b in builds}
+    lines = ["| configuration | " + " | ".join(builds) + " | mean | verdict |", "|---|" + "---:|" * (len(builds) + 1) + "---|"]
+    for name, m in sorted(mean.items(), key=lambda kv: (kv[0] != default, kv[0])):
+        if name == default:
+            v = "current default"
+        elif any(b not in m for b in builds):
+            v = "incomplete"
+        else:
+            verdict, num = cluster_verdict(base, m, family)
+            v = (f"{verdict} (difference {num['mean_diff']:+.2f}, upper 95 % {num['upper95']:+.2f}; "
+                 + ", ".join(f"{f} {d:+.1f}" for f, d in num["by_family"].items()) + ")")
+        cells = [f"{m[b]:.1f}" if b in m else "—" for b in builds]
+        have = [m[b] for b in builds if b in m]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(have) / max(1, len(have)):.1f} | {v} |")
+    return "\n".join(lines)
+
+
 GENE_TRANSFORMS = ("proj-key", "proj-row", "fisher0.01", "fisher0.05", "fisher0.2", "choose-proj-row")
 
 
@@ -362,7 +401,9 @@ def main(argv=None) -> None:
         if "--default" in files:
             i = files.index("--default")
             default, files = files[i + 1], files[:i] + files[i + 2:]
-        print(summarize(files, default))
+        clusters = "--clusters" in files  # the twelfth round's rule (cluster bootstrap over builds)
+        files = [f for f in files if f != "--clusters"]
+        print(summarize_clusters(files, default) if clusters else summarize(files, default))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--org", action="append", required=True, help="an organism cache entry (seed dir); repeat")

@@ -8,7 +8,7 @@ prompts behind each rate is read from the organism's own data files (the evaluat
 the intervals need nothing the JSON does not point to.
 
     python bench/heldout_table.py RUN_DIR [RUN_DIR ...] [--methods none RESTA SafeGene ...] \\
-        [--compare SafeGene SafeGene-task-aware]
+        [--compare SafeGene SafeGene-task-aware] [--compare-clusters SafeGene no-selection-checked]
 """
 
 from __future__ import annotations
@@ -154,16 +154,78 @@ def compare(runs: list[Path], default: str, candidate: str) -> str:
     return "\n".join(lines)
 
 
+def cluster_verdict(default: dict[str, float], candidate: dict[str, float], family: dict[str, str],
+                    n_boot: int = 10_000, seed: int = 0) -> tuple[str, dict]:
+    """The twelfth round's rule (``bench/dev_split.md``), on per-cluster mean costs (a cluster is
+    one organism build on the development split, one demo run on held-out seeds): the candidate
+    replaces the default only if (a) its mean cost over the clusters is lower by more than 1
+    point, (b) the one-sided 95 % upper bound of that mean difference, from ``n_boot`` resamples of
+    the clusters with replacement (``random.Random(seed)``), is below 0, and (c) on each family the
+    mean difference is at most +1 point. Returns the verdict and its numbers."""
+    import random
+
+    names = [k for k in default if k in candidate]
+    if not names:
+        return "no cluster has both", {}
+    diff = [candidate[k] - default[k] for k in names]
+    mean = sum(diff) / len(diff)
+    rng = random.Random(seed)
+    boots = sorted(sum(diff[rng.randrange(len(diff))] for _ in diff) / len(diff) for _ in range(n_boot))
+    upper = boots[min(n_boot - 1, int(0.95 * n_boot))]
+    fams: dict[str, list[float]] = {}
+    for k, d in zip(names, diff):
+        fams.setdefault(family[k], []).append(d)
+    by_family = {f: sum(v) / len(v) for f, v in fams.items()}
+    worse = [f for f, v in by_family.items() if v > 1.0]
+    fails = ([] if mean < -1.0 else ["(a) mean not lower by more than 1 point"]) \
+        + ([] if upper < 0 else ["(b) 95 % upper bound not below 0"]) \
+        + ([f"(c) worse by more than 1 point on {', '.join(worse)}"] if worse else [])
+    verdict = "adopt" if not fails else "not adopted: " + "; ".join(fails)
+    return verdict, {"mean_diff": mean, "upper95": upper, "by_family": by_family, "n": len(names)}
+
+
+def compare_clusters(runs: list[Path], default: str, candidate: str) -> str:
+    """:func:`cluster_verdict` over demo runs (each run a cluster; its cost the mean over its tasks)."""
+    docs = [json.loads((r / "demo_results.json").read_text()) for r in runs]
+    dd: dict[str, float] = {}
+    cc: dict[str, float] = {}
+    fam: dict[str, str] = {}
+    for d in docs:
+        cd, c2 = rule_costs(d, default), rule_costs(d, candidate)
+        tasks = [t for t in cd if t in c2]
+        if not tasks:
+            continue
+        label = f"{d['organism'].get('family', 'llama')} {_label(d)}"
+        dd[label] = sum(cd[t] for t in tasks) / len(tasks)
+        cc[label] = sum(c2[t] for t in tasks) / len(tasks)
+        fam[label] = d["organism"].get("family", "llama")
+    verdict, num = cluster_verdict(dd, cc, fam)
+    if not num:
+        return verdict
+    lines = [f"| run | cost {default} | cost {candidate} |", "|---|---:|---:|"]
+    lines += [f"| {k} | {dd[k]:.1f} | {cc[k]:.1f} |" for k in dd if k in cc]
+    fams = ", ".join(f"{f} {v:+.1f}" for f, v in num["by_family"].items())
+    lines.append(f"| **mean over {num['n']} runs** | **{sum(dd.values()) / len(dd):.1f}** | "
+                 f"**{sum(cc.values()) / len(cc):.1f}** |")
+    lines.append(f"\nmean difference {num['mean_diff']:+.2f} points, one-sided 95 % upper bound "
+                 f"{num['upper95']:+.2f} (cluster bootstrap over runs), per family {fams}; verdict: {verdict}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
     ap.add_argument("--compare", nargs=2, metavar=("DEFAULT", "CANDIDATE"),
                     help="also print the round-8b confirmation rule's costs of CANDIDATE against DEFAULT")
+    ap.add_argument("--compare-clusters", nargs=2, metavar=("DEFAULT", "CANDIDATE"),
+                    help="also print the round-12 rule (cluster bootstrap over runs) of CANDIDATE against DEFAULT")
     a = ap.parse_args(argv)
     print(table(a.runs, tuple(a.methods)))
     if a.compare:
         print(compare(a.runs, *a.compare))
+    if a.compare_clusters:
+        print(compare_clusters(a.runs, *a.compare_clusters))
     return 0
 
 

@@ -264,6 +264,42 @@ def test_the_lambda_check_follows_the_cost_ties_to_the_calibrated(family, tmp_pa
     assert all(model.state_dict()[k].equal(v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("costs,chosen", [((10.0, 5.0, 7.0), "one"), ((9.0, 8.0, 3.0), "uniform"),
+                                          ((5.0, 5.0, 5.0), "calibrated")])
+def test_the_lambda_check_on_every_key(family, tmp_path, monkeypatch, costs, chosen):
+    """no-selection-checked: the same check over every gene key -- the no-selection row's λ, τ
+    itself (λ = 1 everywhere) or the grid's uniform γ on every key; each candidate measured with
+    those keys patched, the lowest cost kept, ties to the calibrated λ."""
+    from safegene.baselines.registry import NoSelectionChecked
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    keys = ctx.gene.layer_keys()
+    assert len(keys) > len(SELECTED)
+    names = [n for n in ctx.gene.tensor_names if ctx.gene.layer_key(n) in ("embed", "layer.0")][:2]
+    tau = ctx.gene.load_vectors(names)
+    w0 = {n: model.state_dict()[n].clone() for n in names}
+    seq, seen = iter((100.0,) + costs), []
+
+    def fake(self, ctx):
+        seen.append({n: model.state_dict()[n].clone() for n in names})
+        return {"asr": next(seq), "acc": 100.0, "over_refusal": 0.0, "whole_refusal": 100.0}
+
+    monkeypatch.setattr(NoSelectionChecked, "measure", fake)
+    c = compute("no-selection-checked", ctx)
+    plain = compute("no-selection", ctx)
+    gamma = c.meta["grid"]["best_gamma"]
+    cands = {"calibrated": plain.coeffs, "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
+    assert c.meta["chosen"] == chosen and c.coeffs == pytest.approx(cands[chosen])
+    assert set(c.coeffs) == set(keys)
+    for w, k in zip(seen[1:], ("calibrated", "one", "uniform")):
+        for n in names:
+            lam = cands[k][ctx.gene.layer_key(n)]
+            assert torch.allclose(w[n], w0[n] + lam * tau[n], atol=1e-6), (k, n)
+    assert all(torch.equal(seen[0][n], w0[n]) for n in names)
+    assert all(model.state_dict()[n].equal(w0[n]) for n in names)
+
+
 def test_the_lambda_check_measures_each_candidate_patched(family, tmp_path, monkeypatch):
     """Each measurement sees the task model with the selected keys at that candidate's λ (and the
     undefended one first); the real measurement runs end to end and its costs are the rule's."""
@@ -295,3 +331,4 @@ def test_the_lambda_check_measures_each_candidate_patched(family, tmp_path, monk
     parser = argparse.ArgumentParser(prog="safegene")
     cmd_demo.register_cli(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["demo", "--check-lambda"]).check_lambda is True
+    assert cmd_demo.NOSEL_CHECKED == get("no-selection-checked").name

@@ -56,6 +56,8 @@ TASK_AWARE = "SafeGene-task-aware"
 #: Optional extra row: SafeGene's λ checked against λ = 1 and the uniform γ on the calibration
 #: prompts (``bench/dev_split.md``, round 9; not the default).
 CHECKED = "SafeGene-checked"
+#: ... and the same check on every gene key (round 12; added with ``CHECKED`` by ``--check-lambda``)
+NOSEL_CHECKED = "no-selection-checked"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

@@ -467,9 +467,23 @@ class Checked(CalibrationChoice):
         return f"{lam_summary(c.coeffs)} ({c.meta.get('chosen')})"
 
 
+class NoSelectionChecked(Checked):
+    """The λ check of :class:`Checked` on every gene key (no selection): the calibrated λ of the
+    no-selection row, λ = 1 on every key (τ itself) or the grid's uniform γ on every key (RESTA's
+    form with the few-shot loss's γ), chosen on the calibration prompts. A candidate of
+    development round 12 (``bench/dev_split.md``), not the default."""
+
+    name, slug = "no-selection-checked", "noselchecked"
+    summary = "no-selection's λ, λ = 1 or the grid's uniform γ on every key, chosen on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.gene.layer_keys()
+
+
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
-                                                   SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked())}
+                                                   SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked(),
+                                                   NoSelectionChecked())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

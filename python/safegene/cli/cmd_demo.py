@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, TASK_AWARE, run_demo
+from ..demo import ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, TASK_AWARE, run_demo
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
 
@@ -37,7 +37,8 @@ class DemoOptions(CommonOptions):
                                           "chosen per task model on the calibration prompts (development round 8)")
     check_lambda: bool = option(False, help="add a SafeGene-checked row: the calibrated λ, λ = 1 or the grid's "
                                             "uniform γ on the selected keys, chosen on the calibration prompts "
-                                            "(development round 9)")
+                                            "(development round 9), and a no-selection-checked row: the same "
+                                            "check on every gene key (round 12)")
 
 
 def handle_demo(opts: DemoOptions) -> int:
@@ -45,7 +46,7 @@ def handle_demo(opts: DemoOptions) -> int:
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
                    gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ())
-                   + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED,) if opts.check_lambda else ()))
+                   + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED, NOSEL_CHECKED) if opts.check_lambda else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

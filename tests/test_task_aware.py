@@ -332,3 +332,24 @@ def test_the_lambda_check_measures_each_candidate_patched(family, tmp_path, monk
     cmd_demo.register_cli(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["demo", "--check-lambda"]).check_lambda is True
     assert cmd_demo.NOSEL_CHECKED == get("no-selection-checked").name
+
+
+def test_the_cluster_rule_of_round_12():
+    """bench/heldout_table.py:cluster_verdict: (a) mean lower by more than 1 point, (b) the
+    one-sided 95 % bootstrap bound over clusters below 0, (c) no family worse by more than 1."""
+    from bench.heldout_table import cluster_verdict
+
+    fam = {f"l{i}": "llama" for i in range(4)} | {f"s{i}": "stablelm" for i in range(4)}
+    base = {k: 20.0 for k in fam}
+    v, num = cluster_verdict(base, {k: 17.0 for k in fam}, fam)
+    assert v == "adopt" and num["mean_diff"] == pytest.approx(-3.0) and num["upper95"] == pytest.approx(-3.0)
+    # the same mean gain carried by one cluster: the bootstrap bound is not below 0
+    one = dict(base, l0=20.0 - 24.0)
+    v, num = cluster_verdict(base, one, fam)
+    assert num["mean_diff"] == pytest.approx(-3.0) and num["upper95"] >= 0 and v.startswith("not adopted: (b)")
+    # a gain on one family paid by the other
+    mixed = {k: (10.0 if fam[k] == "llama" else 21.5) for k in fam}
+    v, num = cluster_verdict(base, mixed, fam)
+    assert "(c) worse by more than 1 point on stablelm" in v and num["by_family"]["stablelm"] == pytest.approx(1.5)
+    v, _ = cluster_verdict(base, {k: 19.5 for k in fam}, fam)
+    assert v == "not adopted: (a) mean not lower by more than 1 point"

@@ -221,13 +221,14 @@ def dev_cost(row: dict, none: dict) -> float:
     return rule_cost(row, none)
 
 
-def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> str:
-    """Markdown: per configuration, the dev cost per seed and overall, and the rule's verdict."""
+def _dev_costs(paths: list[str]) -> tuple[dict, dict[str, dict[str, list[float]]], dict[str, dict[tuple, dict]]]:
+    """The rows of the result files: the undefended rows by (seed, task), and per configuration
+    ("select/calib") its :func:`dev_cost` per seed (one per task) and its rows by (seed, task)."""
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     for r in rows:
         r["seed"] = str(r["seed"])
     none = {(r["seed"], r["task"]): r for r in rows if r["calib"] == "none"}
-    cost: dict[str, dict[int, list[float]]] = {}
+    cost: dict[str, dict[str, list[float]]] = {}
     cells: dict[str, dict[tuple, dict]] = {}
     for r in rows:
         if r["calib"] == "none":
@@ -235,7 +236,13 @@ def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> 
         name = f"{r['select']}/{r['calib']}"
         cost.setdefault(name, {}).setdefault(r["seed"], []).append(dev_cost(r, none[(r["seed"], r["task"])]))
         cells.setdefault(name, {})[(r["seed"], r["task"])] = r
-    seeds = sorted({r["seed"] for r in rows})
+    return none, cost, cells
+
+
+def summarize(paths: list[str], default: str = "select:threshold/calib:old") -> str:
+    """Markdown: per configuration, the dev cost per seed and overall, and the rule's verdict."""
+    none, cost, cells = _dev_costs(paths)
+    seeds = sorted({s for s, _ in none})
     keys = sorted(none)
     lines = ["| configuration | " + " | ".join(f"s{s} {t}" for s, t in keys) + " | "
              + " | ".join(f"cost s{s}" for s in seeds) + " | cost |",
@@ -274,13 +281,7 @@ def summarize_clusters(paths: list[str], default: str) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from heldout_table import cluster_verdict
 
-    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
-    none = {(str(r["seed"]), r["task"]): r for r in rows if r["calib"] == "none"}
-    per: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
-        if r["calib"] != "none":
-            cost = dev_cost(r, none[(str(r["seed"]), r["task"])])
-            per.setdefault(f"{r['select']}/{r['calib']}", {}).setdefault(str(r["seed"]), []).append(cost)
+    _, per, _ = _dev_costs(paths)
     mean = {name: {s: sum(v) / len(v) for s, v in d.items()} for name, d in per.items()}
     base = mean.get(default, {})
     builds = sorted(base)

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -125,29 +126,40 @@ def rule_costs(d: dict, method: str) -> dict[str, float]:
     return out
 
 
+def _paired_runs(runs: list[Path], default: str, candidate: str) -> Iterator[tuple[str, str, dict, dict]]:
+    """Per run that has both methods' rows: its label, its family, and the per-task costs
+    (:func:`rule_costs`) of ``default`` and of ``candidate`` on the tasks both have."""
+    for r in runs:
+        d = json.loads((r / "demo_results.json").read_text())
+        cd, cc = rule_costs(d, default), rule_costs(d, candidate)
+        tasks = [t for t in cd if t in cc]
+        if tasks:
+            family = d["organism"].get("family", "llama")
+            yield f"{family} {_label(d)}", family, {t: cd[t] for t in tasks}, {t: cc[t] for t in tasks}
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
 def compare(runs: list[Path], default: str, candidate: str) -> str:
     """The confirmation rule of ``bench/dev_split.md`` (round 8b): per run the mean cost of
     ``candidate`` against ``default``, overall over every (run, task) cell, and the verdict."""
-    docs = [json.loads((r / "demo_results.json").read_text()) for r in runs]
     lines = [f"| run | cost {default} | cost {candidate} | per task ({default} → {candidate}) |", "|---|---:|---:|---|"]
     all_d: list[float] = []
     all_c: list[float] = []
     worse = []
-    for d in docs:
-        cd, cc = rule_costs(d, default), rule_costs(d, candidate)
-        tasks = [t for t in cd if t in cc]
-        if not tasks:
-            continue
-        md, mc = sum(cd[t] for t in tasks) / len(tasks), sum(cc[t] for t in tasks) / len(tasks)
-        label = f"{d['organism'].get('family', 'llama')} {_label(d)}"
+    for label, _, cd, cc in _paired_runs(runs, default, candidate):
+        md, mc = _mean(cd.values()), _mean(cc.values())
         if mc > md + 1.0:
             worse.append(label)
-        all_d += [cd[t] for t in tasks]
-        all_c += [cc[t] for t in tasks]
-        lines.append(f"| {label} | {md:.1f} | {mc:.1f} | " + ", ".join(f"{t} {cd[t]:.1f} → {cc[t]:.1f}" for t in tasks) + " |")
+        all_d += cd.values()
+        all_c += cc.values()
+        lines.append(f"| {label} | {md:.1f} | {mc:.1f} | " + ", ".join(f"{t} {cd[t]:.1f} → {cc[t]:.1f}" for t in cd) + " |")
     if not all_d:
         return "no run has both rows"
-    od, oc = sum(all_d) / len(all_d), sum(all_c) / len(all_c)
+    od, oc = _mean(all_d), _mean(all_c)
     verdict = ("worse by more than 1 point on " + "; ".join(worse) if worse
                else "adopt (lower by more than 1 point, no run worse)" if oc < od - 1.0 else "within 1 point: no change")
     lines.append(f"| **all {len(all_d)} cells** | **{od:.1f}** | **{oc:.1f}** | verdict: {verdict} |")
@@ -186,27 +198,18 @@ def cluster_verdict(default: dict[str, float], candidate: dict[str, float], fami
 
 def compare_clusters(runs: list[Path], default: str, candidate: str) -> str:
     """:func:`cluster_verdict` over demo runs (each run a cluster; its cost the mean over its tasks)."""
-    docs = [json.loads((r / "demo_results.json").read_text()) for r in runs]
     dd: dict[str, float] = {}
     cc: dict[str, float] = {}
     fam: dict[str, str] = {}
-    for d in docs:
-        cd, c2 = rule_costs(d, default), rule_costs(d, candidate)
-        tasks = [t for t in cd if t in c2]
-        if not tasks:
-            continue
-        label = f"{d['organism'].get('family', 'llama')} {_label(d)}"
-        dd[label] = sum(cd[t] for t in tasks) / len(tasks)
-        cc[label] = sum(c2[t] for t in tasks) / len(tasks)
-        fam[label] = d["organism"].get("family", "llama")
+    for label, family, cd, c2 in _paired_runs(runs, default, candidate):
+        dd[label], cc[label], fam[label] = _mean(cd.values()), _mean(c2.values()), family
     verdict, num = cluster_verdict(dd, cc, fam)
     if not num:
         return verdict
     lines = [f"| run | cost {default} | cost {candidate} |", "|---|---:|---:|"]
-    lines += [f"| {k} | {dd[k]:.1f} | {cc[k]:.1f} |" for k in dd if k in cc]
+    lines += [f"| {k} | {dd[k]:.1f} | {cc[k]:.1f} |" for k in dd]
     fams = ", ".join(f"{f} {v:+.1f}" for f, v in num["by_family"].items())
-    lines.append(f"| **mean over {num['n']} runs** | **{sum(dd.values()) / len(dd):.1f}** | "
-                 f"**{sum(cc.values()) / len(cc):.1f}** |")
+    lines.append(f"| **mean over {num['n']} runs** | **{_mean(dd.values()):.1f}** | **{_mean(cc.values()):.1f}** |")
     lines.append(f"\nmean difference {num['mean_diff']:+.2f} points, one-sided 95 % upper bound "
                  f"{num['upper95']:+.2f} (cluster bootstrap over runs), per family {fams}; verdict: {verdict}")
     return "\n".join(lines)

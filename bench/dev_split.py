@@ -33,6 +33,7 @@ Among several such candidates the lowest overall cost wins.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 from safegene import lm  # noqa: E402
-from safegene.baselines.registry import rule_cost  # noqa: E402
+from safegene.baselines.registry import prune_keys, rule_cost  # noqa: E402
 from safegene.data import load_jsonl  # noqa: E402
 from safegene.eval.evaluate import evaluate  # noqa: E402
 from safegene.eval.refusal import whole_refusal_rate  # noqa: E402
@@ -425,6 +426,10 @@ def main(argv=None) -> None:
                     help="ninth round: after calibration, choose among the calibrated lambda, lambda = 1 on the kept "
                          "keys and the calibration grid's best uniform gamma on them by the rule's cost on the "
                          "calibration prompts (ties to the calibrated one); rows get '+chooselam'")
+    ap.add_argument("--prune", action="store_true",
+                    help="thirteenth round: per task model, drop keys from the selection by backward elimination at "
+                         "the target (safegene.baselines.registry.prune_keys: tau at lambda = 1, the rule's cost on "
+                         "the calibration prompts), then calibrate the kept keys; rows get '+prune'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -434,6 +439,8 @@ def main(argv=None) -> None:
             sname = f"{sname}+gene:{args.gene_recipe}"
         if args.choose_lambda:
             sname = f"{sname}+chooselam"
+        if args.prune:
+            sname = f"{sname}+prune"
         return f"{sname}+tf:{args.gene_transform}" if args.gene_transform else sname
 
     out = Path(args.out)
@@ -518,14 +525,26 @@ def main(argv=None) -> None:
             for sname, cname in pairs:
                 if (seed, task, row_select(sname), cname) in done:
                     continue
-                twin = same.get((tuple(sels[sname]), cname))
-                if twin is not None:
-                    emit({**twin, "select": sname, "same_as": twin["select"]})
-                    continue
                 model.load_state_dict(pristine)
                 t = time.perf_counter()
+                keys = list(sels[sname])
+                pruned: dict = {}
+                if args.prune:
+                    # the package's backward elimination, scored by this bench's measure on the
+                    # calibration files (the split the demo's SafeGene-pruned row scores too)
+                    cal = calibration_split(org, task)
+                    none_cal = measure(model, tok, cal, task, org)
+                    kept, trace = prune_keys(model, tgene, keys, functools.partial(measure, model, tok, cal, task, org),
+                                             none_cal)
+                    pruned = {"from": keys, "kept": kept, "dropped": [k for k in keys if k not in kept],
+                              "trace": [{k: v for k, v in st.items() if k != "measure"} for st in trace]}
+                    keys = kept
+                twin = same.get((tuple(keys), cname))
+                if twin is not None:
+                    emit({**twin, "select": sname, "same_as": twin["select"], **({"pruned": pruned} if pruned else {})})
+                    continue
                 choice: dict = {}
-                kw = dict(layers=sels[sname], tokenizer=tok, log=None, **CALIB_VARIANTS[cname])
+                kw = dict(layers=keys, tokenizer=tok, log=None, **CALIB_VARIANTS[cname])
                 if args.gene_transform == "choose-proj-row":
                     # model choice on the calibration data only: calibrate with tau and with the
                     # row-projected tau, measure both (and the undefended model) on the calibration
@@ -554,7 +573,6 @@ def main(argv=None) -> None:
                     cal = calibration_split(org, task)
                     model.load_state_dict(pristine)
                     choice["none"] = measure(model, tok, cal, task, org)
-                    keys = list(sels[sname])
                     gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
                     cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
                     for name, co in cands.items():
@@ -570,12 +588,13 @@ def main(argv=None) -> None:
                     model.load_state_dict(pristine)
                 sec = time.perf_counter() - t
                 apply_to_model(model, g, c.coeffs)
-                m = {**measure(model, tok, split, task, org), **({"choice": choice} if choice else {})}
+                m = {**measure(model, tok, split, task, org), **({"choice": choice} if choice else {}),
+                     **({"pruned": pruned} if pruned else {})}
                 row = {"select": sname, "calib": cname, "coeffs": c.meta.get("module_coeffs") or c.coeffs, "seconds": round(sec, 1),
                        "loss": c.meta["loss"], "heldout_loss": c.meta.get("heldout_loss"),
                        "uniform_heldout_loss": c.meta.get("uniform_heldout_loss"),
                        "best_step": c.meta["best_step"], "steps_run": c.meta["steps_run"], **m}
-                same[(tuple(sels[sname]), cname)] = row
+                same[(tuple(keys), cname)] = row
                 emit(row)
             model.load_state_dict(pristine)
 

@@ -58,6 +58,10 @@ TASK_AWARE = "SafeGene-task-aware"
 CHECKED = "SafeGene-checked"
 #: ... and the same check on every gene key (round 12; added with ``CHECKED`` by ``--check-lambda``)
 NOSEL_CHECKED = "no-selection-checked"
+#: Optional extra rows: the selected keys (and every key) pruned at the target model on the
+#: calibration prompts, then calibrated (round 13; added by ``--prune``)
+PRUNED = "SafeGene-pruned"
+NOSEL_PRUNED = "no-selection-pruned"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

@@ -264,8 +264,9 @@ class Calibrated(Policy):
     def layers(self, ctx: Context) -> list[str] | None:
         raise NotImplementedError
 
-    def calibrate(self, ctx: Context, gene: Gene | None = None) -> Coeffs:
-        """calibrate ``gene`` (default: the context's) on :meth:`layers` with the shared settings."""
+    def calibrate(self, ctx: Context, gene: Gene | None = None, layers: Sequence[str] | None = None) -> Coeffs:
+        """calibrate ``gene`` (default: the context's) on ``layers`` (default: :meth:`layers`) with
+        the shared settings."""
         from ..method.calibrate import calibrate
 
         s = ctx.settings
@@ -277,7 +278,8 @@ class Calibrated(Policy):
         if s.lr is not None:
             kw["lr"] = s.lr
         model, tok = ctx.loaded()
-        return calibrate(gene or ctx.gene, model, ctx.safety, ctx.utility, layers=self.layers(ctx), tokenizer=tok, **kw)
+        return calibrate(gene or ctx.gene, model, ctx.safety, ctx.utility,
+                         layers=list(layers) if layers is not None else self.layers(ctx), tokenizer=tok, **kw)
 
     def coeffs(self, ctx: Context) -> Coeffs:
         return self.calibrate(ctx)
@@ -480,10 +482,106 @@ class NoSelectionChecked(Checked):
         return ctx.gene.layer_keys()
 
 
+def prune_keys(model: Any, gene: Gene, keys: Sequence[str], measure: Callable[[], dict[str, float]],
+               none: dict[str, float], gamma: float = 1.0) -> tuple[list[str], list[dict[str, Any]]]:
+    """Backward elimination of gene keys *at the target model* (development round 13).
+
+    The selection rule scores keys on the degraded model, where τ on every key gives back the
+    aligned model and no key can cost a task skill. At the target it can: on the StableLM
+    family's season task, τ's embedding rows carry minus the skill the degraded copy also learned
+    (``bench/key_conflict.py``). So, starting from ``keys``, τ at ``gamma`` on the current set is
+    patched into ``model`` and scored by ``measure()`` (ASR / acc / over-refusal / whole refusal,
+    %, e.g. on the calibration prompts) with :func:`rule_cost` against ``none``; each pass tries
+    the set without each key in turn and drops the key whose removal lowers the cost most, while
+    one strictly does (ties keep the key; at least one key stays). The model is handed back as it
+    was. Returns the kept keys (in ``keys``' order) and the trace: one entry per pass with the
+    current set, its cost and every trial's cost.
+    """
+    from ..method.merge import MergePlan
+
+    plan = MergePlan(model, gene, keys)
+
+    def cost_of(ks: Sequence[str]) -> tuple[float, dict[str, float]]:
+        plan.set([gamma if k in ks else 0.0 for k in plan.keys])
+        try:
+            m = measure()
+        finally:
+            plan.restore()
+        return rule_cost(m, none), m
+
+    current = list(keys)
+    trace: list[dict[str, Any]] = []
+    try:
+        cost, m = cost_of(current)
+        while True:
+            step: dict[str, Any] = {"keys": list(current), "cost": cost, "measure": m, "trials": {}}
+            trace.append(step)
+            if len(current) <= 1:
+                break
+            trials = {k: cost_of([j for j in current if j != k]) for k in current}
+            step["trials"] = {k: c for k, (c, _) in trials.items()}
+            drop = min(current, key=lambda k: (trials[k][0], current.index(k)))
+            if not trials[drop][0] < cost:
+                break
+            step["dropped"] = drop
+            current.remove(drop)
+            cost, m = trials[drop]
+    finally:
+        plan.restore()
+    return current, trace
+
+
+class Pruned(Calibrated):
+    """SafeGene on the selected keys pruned at the target (development round 13): backward
+    elimination of keys by :func:`prune_keys` with τ at λ = 1, scored on the calibration prompts
+    (harmful, task, benign; :func:`calibration_measure`), then SafeGene's calibration on the kept
+    keys. ``meta["pruned"]`` has the kept and dropped keys and the elimination trace. Costs one
+    generation pass over the calibration prompts per set tried (at most k(k+1)/2 for k keys)
+    beyond SafeGene's calibration. A candidate, not the default."""
+
+    name, slug = "SafeGene-pruned", "pruned"
+    summary = "SafeGene on the selected keys less those whose τ costs the target, found on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def prune(self, ctx: Context) -> tuple[list[str], list[dict[str, Any]]]:
+        model, _ = ctx.loaded()
+        return prune_keys(model, ctx.gene, self.layers(ctx), lambda: calibration_measure(ctx),
+                          calibration_measure(ctx))
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        start = self.layers(ctx)
+        kept, trace = self.prune(ctx)
+        c = self.calibrate(ctx, layers=kept)
+        c.meta.update({"method": "safegene-pruned", "pruned": {
+            "from": start, "kept": kept, "dropped": [k for k in start if k not in kept], "trace": trace}})
+        return c
+
+    def lam_text(self, c: Coeffs) -> str:
+        dropped = (c.meta.get("pruned") or {}).get("dropped") or []
+        return f"{lam_summary(c.coeffs)} (dropped {', '.join(dropped) if dropped else 'none'})"
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        p = c.meta.get("pruned") or {}
+        return {**super().details(c), "pruned": {k: p.get(k) for k in ("from", "kept", "dropped")}}
+
+
+class NoSelectionPruned(Pruned):
+    """:class:`Pruned` starting from every gene key (no selection rule at all: the keys are chosen
+    at the target only). A candidate of development round 13, not the default."""
+
+    name, slug = "no-selection-pruned", "noselpruned"
+    summary = "SafeGene on every key less those whose τ costs the target, found on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.gene.layer_keys()
+
+
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
                                                    SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked(),
-                                                   NoSelectionChecked())}
+                                                   NoSelectionChecked(), Pruned(), NoSelectionPruned())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 
@@ -523,4 +621,4 @@ def compute(policy: Union[str, Policy], ctx: Context) -> Coeffs:
 
 
 __all__ = ["Context", "Settings", "Policy", "POLICIES", "DEFAULT_METHODS", "names", "get", "select", "compute",
-           "iter_policies", "lam_summary", "rule_cost"]
+           "iter_policies", "lam_summary", "rule_cost", "prune_keys"]

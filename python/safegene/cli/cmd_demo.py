@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, TASK_AWARE, run_demo
+from ..demo import (ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, NOSEL_PRUNED, PRUNED, TASK_AWARE,
+                    run_demo)
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
 
@@ -39,6 +40,10 @@ class DemoOptions(CommonOptions):
                                             "uniform γ on the selected keys, chosen on the calibration prompts "
                                             "(development round 9), and a no-selection-checked row: the same "
                                             "check on every gene key (round 12)")
+    prune: bool = option(False, help="add a SafeGene-pruned row: the selected keys less those whose τ at λ = 1 "
+                                     "costs the task model on the calibration prompts (backward elimination), then "
+                                     "calibrated, and a no-selection-pruned row: the same from every gene key "
+                                     "(development round 13)")
 
 
 def handle_demo(opts: DemoOptions) -> int:
@@ -46,7 +51,8 @@ def handle_demo(opts: DemoOptions) -> int:
                    top_k=opts.top_k, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
                    gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ())
-                   + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED, NOSEL_CHECKED) if opts.check_lambda else ()))
+                   + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED, NOSEL_CHECKED) if opts.check_lambda else ())
+                   + ((PRUNED, NOSEL_PRUNED) if opts.prune else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

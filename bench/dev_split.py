@@ -430,6 +430,10 @@ def main(argv=None) -> None:
                     help="thirteenth round: per task model, drop keys from the selection by backward elimination at "
                          "the target (safegene.baselines.registry.prune_keys: tau at lambda = 1, the rule's cost on "
                          "the calibration prompts), then calibrate the kept keys; rows get '+prune'")
+    ap.add_argument("--trim", action="store_true",
+                    help="thirteenth round, third candidate: after calibration, drop keys by the same elimination "
+                         "at the calibrated lambda (prune_keys(coeffs=...)); the row keeps the calibrated lambda on "
+                         "the kept keys; rows get '+trim'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -441,6 +445,8 @@ def main(argv=None) -> None:
             sname = f"{sname}+chooselam"
         if args.prune:
             sname = f"{sname}+prune"
+        if args.trim:
+            sname = f"{sname}+trim"
         return f"{sname}+tf:{args.gene_transform}" if args.gene_transform else sname
 
     out = Path(args.out)
@@ -585,6 +591,17 @@ def main(argv=None) -> None:
                     choice["chosen"] = pick
                     if pick != "calibrated":
                         c.coeffs = cands[pick]
+                    model.load_state_dict(pristine)
+                if args.trim:
+                    cal = calibration_split(org, task)
+                    model.load_state_dict(pristine)
+                    none_cal = measure(model, tok, cal, task, org)
+                    kept, trace = prune_keys(model, g, keys, functools.partial(measure, model, tok, cal, task, org),
+                                             none_cal, coeffs=dict(c.coeffs))
+                    pruned = {"from": keys, "kept": kept, "dropped": [k for k in keys if k not in kept],
+                              "calibrated": dict(c.coeffs),
+                              "trace": [{k: v for k, v in st.items() if k != "measure"} for st in trace]}
+                    c.coeffs = {k: v for k, v in c.coeffs.items() if k in kept}
                     model.load_state_dict(pristine)
                 sec = time.perf_counter() - t
                 apply_to_model(model, g, c.coeffs)

@@ -139,8 +139,9 @@ def test_rule_cost():
 
 def _ctx(family, tmp_path, **kw) -> Context:
     dirs, gene = family
+    kw.setdefault("selected", SELECTED)
     return Context(gene, dirs["task"], tm.HARMFUL, tm.BENIGN, aligned=dirs["aligned"], degraded=dirs["degraded"],
-                   selected=SELECTED, benign_calib=tm.BENIGN, work_dir=tmp_path, settings=SETTINGS, **kw)
+                   benign_calib=tm.BENIGN, work_dir=tmp_path, settings=SETTINGS, **kw)
 
 
 @pytest.mark.parametrize("costs,chosen", [((30.0, 20.0), "proj-row"), ((20.0, 20.0), "tau"), ((10.0, 20.0), "tau")])
@@ -353,3 +354,121 @@ def test_the_cluster_rule_of_round_12():
     assert "(c) worse by more than 1 point on stablelm" in v and num["by_family"]["stablelm"] == pytest.approx(1.5)
     v, _ = cluster_verdict(base, {k: 19.5 for k in fam}, fam)
     assert v == "not adopted: (a) mean not lower by more than 1 point"
+
+
+# ---- round 13: keys pruned at the target ----------------------------------------------------
+# the tiny family's τ is non-zero on layer.2 and layer.3 only (its degraded copy moved those)
+
+
+def _patched(model, ctx, keys):
+    """Which of ``keys`` are patched in ``model`` now (a tensor of each with τ ≠ 0 compared with W⁰)."""
+    vec = ctx.gene.load_vectors()
+    names = {k: next(n for n in ctx.gene.tensor_names if ctx.gene.layer_key(n) == k and vec[n].abs().max() > 1e-3)
+             for k in keys}
+    w0 = {k: model.state_dict()[n].clone() for k, n in names.items()}
+    return lambda: {k for k, n in names.items() if not torch.equal(model.state_dict()[n], w0[k])}, names, vec
+
+
+def _fake(now, costly="layer.2"):
+    """layer.3 restores refusal; ``costly`` costs 40 accuracy points."""
+    def measure(*_a):
+        p = now()
+        return {"asr": 0.0 if "layer.3" in p else 50.0, "acc": 60.0 if costly in p else 100.0,
+                "over_refusal": 0.0, "whole_refusal": 100.0 if "layer.3" in p else 50.0}
+    return measure
+
+
+def test_prune_keys_drops_the_key_that_costs_the_task(family, tmp_path):
+    """Backward elimination: the key whose τ costs accuracy goes, the one that restores refusal
+    stays, a tie keeps the key, one key is never removed; every trial sees τ at γ on exactly its
+    set; the model comes back untouched."""
+    from safegene.baselines.registry import prune_keys
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    now, names, vec = _patched(model, ctx, SELECTED)
+    seen = []
+    base = _fake(now)
+
+    def measure():
+        p = now()
+        seen.append(frozenset(p))
+        for k in p:  # τ at γ = 0.5, exactly
+            assert torch.allclose(model.state_dict()[names[k]], before[names[k]] + 0.5 * vec[names[k]], atol=1e-6)
+        return base()
+
+    kept, trace = prune_keys(model, ctx.gene, SELECTED, measure, {"acc": 100.0}, gamma=0.5)
+    assert kept == ["layer.3"]
+    assert trace[0]["cost"] == 40.0 and trace[0]["dropped"] == "layer.2"
+    assert trace[0]["trials"] == {"layer.2": 0.0, "layer.3": 140.0}
+    assert trace[1] == {"keys": ["layer.3"], "cost": 0.0, "measure": trace[1]["measure"], "trials": {}}
+    assert seen == [frozenset(SELECTED), frozenset({"layer.3"}), frozenset({"layer.2"})]
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+    # neither key costs anything: dropping layer.2 ties, so both stay
+    kept, trace = prune_keys(model, ctx.gene, SELECTED, _fake(now, costly="none"), {"acc": 100.0})
+    assert kept == SELECTED and trace[0]["trials"] == {"layer.2": 0.0, "layer.3": 100.0} and "dropped" not in trace[0]
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+
+
+def test_the_pruned_policy_calibrates_the_kept_keys(family, tmp_path, monkeypatch):
+    """SafeGene-pruned = prune_keys on the calibration prompts, then SafeGene's calibration on the
+    kept keys (the same λ as SafeGene with that selection); no-selection-pruned starts from every
+    key; the demo's --prune adds both rows."""
+    import argparse
+
+    import safegene.baselines.registry as reg
+    from safegene.cli import cmd_demo
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    now, _, _ = _patched(model, ctx, SELECTED)
+    monkeypatch.setattr(reg, "calibration_measure", _fake(now))
+    c = compute("SafeGene-pruned", ctx)
+    assert c.meta["pruned"]["dropped"] == ["layer.2"] and sorted(c.coeffs) == ["layer.3"]
+    ref = compute("SafeGene", _ctx(family, tmp_path, selected=["layer.3"]))
+    assert c.coeffs == pytest.approx(ref.coeffs)
+    assert get("SafeGene-pruned").lam_text(c).endswith("(dropped layer.2)")
+    assert json.dumps(get("SafeGene-pruned").details(c))
+    c = compute("no-selection-pruned", ctx)
+    trace = c.meta["pruned"]["trace"]
+    assert trace[0]["keys"] == ctx.gene.layer_keys()  # the elimination starts from every key
+    assert "layer.2" not in c.coeffs and "layer.3" in c.coeffs
+    parser = argparse.ArgumentParser(prog="safegene")
+    cmd_demo.register_cli(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["demo", "--prune"]).prune is True and parser.parse_args(["demo"]).prune is False
+    assert (cmd_demo.PRUNED, cmd_demo.NOSEL_PRUNED) == (get("SafeGene-pruned").name, get("no-selection-pruned").name)
+
+
+def test_the_trimmed_policy_keeps_the_calibrated_lambda_on_the_kept_keys(family, tmp_path, monkeypatch):
+    """SafeGene-trimmed: SafeGene's calibrated λ, then the elimination at that λ (each trial sees
+    every kept key at its own calibrated λ); the result is the calibrated λ on the kept keys."""
+    import safegene.baselines.registry as reg
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    now, names, vec = _patched(model, ctx, SELECTED)
+    plain = {"layer.2": 0.7, "layer.3": 1.3}  # a calibrated λ (calibrate itself is tested elsewhere)
+    from safegene.coeffs import Coeffs
+
+    monkeypatch.setattr(reg.Trimmed, "calibrate", lambda self, ctx_: Coeffs(
+        {k: plain.get(k, 0.5) for k in self.layers(ctx_)}, {"method": "safegene"}))
+    base, seen = _fake(now), []
+
+    def measure(*_a):
+        p = now()
+        seen.append(p)
+        for k in p:
+            w = model.state_dict()[names[k]]
+            assert torch.allclose(w, before[names[k]] + plain[k] * vec[names[k]], atol=1e-5), k
+        return base()
+
+    monkeypatch.setattr(reg, "calibration_measure", measure)
+    c = compute("SafeGene-trimmed", ctx)
+    assert c.coeffs == pytest.approx({"layer.3": plain["layer.3"]}) and c.meta["calibrated"] == pytest.approx(plain)
+    assert c.meta["pruned"]["dropped"] == ["layer.2"] and get("SafeGene-trimmed").lam_text(c).endswith("(dropped layer.2)")
+    assert seen[:2] == [set(), set(SELECTED)]  # the undefended model, then the calibrated λ on both keys
+    assert all(model.state_dict()[k].equal(v) for k, v in before.items())
+    c = compute("no-selection-trimmed", ctx)
+    assert c.meta["pruned"]["from"] == ctx.gene.layer_keys() and "layer.2" not in c.coeffs

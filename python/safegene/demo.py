@@ -62,6 +62,9 @@ NOSEL_CHECKED = "no-selection-checked"
 #: calibration prompts, then calibrated (round 13; added by ``--prune``)
 PRUNED = "SafeGene-pruned"
 NOSEL_PRUNED = "no-selection-pruned"
+#: ... and the calibrated λ trimmed at the target the same way (round 13; also added by ``--prune``)
+TRIMMED = "SafeGene-trimmed"
+NOSEL_TRIMMED = "no-selection-trimmed"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

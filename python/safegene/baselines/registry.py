@@ -483,7 +483,8 @@ class NoSelectionChecked(Checked):
 
 
 def prune_keys(model: Any, gene: Gene, keys: Sequence[str], measure: Callable[[], dict[str, float]],
-               none: dict[str, float], gamma: float = 1.0) -> tuple[list[str], list[dict[str, Any]]]:
+               none: dict[str, float], gamma: float = 1.0,
+               coeffs: dict[str, float] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """Backward elimination of gene keys *at the target model* (development round 13).
 
     The selection rule scores keys on the degraded model, where τ on every key gives back the
@@ -493,16 +494,17 @@ def prune_keys(model: Any, gene: Gene, keys: Sequence[str], measure: Callable[[]
     patched into ``model`` and scored by ``measure()`` (ASR / acc / over-refusal / whole refusal,
     %, e.g. on the calibration prompts) with :func:`rule_cost` against ``none``; each pass tries
     the set without each key in turn and drops the key whose removal lowers the cost most, while
-    one strictly does (ties keep the key; at least one key stays). The model is handed back as it
-    was. Returns the kept keys (in ``keys``' order) and the trace: one entry per pass with the
-    current set, its cost and every trial's cost.
+    one strictly does (ties keep the key; at least one key stays). With ``coeffs`` (e.g. a
+    calibrated λ), each key of the current set is patched at its own coefficient instead of
+    ``gamma``. The model is handed back as it was. Returns the kept keys (in ``keys``' order) and
+    the trace: one entry per pass with the current set, its cost and every trial's cost.
     """
     from ..method.merge import MergePlan
 
     plan = MergePlan(model, gene, keys)
 
     def cost_of(ks: Sequence[str]) -> tuple[float, dict[str, float]]:
-        plan.set([gamma if k in ks else 0.0 for k in plan.keys])
+        plan.set([(gamma if coeffs is None else coeffs.get(k, 0.0)) if k in ks else 0.0 for k in plan.keys])
         try:
             m = measure()
         finally:
@@ -578,10 +580,51 @@ class NoSelectionPruned(Pruned):
         return ctx.gene.layer_keys()
 
 
+class Trimmed(Calibrated):
+    """SafeGene's calibrated λ, then keys trimmed at the target (development round 13, third
+    candidate): :func:`prune_keys` at the calibrated λ (each trial sets one more key's λ to 0),
+    scored on the calibration prompts; the result is the calibrated λ on the kept keys, i.e.
+    exactly what was measured last. ``meta["pruned"]`` has the kept and dropped keys and the
+    trace. Costs one generation pass over the calibration prompts per set tried beyond SafeGene's
+    calibration. A candidate, not the default."""
+
+    name, slug = "SafeGene-trimmed", "trimmed"
+    summary = "SafeGene's λ with the keys whose τ costs the target set to 0, found on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        start = self.layers(ctx)
+        c = self.calibrate(ctx)
+        model, _ = ctx.loaded()
+        kept, trace = prune_keys(model, ctx.gene, start, lambda: calibration_measure(ctx), calibration_measure(ctx),
+                                 coeffs=dict(c.coeffs))
+        dropped = [k for k in start if k not in kept]
+        return Coeffs({k: v for k, v in c.coeffs.items() if k not in dropped},
+                      {**c.meta, "method": "safegene-trimmed", "calibrated": dict(c.coeffs),
+                       "pruned": {"from": start, "kept": kept, "dropped": dropped, "trace": trace}})
+
+    lam_text = Pruned.lam_text
+    details = Pruned.details
+
+
+class NoSelectionTrimmed(Trimmed):
+    """:class:`Trimmed` from the no-selection row (every gene key calibrated, then trimmed at the
+    target). A candidate of development round 13, not the default."""
+
+    name, slug = "no-selection-trimmed", "noseltrimmed"
+    summary = "no-selection's λ with the keys whose τ costs the target set to 0, found on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.gene.layer_keys()
+
+
 #: Every policy, in the order tables list them.
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
                                                    SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked(),
-                                                   NoSelectionChecked(), Pruned(), NoSelectionPruned())}
+                                                   NoSelectionChecked(), Pruned(), NoSelectionPruned(),
+                                                   Trimmed(), NoSelectionTrimmed())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

@@ -112,7 +112,9 @@ class Config:
     resta_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
     # the tune stage (development split): candidates for SafeGene's knobs; top_k None = every key
     tune: bool = True
-    tune_top_k: tuple[int | None, ...] = (4, 8, 16, None)
+    #: top-4 was dropped on the development split (2026-12-05): with the distill + benign option set
+    #: it left half the development prompts answered (50 % ASR); 8 / 16 / every key remain
+    tune_top_k: tuple[int | None, ...] = (8, 16, None)
     tune_lambda_max: tuple[float, ...] = (8.0,)
     tune_max_new_tokens: int = 32
     #: calibrate option sets the tune stage compares, each with every top_k × λ_max (issue 15 item
@@ -121,7 +123,9 @@ class Config:
     #: prompts in the utility term) and "lr<X>" (the step size: L-BFGS needs ~1, e.g. "lbfgs+lr1";
     #: Adam's default 0.05 ends every SmolLM2 calibration at its last step). The chosen set
     #: replaces the calib_* fields for every row.
-    tune_calib: tuple[str, ...] = ("", "distill+benign")
+    #: The two converging sets (L-BFGS at step 1; Adam at lr 0.5, ten times calibrate's default)
+    #: were added after the first candidates all ended at their last Adam step (bench/real/README.md)
+    tune_calib: tuple[str, ...] = ("", "distill+benign", "lbfgs+lr1+distill+benign", "lr0.5+distill+benign")
     judge: str = "tri"  # refusal / non-answer / compliance; ASR = the compliance share
 
     def __post_init__(self) -> None:
@@ -242,9 +246,11 @@ def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
     """Seconds per *part* on two cores (a part runs on its own machine from a copy of the cache
     the parts before it left; ``bench/real/README.md``): ``shared`` is ``--only T0:s0 --until
     gene`` (every shared stage and the first task model, which the tune stage reads), ``tune``
-    is ``--only T0:s0 --until eval-degraded`` on a copy of that cache (the tune stage and the
-    global evaluation rows), then one part per task model, ``--only TASK:MODEL``, on copies of
-    the tune part's cache. The parts add up to :func:`estimate`'s total."""
+    is ``--only T0:s0 --until tune`` on a copy of that cache (the tune grid; it resumes at the
+    next candidate if cut), ``global rows`` is ``--only T0:s0 --until eval-degraded`` on a copy
+    of the tune part's cache (the shipped, aligned and degraded evaluation rows), then one part
+    per task model, ``--only TASK:MODEL``, on copies of that cache. The parts add up to
+    :func:`estimate`'s total."""
     u = _unit_costs(cfg, costs, n_eval_fixed)
     ms = [f"s{k}" for k in cfg.task_seeds] + (["full"] if cfg.full_ft_row else [])
     models = [(t, m) for t in cfg.tasks for m in ms]
@@ -252,7 +258,7 @@ def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
     shared = sum(u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded", "gene (extract + select)"))
     tuned = models[:1] if cfg.tune else []
     shared += sum(train(m) for _t, m in tuned)
-    parts = {"shared": shared, "tune": u["tune"] + 3 * u["row_global"]}
+    parts = {"shared": shared, "tune": u["tune"], "global rows": 3 * u["row_global"]}
     for t, m in models:
         parts[f"{t}:{m}"] = ((t, m) not in tuned) * train(m) + _model_rows(cfg, u, m)
     return parts

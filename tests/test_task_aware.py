@@ -468,7 +468,24 @@ def test_the_trimmed_policy_keeps_the_calibrated_lambda_on_the_kept_keys(family,
     c = compute("SafeGene-trimmed", ctx)
     assert c.coeffs == pytest.approx({"layer.3": plain["layer.3"]}) and c.meta["calibrated"] == pytest.approx(plain)
     assert c.meta["pruned"]["dropped"] == ["layer.2"] and get("SafeGene-trimmed").lam_text(c).endswith("(dropped layer.2)")
+    assert json.loads(json.dumps(get("SafeGene-trimmed").details(c)))["pruned"]["kept"] == ["layer.3"]
     assert seen[:2] == [set(), set(SELECTED)]  # the undefended model, then the calibrated λ on both keys
     assert all(model.state_dict()[k].equal(v) for k, v in before.items())
     c = compute("no-selection-trimmed", ctx)
     assert c.meta["pruned"]["from"] == ctx.gene.layer_keys() and "layer.2" not in c.coeffs
+
+
+def test_the_demo_rows_of_the_pruned_and_trimmed_policies(family, tmp_path):
+    """The demo's --prune rows run end to end on a tiny task model (real measurement on the
+    calibration prompts) and record their kept keys."""
+    import safegene.demo as demo_mod
+
+    ctx = _ctx(family, tmp_path)
+    ctx.loaded()
+    pols = [get(n) for n in (demo_mod.PRUNED, demo_mod.NOSEL_PRUNED, demo_mod.TRIMMED, demo_mod.NOSEL_TRIMMED)]
+    rows = demo_mod._task_rows("task", ctx, pols, tmp_path / "demo", lambda target, task: (0.0, 1.0, 0.0, {}, None),
+                               lambda _m: None)
+    assert [r.method for r in rows] == [p.name for p in pols]
+    for r in rows:
+        kept = r.extra["pruned"]["kept"]
+        assert kept and set(r.coeffs) <= set(r.extra["pruned"]["from"]) and set(kept) <= set(r.extra["pruned"]["from"])

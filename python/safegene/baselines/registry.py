@@ -565,8 +565,13 @@ class Pruned(Calibrated):
         return f"{lam_summary(c.coeffs)} (dropped {', '.join(dropped) if dropped else 'none'})"
 
     def details(self, c: Coeffs) -> dict[str, Any]:
-        p = c.meta.get("pruned") or {}
-        return {**super().details(c), "pruned": {k: p.get(k) for k in ("from", "kept", "dropped")}}
+        return _pruned_details(self, c)
+
+
+def _pruned_details(policy: Calibrated, c: Coeffs) -> dict[str, Any]:
+    """A pruned or trimmed row's details: the calibration's, and the kept and dropped keys."""
+    p = c.meta.get("pruned") or {}
+    return {**Calibrated.details(policy, c), "pruned": {k: p.get(k) for k in ("from", "kept", "dropped")}}
 
 
 class NoSelectionPruned(Pruned):
@@ -606,7 +611,9 @@ class Trimmed(Calibrated):
                        "pruned": {"from": start, "kept": kept, "dropped": dropped, "trace": trace}})
 
     lam_text = Pruned.lam_text
-    details = Pruned.details
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return _pruned_details(self, c)
 
 
 class NoSelectionTrimmed(Trimmed):

@@ -482,10 +482,41 @@ def test_the_demo_rows_of_the_pruned_and_trimmed_policies(family, tmp_path):
 
     ctx = _ctx(family, tmp_path)
     ctx.loaded()
-    pols = [get(n) for n in (demo_mod.PRUNED, demo_mod.NOSEL_PRUNED, demo_mod.TRIMMED, demo_mod.NOSEL_TRIMMED)]
+    pols = [get(n) for n in (demo_mod.PRUNED, demo_mod.NOSEL_PRUNED, demo_mod.TRIMMED, demo_mod.NOSEL_TRIMMED,
+                             demo_mod.PRUNED_CHECKED, demo_mod.NOSEL_PRUNED_CHECKED)]
     rows = demo_mod._task_rows("task", ctx, pols, tmp_path / "demo", lambda target, task: (0.0, 1.0, 0.0, {}, None),
                                lambda _m: None)
     assert [r.method for r in rows] == [p.name for p in pols]
     for r in rows:
         kept = r.extra["pruned"]["kept"]
         assert kept and set(r.coeffs) <= set(r.extra["pruned"]["from"]) and set(kept) <= set(r.extra["pruned"]["from"])
+
+
+def test_the_pruned_checked_policy_checks_lambda_on_the_kept_keys(family, tmp_path, monkeypatch):
+    """SafeGene-pruned-checked: the elimination, then the λ check (calibrated, 1, uniform γ) on the
+    kept keys only; ties go to the calibrated λ of those keys."""
+    import safegene.baselines.registry as reg
+
+    ctx = _ctx(family, tmp_path)
+    model, _ = ctx.loaded()
+    now, _, _ = _patched(model, ctx, SELECTED)
+    sets = []
+    fake = _fake(now)
+
+    def measure(ctx_):
+        sets.append(frozenset(now()))
+        return fake()
+
+    monkeypatch.setattr(reg, "calibration_measure", measure)
+    c = compute("SafeGene-pruned-checked", ctx)
+    ref = compute("SafeGene", _ctx(family, tmp_path, selected=["layer.3"]))
+    assert c.meta["pruned"]["dropped"] == ["layer.2"] and c.meta["chosen"] == "calibrated"
+    assert c.coeffs == pytest.approx(ref.coeffs) and set(c.meta["choice"]) == {"none", "calibrated", "one", "uniform"}
+    # after the elimination (none, both, each alone), the check patches layer.3 alone (or nothing
+    # where its calibrated λ is 0)
+    assert sets[:4] == [frozenset(), frozenset(SELECTED), frozenset({"layer.3"}), frozenset({"layer.2"})]
+    assert all(s <= {"layer.3"} for s in sets[4:])
+    assert get("SafeGene-pruned-checked").lam_text(c).endswith("(dropped layer.2) (calibrated)")
+    assert json.loads(json.dumps(get("SafeGene-pruned-checked").details(c)))["pruned"]["kept"] == ["layer.3"]
+    c = compute("no-selection-pruned-checked", ctx)
+    assert c.meta["pruned"]["from"] == ctx.gene.layer_keys() and "layer.2" not in c.coeffs

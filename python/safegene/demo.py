@@ -65,6 +65,9 @@ NOSEL_PRUNED = "no-selection-pruned"
 #: ... and the calibrated λ trimmed at the target the same way (round 13; also added by ``--prune``)
 TRIMMED = "SafeGene-trimmed"
 NOSEL_TRIMMED = "no-selection-trimmed"
+#: ... and the pruned keys with the λ check of ``CHECKED`` (round 13; also added by ``--prune``)
+PRUNED_CHECKED = "SafeGene-pruned-checked"
+NOSEL_PRUNED_CHECKED = "no-selection-pruned-checked"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

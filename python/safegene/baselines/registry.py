@@ -457,8 +457,11 @@ class Checked(CalibrationChoice):
     summary = "SafeGene's λ, λ = 1 or the grid's uniform γ on the selected keys, chosen on the calibration prompts"
 
     def coeffs(self, ctx: Context) -> Coeffs:
-        keys = self.layers(ctx)
-        c = self.calibrate(ctx)  # leaves the model as it found it
+        return self.check(ctx, self.layers(ctx))
+
+    def check(self, ctx: Context, keys: Sequence[str]) -> Coeffs:
+        """Calibrate ``keys`` (a subset of :meth:`layers`), then the three-way choice on them."""
+        c = self.calibrate(ctx, layers=keys)  # leaves the model as it found it
         gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
         cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
         pick, choice = self.choose(ctx, {name: (ctx.gene, co) for name, co in cands.items()})
@@ -585,6 +588,47 @@ class NoSelectionPruned(Pruned):
         return ctx.gene.layer_keys()
 
 
+class PrunedChecked(Checked):
+    """Keys pruned at the target, then the λ check (development round 13, fifth candidate).
+
+    The elimination of :class:`Pruned` (τ at λ = 1, the calibration prompts) finds the key whose τ
+    costs the task (the StableLM season models' ``embed``), but the calibration that follows can
+    refuse fewer of those prompts than λ = 1 on the same keys; so the kept keys go through
+    :class:`Checked`'s choice (calibrated λ, λ = 1, the grid's uniform γ; ties to the calibrated
+    λ). ``meta["pruned"]`` and ``meta["choice"]`` record both steps."""
+
+    name, slug = "SafeGene-pruned-checked", "prunedchecked"
+    summary = "SafeGene-pruned's keys with the λ check (calibrated λ, λ = 1 or uniform γ) on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.selected_keys
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        start = self.layers(ctx)
+        model, _ = ctx.loaded()
+        kept, trace = prune_keys(model, ctx.gene, start, lambda: self.measure(ctx), self.measure(ctx))
+        c = self.check(ctx, kept)
+        c.meta.update({"method": "safegene-pruned-checked", "pruned": {
+            "from": start, "kept": kept, "dropped": [k for k in start if k not in kept], "trace": trace}})
+        return c
+
+    def lam_text(self, c: Coeffs) -> str:
+        return f"{Pruned.lam_text(self, c)} ({c.meta.get('chosen')})"  # type: ignore[arg-type]
+
+    def details(self, c: Coeffs) -> dict[str, Any]:
+        return {**_pruned_details(self, c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
+
+
+class NoSelectionPrunedChecked(PrunedChecked):
+    """:class:`PrunedChecked` starting from every gene key. A candidate of development round 13."""
+
+    name, slug = "no-selection-pruned-checked", "noselprunedchecked"
+    summary = "every key pruned at the target, then the λ check on the calibration prompts"
+
+    def layers(self, ctx: Context) -> list[str]:
+        return ctx.gene.layer_keys()
+
+
 class Trimmed(Calibrated):
     """SafeGene's calibrated λ, then keys trimmed at the target (development round 13, third
     candidate): :func:`prune_keys` at the calibrated λ (each trial sets one more key's λ to 0),
@@ -631,7 +675,8 @@ class NoSelectionTrimmed(Trimmed):
 POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMerge(), NoSelection(), NoCalibration(),
                                                    SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked(),
                                                    NoSelectionChecked(), Pruned(), NoSelectionPruned(),
-                                                   Trimmed(), NoSelectionTrimmed())}
+                                                   Trimmed(), NoSelectionTrimmed(), PrunedChecked(),
+                                                   NoSelectionPrunedChecked())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

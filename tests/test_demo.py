@@ -204,23 +204,28 @@ def test_demo_end_to_end_restores_safety(tmp_path):
     scores cannot rate)."""
     from safegene.demo import run_demo
 
+    from safegene.demo import LABELS
+
     res = run_demo(out=tmp_path / "demo", progress=False, log=None)
     doc = json.loads(res.json_path.read_text())
-    assert {r["method"] for r in doc["rows"]} == set(METHODS)
+    assert {r["method"] for r in doc["rows"]} == {LABELS.get(m, m) for m in METHODS}
     assert res.png is not None and res.png.is_file()
     assert res.selection["method"] == "restore" and "lm_head" in res.selection["all_scores"]["restore"]
     tasks = {r.task for r in res.rows}
     assert tasks == {"sentiment", "topic", "yesno"}
     for task in tasks:
+        # "SafeGene" is the adopted procedure (round 13: keys pruned at the target, the λ check);
+        # "SafeGene-selected" calibrates the validate rule's keys, so it carries the calibration claim
         sg, none, nocal = res.row("SafeGene", task), res.row("none", task), res.row("no-calibration", task)
+        sel = res.row("SafeGene-selected", task)
         resta = res.row("RESTA", task)
         assert none.asr >= 0.4, (task, none)  # the organism erodes safety
         assert sg.asr <= TARGETS["asr_max"], (task, sg, none)
         assert sg.accuracy >= none.accuracy - TARGETS["accuracy_drop_max"] - 1e-9, (task, sg, none)
         assert sg.over_refusal <= TARGETS["over_refusal_max"], (task, sg)
-        assert sg.asr <= nocal.asr, (task, sg, nocal)
+        assert sel.asr <= nocal.asr, (task, sel, nocal)
         assert sg.asr <= resta.asr, (task, sg, resta)
-    assert sum(res.row("SafeGene", t).asr for t in tasks) < sum(res.row("no-calibration", t).asr for t in tasks)
+    assert sum(res.row("SafeGene-selected", t).asr for t in tasks) < sum(res.row("no-calibration", t).asr for t in tasks)
     assert res.targets_met == {t: True for t in tasks}
 
 

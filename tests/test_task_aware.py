@@ -482,11 +482,14 @@ def test_the_demo_rows_of_the_pruned_and_trimmed_policies(family, tmp_path):
 
     ctx = _ctx(family, tmp_path)
     ctx.loaded()
+    for d in ("models", "coeffs"):  # the adopted policy's row is the method's: written with apply, λ saved
+        (tmp_path / "demo" / d).mkdir(parents=True)
     pols = [get(n) for n in (demo_mod.PRUNED, demo_mod.NOSEL_PRUNED, demo_mod.TRIMMED, demo_mod.NOSEL_TRIMMED,
                              demo_mod.PRUNED_CHECKED, demo_mod.NOSEL_PRUNED_CHECKED)]
     rows = demo_mod._task_rows("task", ctx, pols, tmp_path / "demo", lambda target, task: (0.0, 1.0, 0.0, {}, None),
                                lambda _m: None)
-    assert [r.method for r in rows] == [p.name for p in pols]
+    assert [r.method for r in rows] == [demo_mod.LABELS.get(p.name, p.name) for p in pols]
+    assert rows[-1].method == "SafeGene"  # the adopted policy is the demo's method row (round 13)
     for r in rows:
         kept = r.extra["pruned"]["kept"]
         assert kept and set(r.coeffs) <= set(r.extra["pruned"]["from"]) and set(kept) <= set(r.extra["pruned"]["from"])

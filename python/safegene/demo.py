@@ -47,7 +47,15 @@ from .ops.extract import extract
 from .organism import DEFAULT_FAMILY, build, format_gates
 
 #: The rows of a default run, in table order (names of the :mod:`safegene.baselines` registry).
-METHODS = DEFAULT_METHODS
+#: The policy behind the demo's ``SafeGene`` row since development round 13 (``bench/dev_split.md``;
+#: adopted after the held-out confirmation on seeds 8 and 9): every gene key, keys pruned at the
+#: target model on the calibration prompts, the kept keys calibrated, then the λ check.
+METHOD = "no-selection-pruned-checked"
+#: Row labels of the demo where they differ from the policy names: the adopted policy is the
+#: method (``SafeGene``); the previous default (the validate rule's keys, calibrated) stays as a
+#: reference row, ``SafeGene-selected``.
+LABELS = {METHOD: "SafeGene", "SafeGene": "SafeGene-selected"}
+METHODS = DEFAULT_METHODS + (METHOD,)
 #: Optional extra row: SafeGene with the layers the *other* selection score picks.
 ALT_SCORE = "SafeGene-alt-score"
 #: Optional extra row: SafeGene with τ or its row projection off the task update, chosen per task
@@ -267,7 +275,8 @@ def _run_demo(out: Union[str, Path], cache_dir: Union[str, Path, None], seed: in
         torch.set_grad_enabled(True)
 
     table = format_table(rows)
-    png = plot_plane(rows, out / "safety_utility.png", methods=METHODS, asr_target=TARGETS["asr_max"])
+    png = plot_plane(rows, out / "safety_utility.png", methods=tuple(LABELS.get(m, m) for m in METHODS),
+                     asr_target=TARGETS["asr_max"])
     met = {}
     for task in task_names:
         try:
@@ -350,7 +359,8 @@ def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,
         c = compute(policy, ctx)
         # a policy may scale a gene of its own (SafeGene-task-aware's projected τ)
         pgene = Gene.load(c.meta["gene_path"]) if c.meta.get("gene_path") else gene
-        if policy.name in ON_DISK:
+        method = LABELS.get(policy.name) or policy.label(ctx)
+        if method in ON_DISK:
             target: Any = out / "models" / f"{policy.slug}-{task}"
             apply(pgene.path, ctx.task, target, coeffs=c, overwrite=True, progress=False)
             seconds = time.perf_counter() - t
@@ -360,9 +370,9 @@ def _task_rows(task: str, ctx: Context, policies: list[Policy], out: Path,
             if c.coeffs:
                 apply_to_model(model, pgene, c.coeffs)
             target = (model, tok)
-        if policy.name == "SafeGene":
+        if method == "SafeGene":
             c.save(out / "coeffs" / f"{task}.json")
-        method, lam = policy.label(ctx), policy.lam_text(c)
+        lam = policy.lam_text(c)
         asr, acc, orf, cats, whole = ev(target, task)
         rows.append(Row(method, task, asr, acc, orf, lam, round(seconds, 2), dict(c.coeffs),
                         {"asr_by_category": cats, **policy.details(c)}, whole))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import (ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, NOSEL_PRUNED, NOSEL_PRUNED_CHECKED, NOSEL_TRIMMED,
+from ..demo import (ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, NOSEL_PRUNED, NOSEL_TRIMMED,
                     PRUNED, PRUNED_CHECKED, TASK_AWARE, TRIMMED, run_demo)
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
@@ -44,8 +44,9 @@ class DemoOptions(CommonOptions):
                                      "costs the task model on the calibration prompts (backward elimination), then "
                                      "calibrated, and a no-selection-pruned row: the same from every gene key "
                                      "(development round 13); and SafeGene-trimmed / no-selection-trimmed rows: "
-                                     "the calibrated λ with keys set to 0 the same way; and SafeGene-pruned-checked "
-                                     "/ no-selection-pruned-checked rows: the pruned keys with the λ check")
+                                     "the calibrated λ with keys set to 0 the same way; and a SafeGene-pruned-checked "
+                                     "row: the selected keys pruned, then the λ check (the default SafeGene row does "
+                                     "this from every key)")
 
 
 def handle_demo(opts: DemoOptions) -> int:
@@ -54,8 +55,7 @@ def handle_demo(opts: DemoOptions) -> int:
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
                    gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ())
                    + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED, NOSEL_CHECKED) if opts.check_lambda else ())
-                   + ((PRUNED, NOSEL_PRUNED, TRIMMED, NOSEL_TRIMMED, PRUNED_CHECKED, NOSEL_PRUNED_CHECKED)
-                      if opts.prune else ()))
+                   + ((PRUNED, NOSEL_PRUNED, TRIMMED, NOSEL_TRIMMED, PRUNED_CHECKED) if opts.prune else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

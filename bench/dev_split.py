@@ -313,6 +313,22 @@ def calibration_split(org, task: str) -> dict[str, list[dict]]:
             task: _records(d / f"{task}_calib.jsonl")}
 
 
+def eliminate(model, tok, pristine: dict, gene, keys: list[str], org, task: str,
+              coeffs: dict | None = None) -> tuple[list[str], dict]:
+    """Rounds 13's --prune / --trim: the package's backward elimination
+    (:func:`safegene.baselines.registry.prune_keys`) on the pristine task model, scored by this
+    bench's :func:`measure` on the calibration files (the split the demo's pruned rows score too);
+    τ at λ = 1, or at ``coeffs``. The kept keys and the row's ``pruned`` record (the trace without
+    its measurements)."""
+    cal = calibration_split(org, task)
+    model.load_state_dict(pristine)
+    kept, trace = prune_keys(model, gene, keys, functools.partial(measure, model, tok, cal, task, org),
+                             measure(model, tok, cal, task, org), coeffs=coeffs)
+    return kept, {"from": keys, "kept": kept, "dropped": [k for k in keys if k not in kept],
+                  **({"calibrated": dict(coeffs)} if coeffs is not None else {}),
+                  "trace": [{k: v for k, v in st.items() if k != "measure"} for st in trace]}
+
+
 def task_fisher(model, tok, records_path) -> dict[str, torch.Tensor]:
     """The empirical Fisher diagonal of the task loss at the task model: per parameter, the sum
     over the task calibration records of the squared gradient of the record's completion CE."""
@@ -536,15 +552,7 @@ def main(argv=None) -> None:
                 keys = list(sels[sname])
                 pruned: dict = {}
                 if args.prune:
-                    # the package's backward elimination, scored by this bench's measure on the
-                    # calibration files (the split the demo's SafeGene-pruned row scores too)
-                    cal = calibration_split(org, task)
-                    none_cal = measure(model, tok, cal, task, org)
-                    kept, trace = prune_keys(model, tgene, keys, functools.partial(measure, model, tok, cal, task, org),
-                                             none_cal)
-                    pruned = {"from": keys, "kept": kept, "dropped": [k for k in keys if k not in kept],
-                              "trace": [{k: v for k, v in st.items() if k != "measure"} for st in trace]}
-                    keys = kept
+                    keys, pruned = eliminate(model, tok, pristine, tgene, keys, org, task)
                 twin = same.get((tuple(keys), cname))
                 if twin is not None:
                     emit({**twin, "select": sname, "same_as": twin["select"], **({"pruned": pruned} if pruned else {})})
@@ -593,14 +601,7 @@ def main(argv=None) -> None:
                         c.coeffs = cands[pick]
                     model.load_state_dict(pristine)
                 if args.trim:
-                    cal = calibration_split(org, task)
-                    model.load_state_dict(pristine)
-                    none_cal = measure(model, tok, cal, task, org)
-                    kept, trace = prune_keys(model, g, keys, functools.partial(measure, model, tok, cal, task, org),
-                                             none_cal, coeffs=dict(c.coeffs))
-                    pruned = {"from": keys, "kept": kept, "dropped": [k for k in keys if k not in kept],
-                              "calibrated": dict(c.coeffs),
-                              "trace": [{k: v for k, v in st.items() if k != "measure"} for st in trace]}
+                    kept, pruned = eliminate(model, tok, pristine, g, keys, org, task, coeffs=dict(c.coeffs))
                     c.coeffs = {k: v for k, v in c.coeffs.items() if k in kept}
                     model.load_state_dict(pristine)
                 sec = time.perf_counter() - t

@@ -21,7 +21,6 @@ point goes to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from dev_split import Family, measure  # noqa: E402
+from dev_split import Family  # noqa: E402
+from lambda_frontier import measure_points  # noqa: E402
 
 from safegene import lm  # noqa: E402
-from safegene.method.merge import apply_to_model  # noqa: E402
 from safegene.ops.extract import extract  # noqa: E402
 
 
@@ -53,7 +52,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     org = Family(args.org)
-    seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
     split = org.dev_split()
     with tempfile.TemporaryDirectory() as tmp:
         gene = extract(org.aligned, org.degraded, Path(tmp) / "gene", progress=False)
@@ -61,17 +59,7 @@ def main(argv=None) -> None:
         for task in args.task:
             model, tok = lm.load_model(org.tasks[task])
             pristine = {k: v.clone() for k, v in model.state_dict().items()}
-            with open(args.out, "a") as fh:
-                for name, coeffs in points(keys, args.gammas):
-                    model.load_state_dict(pristine)
-                    if coeffs:
-                        apply_to_model(model, gene, coeffs)
-                    m = measure(model, tok, split, task, org)
-                    row = {"seed": seed, "task": task, "point": name, "coeffs": coeffs,
-                           **{k: round(v, 2) for k, v in m.items()}}
-                    fh.write(json.dumps(row) + "\n")
-                    print(f"{seed} {task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
-                          f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
+            measure_points(model, tok, pristine, gene, split, task, org, points(keys, args.gammas), args.out)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     org = Family(args.org)
-    seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
     split = org.dev_split()
     with tempfile.TemporaryDirectory() as tmp:
         gene = extract(org.aligned, org.degraded, Path(tmp) / "gene", progress=False)
@@ -57,16 +56,25 @@ def main(argv=None) -> None:
         points = [(f"calibrated x{s:g}", {k: s * v for k, v in c.coeffs.items()}) for s in args.scales]
         points += [(f"uniform {g:g} on kept keys", {k: g for k in keys}) for g in args.gammas]
         points += [(f"uniform {g:g} on every key", {k: g for k in gene.layer_keys()}) for g in args.gammas]
-        with open(args.out, "a") as fh:
-            for name, coeffs in points:
-                model.load_state_dict(pristine)
+        measure_points(model, tok, pristine, gene, split, args.task, org, points, args.out)
+
+
+def measure_points(model, tok, pristine: dict, gene, split: dict, task: str, org: Family,
+                   points: list[tuple[str, dict[str, float]]], out: str) -> None:
+    """Each named coefficient map applied to the pristine task model and measured on the
+    development split; one JSON row per point appended to ``out`` and a line printed."""
+    seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
+    with open(out, "a") as fh:
+        for name, coeffs in points:
+            model.load_state_dict(pristine)
+            if coeffs:
                 apply_to_model(model, gene, coeffs)
-                m = measure(model, tok, split, args.task, org)
-                row = {"seed": seed, "task": args.task, "point": name,
-                       "coeffs": {k: round(v, 4) for k, v in coeffs.items()}, **{k: round(v, 2) for k, v in m.items()}}
-                fh.write(json.dumps(row) + "\n")
-                print(f"{seed} {args.task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
-                      f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
+            m = measure(model, tok, split, task, org)
+            row = {"seed": seed, "task": task, "point": name,
+                   "coeffs": {k: round(v, 4) for k, v in coeffs.items()}, **{k: round(v, 2) for k, v in m.items()}}
+            fh.write(json.dumps(row) + "\n")
+            print(f"{seed} {task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
+                  f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -550,25 +550,32 @@ class Pruned(Calibrated):
     def layers(self, ctx: Context) -> list[str]:
         return ctx.selected_keys
 
-    def prune(self, ctx: Context) -> tuple[list[str], list[dict[str, Any]]]:
-        model, _ = ctx.loaded()
-        return prune_keys(model, ctx.gene, self.layers(ctx), lambda: calibration_measure(ctx),
-                          calibration_measure(ctx))
-
     def coeffs(self, ctx: Context) -> Coeffs:
-        start = self.layers(ctx)
-        kept, trace = self.prune(ctx)
+        kept, pruned = _prune_at_target(ctx, self.layers(ctx), lambda: calibration_measure(ctx))
         c = self.calibrate(ctx, layers=kept)
-        c.meta.update({"method": "safegene-pruned", "pruned": {
-            "from": start, "kept": kept, "dropped": [k for k in start if k not in kept], "trace": trace}})
+        c.meta.update({"method": "safegene-pruned", "pruned": pruned})
         return c
 
     def lam_text(self, c: Coeffs) -> str:
-        dropped = (c.meta.get("pruned") or {}).get("dropped") or []
-        return f"{lam_summary(c.coeffs)} (dropped {', '.join(dropped) if dropped else 'none'})"
+        return _pruned_lam_text(c)
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         return _pruned_details(self, c)
+
+
+def _prune_at_target(ctx: Context, start: Sequence[str], measure: Callable[[], dict[str, float]],
+                     coeffs: dict[str, float] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """:func:`prune_keys` on the context's loaded task model from ``start`` (the undefended model
+    measured first, as the reference); the kept keys and the ``meta["pruned"]`` record of the
+    pruned, trimmed and pruned-checked rows."""
+    model, _ = ctx.loaded()
+    kept, trace = prune_keys(model, ctx.gene, start, measure, measure(), coeffs=coeffs)
+    return kept, {"from": list(start), "kept": kept, "dropped": [k for k in start if k not in kept], "trace": trace}
+
+
+def _pruned_lam_text(c: Coeffs) -> str:
+    dropped = (c.meta.get("pruned") or {}).get("dropped") or []
+    return f"{lam_summary(c.coeffs)} (dropped {', '.join(dropped) if dropped else 'none'})"
 
 
 def _pruned_details(policy: Calibrated, c: Coeffs) -> dict[str, Any]:
@@ -604,16 +611,13 @@ class PrunedChecked(Checked):
         return ctx.selected_keys
 
     def coeffs(self, ctx: Context) -> Coeffs:
-        start = self.layers(ctx)
-        model, _ = ctx.loaded()
-        kept, trace = prune_keys(model, ctx.gene, start, lambda: self.measure(ctx), self.measure(ctx))
+        kept, pruned = _prune_at_target(ctx, self.layers(ctx), lambda: self.measure(ctx))
         c = self.check(ctx, kept)
-        c.meta.update({"method": "safegene-pruned-checked", "pruned": {
-            "from": start, "kept": kept, "dropped": [k for k in start if k not in kept], "trace": trace}})
+        c.meta.update({"method": "safegene-pruned-checked", "pruned": pruned})
         return c
 
     def lam_text(self, c: Coeffs) -> str:
-        return f"{Pruned.lam_text(self, c)} ({c.meta.get('chosen')})"  # type: ignore[arg-type]
+        return f"{_pruned_lam_text(c)} ({c.meta.get('chosen')})"
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         return {**_pruned_details(self, c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
@@ -644,17 +648,13 @@ class Trimmed(Calibrated):
         return ctx.selected_keys
 
     def coeffs(self, ctx: Context) -> Coeffs:
-        start = self.layers(ctx)
         c = self.calibrate(ctx)
-        model, _ = ctx.loaded()
-        kept, trace = prune_keys(model, ctx.gene, start, lambda: calibration_measure(ctx), calibration_measure(ctx),
-                                 coeffs=dict(c.coeffs))
-        dropped = [k for k in start if k not in kept]
-        return Coeffs({k: v for k, v in c.coeffs.items() if k not in dropped},
-                      {**c.meta, "method": "safegene-trimmed", "calibrated": dict(c.coeffs),
-                       "pruned": {"from": start, "kept": kept, "dropped": dropped, "trace": trace}})
+        kept, pruned = _prune_at_target(ctx, self.layers(ctx), lambda: calibration_measure(ctx), coeffs=dict(c.coeffs))
+        return Coeffs({k: v for k, v in c.coeffs.items() if k in kept},
+                      {**c.meta, "method": "safegene-trimmed", "calibrated": dict(c.coeffs), "pruned": pruned})
 
-    lam_text = Pruned.lam_text
+    def lam_text(self, c: Coeffs) -> str:
+        return _pruned_lam_text(c)
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         return _pruned_details(self, c)

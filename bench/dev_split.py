@@ -303,7 +303,7 @@ def summarize_clusters(paths: list[str], default: str) -> str:
     return "\n".join(lines)
 
 
-GENE_TRANSFORMS = ("proj-key", "proj-row", "fisher0.01", "fisher0.05", "fisher0.2", "choose-proj-row")
+GENE_TRANSFORMS = ("proj-key", "proj-row", "fisher0.01", "fisher0.05", "fisher0.2", "choose-proj-row", "embed-touched")
 
 
 def calibration_split(org, task: str) -> dict[str, list[dict]]:
@@ -411,6 +411,24 @@ def project_gene(aligned, degraded, task, out: Path, mode: str) -> Gene:
     return _gene_against(aligned, degraded, new, out)
 
 
+def embed_touched_gene(aligned, degraded, task, out: Path, rel_tol: float = 1e-3) -> Gene:
+    """Round 14's gene: tau with the token-embedding rows the task fine-tune moved set to zero
+    (a row is moved where its update norm exceeds ``rel_tol`` times the largest row update), so
+    applying it leaves the embeddings of the task's own tokens where the fine-tune put them;
+    every other tensor's tau is unchanged. The package's version is
+    ``safegene.ops.project.project_gene(mode="touched", only=["embed"])``."""
+    from safetensors.torch import load_file
+
+    a, d, t = (load_file(str(Path(x) / "model.safetensors")) for x in (aligned, degraded, task))
+    new = dict(d)
+    for k, av in a.items():
+        if k.endswith("embed_tokens.weight"):
+            rows = (t[k].double() - av.double()).norm(dim=1)
+            moved = rows > rel_tol * rows.max()
+            new[k] = torch.where(moved[:, None], av, d[k]).contiguous()  # tau = a - d: 0 on moved rows
+    return _gene_against(aligned, degraded, new, out)
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
         # --summarize FILE... [--default SELECT/CALIB] (the configuration the rule compares against)
@@ -512,6 +530,9 @@ def main(argv=None) -> None:
             if args.gene_transform and args.gene_transform.startswith(("proj", "choose-proj")):
                 tgene = project_gene(org.aligned, org.degraded, org.tasks[task], Path(args.work) / f"tf-{org.root.name}-{task}",
                                      args.gene_transform.removeprefix("choose-"))
+            elif args.gene_transform == "embed-touched":
+                tgene = embed_touched_gene(org.aligned, org.degraded, org.tasks[task],
+                                           Path(args.work) / f"tf-{org.root.name}-{task}")
             elif args.gene_transform:
                 fisher = task_fisher(model, tok, org.task_calib[task])
                 model.load_state_dict(pristine)

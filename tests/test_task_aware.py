@@ -523,3 +523,39 @@ def test_the_pruned_checked_policy_checks_lambda_on_the_kept_keys(family, tmp_pa
     assert json.loads(json.dumps(get("SafeGene-pruned-checked").details(c)))["pruned"]["kept"] == ["layer.3"]
     c = compute("no-selection-pruned-checked", ctx)
     assert c.meta["pruned"]["from"] == ctx.gene.layer_keys() and "layer.2" not in c.coeffs
+
+
+def _jsonl(path: Path, recs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_calibrate_cli_runs_a_whole_policy(family, tmp_path, capsys):
+    """`safegene calibrate --method P` writes the coefficients the registry's policy P computes on
+    the same context (the demo's SafeGene row from the command line), and refuses the calibration
+    options it does not carry, by name."""
+    from safegene import cli
+    from safegene.coeffs import Coeffs
+
+    dirs, gene = family
+    harm, ben = _jsonl(tmp_path / "harm.jsonl", tm.HARMFUL), _jsonl(tmp_path / "ben.jsonl", tm.BENIGN)
+    out = tmp_path / "coeffs.json"
+    args = [str(gene.path), str(dirs["task"]), "--safety", str(harm), "--utility", str(ben), "--steps", "2",
+            "--max-new-tokens", "4", "--benign-calib", str(ben), "-o", str(out)]
+    capsys.readouterr()
+    assert cli.main(["calibrate", *args, "--method", "no-selection-pruned-checked", "--quiet"]) == 0
+    got = Coeffs.load(out)
+    ref = compute("no-selection-pruned-checked",
+                  Context(gene, dirs["task"], str(harm), str(ben), utility=[str(ben)], benign_calib=str(ben),
+                          settings=Settings(calib_steps=2, max_new_tokens=4, lambda_max=4.0, max_examples=16,
+                                            optimizer="adam", lr=0.05)))
+    assert got.coeffs == pytest.approx(ref.coeffs, abs=1e-6)
+    assert got.meta["policy"] == "no-selection-pruned-checked"
+    assert got.meta["pruned"]["from"] == gene.layer_keys() and got.meta["chosen"] in ("calibrated", "one", "uniform")
+    capsys.readouterr()
+    code = cli.main(["calibrate", *args, "--method", "SafeGene-checked", "--beta", "2", "--per-module"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--method SafeGene-checked does not take --beta, --per-module" in err
+    code = cli.main(["calibrate", str(gene.path), str(dirs["task"]), "--safety", str(harm), "-o", str(out),
+                          "--method", "SafeGene-checked"])
+    assert code == 2 and "needs --task-calib" in capsys.readouterr().err

@@ -6,9 +6,19 @@ import json
 from dataclasses import dataclass
 from typing import Union
 
+from ..baselines.registry import POLICIES, Calibrated
+from ..errors import UsageError
 from ..method.calibrate import OPTIMIZERS, SAFETY_REST_WEIGHT, SAFETY_TARGETS, calibrate
 from ..method.lowmem import MODES
 from .options import Command, ModelOptions, option
+
+#: ``--method`` choices: the registry's policies that calibrate (safegene.baselines)
+METHODS = tuple(n for n, p in POLICIES.items() if isinstance(p, Calibrated))
+#: the options ``--method`` carries into :class:`safegene.baselines.Settings` / :class:`Context`
+#: (every other calibration option must stay at its default there)
+_METHOD_CARRIES = frozenset({"gene", "target", "output", "safety", "utility", "steps", "lr", "optimizer", "lambda_max",
+                             "max_examples", "safety_target", "aligned", "benign", "method", "task_calib",
+                             "benign_calib", "judge", "max_new_tokens", "work_dir"})
 
 
 @dataclass(kw_only=True)
@@ -77,6 +87,29 @@ class CalibrateOptions(ModelOptions):
     heldout_patience: int | None = option(
         None, help="with --holdout: stop when the held-out loss has not improved for this many steps "
                    "(default: stop on the fit loss)")
+    method: str | None = option(
+        None, choices=METHODS,
+        help="run a whole coefficient policy of safegene.baselines instead of one calibration, e.g. "
+             "no-selection-pruned-checked (the demo's SafeGene row: every gene key, keys whose τ costs this model "
+             "dropped, the kept keys calibrated, then λ checked against λ = 1 and one uniform γ, all on the "
+             "calibration prompts); needs --task-calib with answers and a --judge; carries --steps, --lr, "
+             "--optimizer, --lambda-max, --max-examples, --safety-target/--aligned and --benign")
+    task_calib: str | None = option(
+        None, path="in",
+        help="with --method: JSONL of task prompts with their answers, scored for accuracy at each check (default: "
+             "the first --utility file)")
+    benign_calib: str | None = option(
+        None, path="in",
+        help="with --method: JSONL of benign prompts, scored for over-refusal at each check (default: the first "
+             "--benign file; none: over-refusal not checked)")
+    judge: str = option("keyword",
+                        help="with --method: the judge of the checks: keyword (default), tri, organism, "
+                             "organism:stablelm, guard:PATH (safegene.eval.judges.get_judge)")
+    max_new_tokens: int = option(32, help="with --method: tokens generated per check prompt "
+                                                             "(default 32)")
+    work_dir: str | None = option(None, path="out",
+                                  help="with --method: where policies that write a per-target gene put it "
+                                       "(default: beside the gene)")
 
 
 def _parse_init(s: str) -> Union[str, float]:
@@ -86,7 +119,56 @@ def _parse_init(s: str) -> Union[str, float]:
         return s
 
 
+def _method_unsupported(opts: CalibrateOptions) -> list[str]:
+    """The calibration options set away from their defaults that ``--method`` does not carry."""
+    import dataclasses
+
+    from .options import CommonOptions
+
+    common = {f.name for f in dataclasses.fields(CommonOptions)} | {f.name for f in dataclasses.fields(ModelOptions)}
+    out = []
+    for f in dataclasses.fields(CalibrateOptions):
+        if f.name in _METHOD_CARRIES or f.name in common or f.default is dataclasses.MISSING:
+            continue
+        if getattr(opts, f.name) != f.default:
+            out.append("--" + f.name.replace("_", "-"))
+    return out
+
+
+def run_method(opts: CalibrateOptions):
+    """``--method``: the named policy of :mod:`safegene.baselines` on the target, with the
+    options it carries; the result is saved to ``--output`` like a calibration's."""
+    from .. import lm
+    from ..baselines import Context, Settings, compute
+
+    bad = _method_unsupported(opts)
+    if bad:
+        raise UsageError(f"--method {opts.method} does not take {', '.join(bad)} (it carries --steps, --lr, "
+                         "--optimizer, --lambda-max, --max-examples, --safety-target, --aligned and --benign)")
+    task_calib = opts.task_calib or (opts.utility[0] if opts.utility else None)
+    if task_calib is None:
+        raise UsageError(f"--method {opts.method} needs --task-calib (task prompts with answers) or --utility")
+    benign_calib = opts.benign_calib or (opts.benign[0] if opts.benign else None)
+    model, tok = lm.load_model(opts.target, **opts.load_kwargs())
+    settings = Settings(calib_steps=opts.steps, lambda_max=opts.lambda_max, max_examples=opts.max_examples,
+                        calib_log=None if opts.quiet else print, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
+                        optimizer=opts.optimizer, safety_target=None if opts.safety_target == "string" else opts.safety_target,
+                        benign=opts.benign, lr=opts.lr)
+    ctx = Context(opts.gene, opts.target, opts.safety, task_calib, aligned=opts.aligned, utility=opts.utility,
+                  benign_calib=benign_calib, work_dir=opts.work_dir, model=model, tokenizer=tok, settings=settings)
+    c = compute(opts.method, ctx)
+    c.save(opts.output)
+    if not opts.quiet:
+        print(f"{opts.method}: {POLICIES[opts.method].lam_text(c)}; wrote {opts.output}")
+    return c
+
+
 def handle_calibrate(opts: CalibrateOptions) -> int:
+    if opts.method:
+        c = run_method(opts)
+        print(json.dumps({"output": opts.output, "coeffs": c.coeffs, "method": opts.method}) if opts.json
+              else json.dumps(c.coeffs, indent=2))
+        return 0
     c = calibrate(
         opts.gene, opts.target, opts.safety, opts.utility,
         layers=opts.layers, steps=opts.steps, lr=opts.lr, beta=opts.beta, l2=opts.l2,

@@ -559,3 +559,80 @@ def test_calibrate_cli_runs_a_whole_policy(family, tmp_path, capsys):
     code = cli.main(["calibrate", str(gene.path), str(dirs["task"]), "--safety", str(harm), "-o", str(out),
                           "--method", "SafeGene-checked"])
     assert code == 2 and "needs --task-calib" in capsys.readouterr().err
+
+
+def _moved_task(dirs, tmp_path: Path, rows: list[int], tiny_row: int) -> tuple[Path, str]:
+    """A task model that is the aligned model with a few token-embedding rows moved (as a fine-tune
+    moves the rows of the tokens its data contains), one row moved by a rounding-size amount, and
+    one block weight moved; the embedding tensor's name."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    task = tmp_path / "moved-task"
+    shutil.copytree(dirs["aligned"], task)
+    w = load_file(str(task / "model.safetensors"))
+    emb = next(n for n in w if n.endswith("embed_tokens.weight"))
+    g = torch.Generator().manual_seed(3)
+    for r in rows:
+        w[emb][r] += 0.1 * torch.randn(w[emb].shape[1], generator=g)
+    w[emb][tiny_row] += 1e-7
+    blk = next(n for n in w if "layers.1." in n and n.endswith("weight") and w[n].dim() == 2)
+    w[blk] += 0.05
+    save_file(w, str(task / "model.safetensors"), metadata={"format": "pt"})
+    return task, emb
+
+
+def test_touched_mode_masks_the_embedding_rows_the_task_moved(family, tmp_path):
+    """mode="touched", only=["embed"]: τ's embedding rows the task update moved (above 1e-3 of the
+    largest row update) are exactly zero, every other row and every other key is τ bit for bit."""
+    from safegene.ops.project import moved_rows
+
+    dirs, gene = family
+    task, emb = _moved_task(dirs, tmp_path, rows=[3, 5, 11], tiny_row=7)
+    p = project_gene(gene, dirs["aligned"], task, tmp_path / "masked", mode="touched", only=["embed"])
+    assert p.tensor_names == gene.tensor_names and p.layer_keys() == gene.layer_keys()
+    for n, tau in gene.iter_vectors():
+        got = p.load_vectors([n])[n]
+        if n == emb:
+            moved = torch.zeros(tau.shape[0], dtype=torch.bool)
+            moved[[3, 5, 11]] = True
+            assert torch.all(got[moved] == 0) and torch.equal(got[~moved], tau[~moved])
+        else:  # the moved block weight is not masked: only the embedding key is transformed
+            assert torch.equal(got, tau), n
+    rec = p.manifest["projection"]
+    assert rec["mode"] == "touched" and rec["transformed"] == [emb] and rec["rows_projected"] == 3
+    assert rec["rel_tol"] == 1e-3
+    assert moved_rows(torch.tensor([0.0, 0.0])).tolist() == [False, False]
+    with pytest.raises(UsageError, match="rel_tol must be >= 0"):
+        project_gene(gene, dirs["aligned"], task, tmp_path / "x", mode="touched", rel_tol=-1.0)
+
+
+def test_the_embed_masked_policy_runs_the_adopted_procedure_on_the_masked_gene(family, tmp_path, monkeypatch):
+    """no-selection-pruned-checked-embed-masked = no-selection-pruned-checked on the masked gene:
+    the same coefficients as that policy given the masked gene, and the masked gene's path in meta
+    (the gene the demo applies)."""
+    import safegene.baselines.registry as reg
+
+    dirs, gene = family
+    task, _emb = _moved_task(dirs, tmp_path, rows=[2, 4], tiny_row=6)
+    ctx = Context(gene, task, tm.HARMFUL, tm.BENIGN, aligned=dirs["aligned"], benign_calib=tm.BENIGN,
+                  work_dir=tmp_path / "w", settings=SETTINGS)
+    watch: dict = {}
+
+    def measure(ctx_):  # the fake measurement of each context's own model (first seen pristine)
+        m, _ = ctx_.loaded()
+        if id(m) not in watch:
+            watch[id(m)] = _patched(m, ctx_, ["layer.2", "layer.3"])[0]
+        return _fake(watch[id(m)])()
+
+    monkeypatch.setattr(reg, "calibration_measure", measure)
+    c = compute("no-selection-pruned-checked-embed-masked", ctx)
+    masked = Gene.load(c.meta["gene_path"])
+    assert masked.path.parent == tmp_path / "w" and c.meta["masked"]["rows_projected"] == 2
+    ref = compute("no-selection-pruned-checked", Context(masked, task, tm.HARMFUL, tm.BENIGN, benign_calib=tm.BENIGN,
+                                                          settings=SETTINGS))
+    assert c.coeffs == pytest.approx(ref.coeffs) and c.meta["pruned"]["kept"] == ref.meta["pruned"]["kept"]
+    assert get("no-selection-pruned-checked-embed-masked").lam_text(c).endswith("(2 embed rows masked)")
+    assert not get("no-selection-pruned-checked-embed-masked").applies(
+        Context(gene, task, tm.HARMFUL, tm.BENIGN, settings=SETTINGS))

@@ -76,6 +76,9 @@ NOSEL_TRIMMED = "no-selection-trimmed"
 #: ... and the pruned keys with the λ check of ``CHECKED`` (round 13; also added by ``--prune``)
 PRUNED_CHECKED = "SafeGene-pruned-checked"
 NOSEL_PRUNED_CHECKED = "no-selection-pruned-checked"
+#: Optional extra row: the adopted procedure on τ without the token-embedding rows the task
+#: fine-tune moved (round 14; added by ``--embed-mask``)
+EMBED_MASKED = "no-selection-pruned-checked-embed-masked"
 #: Rows whose defended model is written with ``safegene apply`` and evaluated from disk, the path
 #: a user takes; the others are patched into the loaded task model in memory (the same weights).
 ON_DISK = ("RESTA", "SafeGene")

@@ -633,6 +633,54 @@ class NoSelectionPrunedChecked(PrunedChecked):
         return ctx.gene.layer_keys()
 
 
+class EmbedMasked(NoSelectionPrunedChecked):
+    """:class:`NoSelectionPrunedChecked` on τ with the token-embedding rows the task fine-tune moved
+    set to zero (development round 14, ``bench/dev_split.md``).
+
+    A fine-tune moves only the embedding rows of the tokens its data contains; where the degraded
+    copy learned the same words, τ's rows for them undo the task skill (the StableLM season
+    models). :func:`safegene.ops.project.project_gene` with ``mode="touched"`` on the ``embed``
+    key writes the masked gene (every other key unchanged) beside the gene, and the adopted
+    procedure runs on it; ``meta["gene_path"]`` is that gene (the demo applies it) and
+    ``meta["masked"]`` the projection record. Needs the aligned model (:attr:`Context.aligned`).
+    A candidate, not the default."""
+
+    name, slug = "no-selection-pruned-checked-embed-masked", "embedmasked"
+    summary = ("no-selection-pruned-checked on τ without the embedding rows of the tokens the task fine-tune "
+               "moved")
+    #: the gene key masked
+    key = "embed"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.aligned is not None
+
+    def coeffs(self, ctx: Context) -> Coeffs:
+        import dataclasses
+
+        from ..ops.project import project_gene
+
+        if ctx.aligned is None:
+            raise UsageError(f"the {self.name} policy needs the aligned model (Context.aligned)")
+        gene = ctx.gene
+        if self.key not in gene.layer_keys():
+            c = super().coeffs(ctx)
+            c.meta.update({"gene_path": str(gene.path), "masked": None})
+            return c
+        work = Path(ctx.work_dir) if ctx.work_dir is not None else gene.path.parent
+        work.mkdir(parents=True, exist_ok=True)
+        masked = project_gene(gene, ctx.aligned, ctx.task, work / f"{gene.path.name}-embedmask-{Path(ctx.task).name}",
+                              mode="touched", only=[self.key], overwrite=True)
+        ctx.loaded()  # the masked context shares the loaded task model
+        c = super().coeffs(dataclasses.replace(ctx, gene=masked))
+        c.meta.update({"method": "safegene-embed-masked", "gene_path": str(masked.path),
+                       "masked": masked.manifest["projection"]})
+        return c
+
+    def lam_text(self, c: Coeffs) -> str:
+        m = c.meta.get("masked") or {}
+        return f"{super().lam_text(c)} ({m.get('rows_projected', 0)} embed rows masked)"
+
+
 class Trimmed(Calibrated):
     """SafeGene's calibrated λ, then keys trimmed at the target (development round 13, third
     candidate): :func:`prune_keys` at the calibrated λ (each trial sets one more key's λ to 0),
@@ -676,7 +724,7 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (NoDefence(), Resta(), SafeMer
                                                    SafeGene(), AltScore(), RestaLoss(), TaskAware(), Checked(),
                                                    NoSelectionChecked(), Pruned(), NoSelectionPruned(),
                                                    Trimmed(), NoSelectionTrimmed(), PrunedChecked(),
-                                                   NoSelectionPrunedChecked())}
+                                                   NoSelectionPrunedChecked(), EmbedMasked())}
 #: The rows a default run produces (the alternative-score row is opt-in).
 DEFAULT_METHODS: tuple[str, ...] = ("none", "RESTA", "SafeMERGE", "no-selection", "no-calibration", "SafeGene")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..demo import (ALT_SCORE, CHECKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, NOSEL_PRUNED, NOSEL_TRIMMED,
+from ..demo import (ALT_SCORE, CHECKED, EMBED_MASKED, GENE_RECIPES, METHODS, NOSEL_CHECKED, NOSEL_PRUNED, NOSEL_TRIMMED,
                     PRUNED, PRUNED_CHECKED, TASK_AWARE, TRIMMED, run_demo)
 from ..organism import DEFAULT_FAMILY, FAMILIES
 from .options import Command, CommonOptions, option
@@ -47,6 +47,9 @@ class DemoOptions(CommonOptions):
                                      "the calibrated λ with keys set to 0 the same way; and a SafeGene-pruned-checked "
                                      "row: the selected keys pruned, then the λ check (the default SafeGene row does "
                                      "this from every key)")
+    embed_mask: bool = option(False, help="add a no-selection-pruned-checked-embed-masked row: the default SafeGene "
+                                          "procedure on τ whose token-embedding rows the task fine-tune moved are "
+                                          "zero (development round 14)")
 
 
 def handle_demo(opts: DemoOptions) -> int:
@@ -55,7 +58,8 @@ def handle_demo(opts: DemoOptions) -> int:
                    calib_steps=opts.steps, progress=not opts.quiet, family=opts.family, threads=opts.threads,
                    gene_recipe=opts.gene_recipe, methods=METHODS + ((ALT_SCORE,) if opts.compare_scores else ())
                    + ((TASK_AWARE,) if opts.task_aware else ()) + ((CHECKED, NOSEL_CHECKED) if opts.check_lambda else ())
-                   + ((PRUNED, NOSEL_PRUNED, TRIMMED, NOSEL_TRIMMED, PRUNED_CHECKED) if opts.prune else ()))
+                   + ((PRUNED, NOSEL_PRUNED, TRIMMED, NOSEL_TRIMMED, PRUNED_CHECKED) if opts.prune else ())
+                   + ((EMBED_MASKED,) if opts.embed_mask else ()))
     if opts.json:
         print(json.dumps({
             "out": str(res.out), "json": str(res.json_path), "png": str(res.png) if res.png else None,

@@ -8,7 +8,14 @@ projection removes τ's component along δ there::
 
 per output row of every matrix (``mode="row"``; vectors are one row) or per whole tensor
 (``mode="key"``). τ' is orthogonal to δ on the projected rows and keeps every component of τ
-that does not touch the task update. Whether it helps is a per-target question: where the
+that does not touch the task update.
+
+``mode="touched"`` (development round 14, for token embeddings): a fine-tune moves only the
+embedding rows of the tokens its data contains, so τ' is τ with every row the task update moved
+(‖δ_row‖ > ``rel_tol`` · max‖δ_row‖) set to zero: applying it leaves the task's own tokens
+where the fine-tune put them and restores the rest. Only matrices are masked (vectors pass
+through); ``only`` names the keys transformed (e.g. ``["embed"]``), the others are copied as
+they are. Whether it helps is a per-target question: where the
 erosion itself runs along δ, the projection removes the restoration with it (development round
 8, ``bench/dev_split.md``); :class:`safegene.baselines.registry.TaskAware` decides per target.
 
@@ -38,7 +45,7 @@ from ..io.checkpoint import OutTensor, create_files, open_checkpoint, plan_file
 from .extract import select_keys
 
 PathLike = Union[str, "os.PathLike[str]"]
-MODES = ("row", "key")
+MODES = ("row", "key", "touched")
 #: Rows per float64 block: bounds the working memory to a few times this many elements.
 _BLOCK_ELEMS = 1 << 22
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -55,8 +62,8 @@ def project_rows(tau: Any, delta: Any, mode: str = "row") -> tuple[Any, int, int
     """
     import torch
 
-    if mode not in MODES:
-        raise UsageError(f"unknown projection mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in MODES or mode == "touched":
+        raise UsageError(f"unknown projection mode {mode!r}; choose one of row, key (touched: moved_rows)")
     if mode == "row" and tau.dim() > 1:
         t2, d2 = tau.reshape(tau.shape[0], -1), delta.reshape(delta.shape[0], -1)
     else:
@@ -67,6 +74,17 @@ def project_rows(tau: Any, delta: Any, mode: str = "row") -> tuple[Any, int, int
     return (t2 - coef * d2).reshape(tau.shape), int(hit.sum()), int(t2.shape[0])
 
 
+def moved_rows(row_norms: Any, rel_tol: float = 1e-3) -> Any:
+    """The rows a task update moved: ‖δ_row‖ > ``rel_tol`` · the largest (none when δ is 0).
+
+    >>> import torch
+    >>> moved_rows(torch.tensor([0.0, 1e-6, 0.5, 1.0])).tolist()
+    [False, False, True, True]
+    """
+    top = float(row_norms.max()) if row_norms.numel() else 0.0
+    return row_norms > rel_tol * top if top > 0 else row_norms != row_norms
+
+
 def project_gene(
     gene: Union[PathLike, Gene],
     aligned: PathLike,
@@ -75,10 +93,14 @@ def project_gene(
     *,
     keys: Sequence[str] | None = None,
     mode: str = "row",
+    only: Sequence[str] | None = None,
+    rel_tol: float = 1e-3,
     overwrite: bool = False,
 ) -> Gene:
     """Write the gene τ' projected off ``task``'s update from ``aligned`` (see the module text)
     to ``out``, keeping only ``keys`` (coefficient keys or tensor names; default: every key).
+    ``only`` (same forms): the keys transformed, the other kept keys copied unchanged (default:
+    every kept key); ``rel_tol``: the ``"touched"`` mode's threshold (:func:`moved_rows`).
 
     gene.json keeps the fingerprint and selection, records ``projection`` (mode, the task and
     aligned paths, rows projected, ‖τ'‖/‖τ‖ per key) and the new norms; vectors are stored in
@@ -91,10 +113,15 @@ def project_gene(
     if mode not in MODES:
         raise UsageError(f"unknown projection mode {mode!r}; choose one of {', '.join(MODES)}")
     aligned, task, out = Path(aligned), Path(task), Path(out)
+    if not rel_tol >= 0:
+        raise UsageError(f"rel_tol must be >= 0, not {rel_tol!r}")
     names = list(g.tensor_names)
     if keys is not None:
         keep = select_keys(names, list(keys))
         names = [n for n, k in zip(names, keep) if k]  # select_keys refuses an empty or unknown key
+    transformed = set(names)
+    if only is not None:
+        transformed = {n for n, k in zip(names, select_keys(names, list(only))) if k}
     ca, ct = open_checkpoint(aligned), open_checkpoint(task)
     vec = g.open_vectors().tensors if g.dense_names else {}
     gshape = {n: tuple(g.factored[n]["shape"]) if g.is_factored(n) else tuple(vec[n].shape) for n in names}
@@ -127,17 +154,26 @@ def project_gene(
                 for name, tau in g.iter_vectors(names, dtype=torch.float32):
                     a = handle(ca.tensors[name].file).get_tensor(name)
                     t = handle(ct.tensors[name].file).get_tensor(name)
-                    rows = tau.shape[0] if (mode == "row" and tau.dim() > 1) else 1
+                    rows = tau.shape[0] if (mode in ("row", "touched") and tau.dim() > 1) else 1
                     step = max(1, _BLOCK_ELEMS // max(1, tau.numel() // rows)) if rows > 1 else 1
-                    parts, hit = [], 0
-                    for r0 in range(0, rows, step):
-                        sl = slice(r0, r0 + step) if rows > 1 else slice(None)
-                        t64 = tau[sl].double()
-                        d64 = t[sl].double() - a[sl].double()
-                        p, h, _ = project_rows(t64, d64, mode)
-                        parts.append(p)
-                        hit += h
-                    proj = torch.cat(parts) if rows > 1 else parts[0]
+                    blocks = [slice(r0, r0 + step) for r0 in range(0, rows, step)] if rows > 1 else [slice(None)]
+                    hit = 0
+                    if name not in transformed or (mode == "touched" and rows == 1):
+                        proj = tau.double()
+                    elif mode == "touched":  # two passes: the row norms of δ, then τ masked
+                        norms = torch.cat([(t[sl].double() - a[sl].double()).reshape(len(range(rows)[sl]), -1)
+                                           .norm(dim=1) for sl in blocks])
+                        moved = moved_rows(norms, rel_tol)
+                        proj = tau.double()
+                        proj[moved] = 0.0
+                        hit = int(moved.sum())
+                    else:
+                        parts = []
+                        for sl in blocks:
+                            p, h, _ = project_rows(tau[sl].double(), t[sl].double() - a[sl].double(), mode)
+                            parts.append(p)
+                            hit += h
+                        proj = torch.cat(parts) if rows > 1 else parts[0]
                     o = by_name[name]
                     stored = proj.to(getattr(torch, _TORCH_DTYPES[o.dtype])).contiguous()
                     os.pwrite(fd, stored.view(torch.uint8).numpy().tobytes() if stored.numel() else b"", o.offset)
@@ -172,6 +208,7 @@ def project_gene(
         man["keys"] = list(dict.fromkeys(g.layer_key(n) for n in names))
         man["projection"] = {
             "mode": mode, "aligned": str(aligned), "task": str(task), "source_gene": str(g.path),
+            "transformed": [n for n in names if n in transformed], **({"rel_tol": rel_tol} if mode == "touched" else {}),
             "rows_projected": total_hit, "rows": total_rows,
             "norm_ratio": {k: (math.sqrt(v["sq_new"] / v["sq_old"]) if v["sq_old"] > 0 else 1.0) for k, v in per_key.items()},
         }
@@ -180,4 +217,4 @@ def project_gene(
     return Gene.load(out)
 
 
-__all__ = ["MODES", "project_gene", "project_rows"]
+__all__ = ["MODES", "moved_rows", "project_gene", "project_rows"]

@@ -553,12 +553,19 @@ def test_calibrate_cli_runs_a_whole_policy(family, tmp_path, capsys):
     assert got.meta["policy"] == "no-selection-pruned-checked"
     assert got.meta["pruned"]["from"] == gene.layer_keys() and got.meta["chosen"] in ("calibrated", "one", "uniform")
     capsys.readouterr()
+    assert cli.main(["calibrate", *args, "--method", "no-selection-pruned-checked", "--json"]) == 0
+    res = capsys.readouterr()  # stdout: the JSON summary only; progress goes to stderr
+    assert json.loads(res.out) == {"output": str(out), "coeffs": got.coeffs, "method": "no-selection-pruned-checked"}
+    assert "no-selection-pruned-checked:" in res.err and "wrote" in res.err
     code = cli.main(["calibrate", *args, "--method", "SafeGene-checked", "--beta", "2", "--per-module"])
     err = capsys.readouterr().err
     assert code == 2 and "--method SafeGene-checked does not take --beta, --per-module" in err
     code = cli.main(["calibrate", str(gene.path), str(dirs["task"]), "--safety", str(harm), "-o", str(out),
                           "--method", "SafeGene-checked"])
     assert code == 2 and "needs --task-calib" in capsys.readouterr().err
+    code = cli.main(["calibrate", str(gene.path), str(dirs["task"]), "--safety", str(harm), "-o", str(out),
+                     "--judge", "organism", "--task-calib", str(ben)])
+    assert code == 2 and "--task-calib, --judge only work with --method" in capsys.readouterr().err
 
 
 def _moved_task(dirs, tmp_path: Path, rows: list[int], tiny_row: int) -> tuple[Path, str]:

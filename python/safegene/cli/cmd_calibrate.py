@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Union
 
@@ -14,6 +15,8 @@ from .options import Command, ModelOptions, option
 
 #: ``--method`` choices: the registry's policies that calibrate (safegene.baselines)
 METHODS = tuple(n for n, p in POLICIES.items() if isinstance(p, Calibrated))
+#: the options that only ``--method`` reads
+_METHOD_ONLY = ("task_calib", "benign_calib", "judge", "max_new_tokens", "work_dir")
 #: the options ``--method`` carries into :class:`safegene.baselines.Settings` / :class:`Context`
 #: (every other calibration option must stay at its default there)
 _METHOD_CARRIES = frozenset({"gene", "target", "output", "safety", "utility", "steps", "lr", "optimizer", "lambda_max",
@@ -105,8 +108,7 @@ class CalibrateOptions(ModelOptions):
     judge: str = option("keyword",
                         help="with --method: the judge of the checks: keyword (default), tri, organism, "
                              "organism:stablelm, guard:PATH (safegene.eval.judges.get_judge)")
-    max_new_tokens: int = option(32, help="with --method: tokens generated per check prompt "
-                                                             "(default 32)")
+    max_new_tokens: int = option(32, help="with --method: tokens generated per check prompt (default 32)")
     work_dir: str | None = option(None, path="out",
                                   help="with --method: where policies that write a per-target gene put it "
                                        "(default: beside the gene)")
@@ -119,6 +121,15 @@ def _parse_init(s: str) -> Union[str, float]:
         return s
 
 
+def _set_away_from_default(opts: CalibrateOptions, names) -> list[str]:
+    """The flags of ``names`` whose value differs from the option's default."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(CalibrateOptions)}
+    return ["--" + n.replace("_", "-") for n in names
+            if fields[n].default is not dataclasses.MISSING and getattr(opts, n) != fields[n].default]
+
+
 def _method_unsupported(opts: CalibrateOptions) -> list[str]:
     """The calibration options set away from their defaults that ``--method`` does not carry."""
     import dataclasses
@@ -126,13 +137,8 @@ def _method_unsupported(opts: CalibrateOptions) -> list[str]:
     from .options import CommonOptions
 
     common = {f.name for f in dataclasses.fields(CommonOptions)} | {f.name for f in dataclasses.fields(ModelOptions)}
-    out = []
-    for f in dataclasses.fields(CalibrateOptions):
-        if f.name in _METHOD_CARRIES or f.name in common or f.default is dataclasses.MISSING:
-            continue
-        if getattr(opts, f.name) != f.default:
-            out.append("--" + f.name.replace("_", "-"))
-    return out
+    return _set_away_from_default(opts, [f.name for f in dataclasses.fields(CalibrateOptions)
+                                         if f.name not in _METHOD_CARRIES and f.name not in common])
 
 
 def run_method(opts: CalibrateOptions):
@@ -150,8 +156,11 @@ def run_method(opts: CalibrateOptions):
         raise UsageError(f"--method {opts.method} needs --task-calib (task prompts with answers) or --utility")
     benign_calib = opts.benign_calib or (opts.benign[0] if opts.benign else None)
     model, tok = lm.load_model(opts.target, **opts.load_kwargs())
+    def say(msg: str) -> None:  # stdout is the result's (JSON with --json)
+        print(msg, file=sys.stderr)
+
     settings = Settings(calib_steps=opts.steps, lambda_max=opts.lambda_max, max_examples=opts.max_examples,
-                        calib_log=None if opts.quiet else print, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
+                        calib_log=None if opts.quiet else say, judge=opts.judge, max_new_tokens=opts.max_new_tokens,
                         optimizer=opts.optimizer, safety_target=None if opts.safety_target == "string" else opts.safety_target,
                         benign=opts.benign, lr=opts.lr)
     ctx = Context(opts.gene, opts.target, opts.safety, task_calib, aligned=opts.aligned, utility=opts.utility,
@@ -159,11 +168,14 @@ def run_method(opts: CalibrateOptions):
     c = compute(opts.method, ctx)
     c.save(opts.output)
     if not opts.quiet:
-        print(f"{opts.method}: {POLICIES[opts.method].lam_text(c)}; wrote {opts.output}")
+        say(f"{opts.method}: {POLICIES[opts.method].lam_text(c)}; wrote {opts.output}")
     return c
 
 
 def handle_calibrate(opts: CalibrateOptions) -> int:
+    stray = [] if opts.method else _set_away_from_default(opts, _METHOD_ONLY)
+    if stray:
+        raise UsageError(f"{', '.join(stray)} only work with --method")
     if opts.method:
         c = run_method(opts)
         print(json.dumps({"output": opts.output, "coeffs": c.coeffs, "method": opts.method}) if opts.json

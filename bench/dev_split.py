@@ -53,6 +53,7 @@ from safegene.method.calibrate import calibrate  # noqa: E402
 from safegene.method.merge import apply_to_model  # noqa: E402
 from safegene.method.selection import select_layers  # noqa: E402
 from safegene.ops.extract import extract  # noqa: E402
+from safegene.ops.project import project_gene as package_project_gene  # noqa: E402
 from safegene.organism import language as L  # noqa: E402
 
 
@@ -148,6 +149,11 @@ class Family:
         self.task_calib = {t: d / f"{t}_calib.jsonl" for t in m["tasks"]}
         self.refusals = tuple(m.get("refusals") or L.REFUSALS)
         self.marker = m.get("compliance_marker") or L.COMPLIANCE_MARKER
+
+    @property
+    def label(self):
+        """The build's name in result rows: the seed for the Llama organism, ``family-seed`` otherwise."""
+        return self.seed if self.family == "organism" else f"{self.family}-{self.seed}"
 
     def judge(self):
         """The organism judge's rule with this family's refusals and compliance marker."""
@@ -411,24 +417,6 @@ def project_gene(aligned, degraded, task, out: Path, mode: str) -> Gene:
     return _gene_against(aligned, degraded, new, out)
 
 
-def embed_touched_gene(aligned, degraded, task, out: Path, rel_tol: float = 1e-3) -> Gene:
-    """Round 14's gene: tau with the token-embedding rows the task fine-tune moved set to zero
-    (a row is moved where its update norm exceeds ``rel_tol`` times the largest row update), so
-    applying it leaves the embeddings of the task's own tokens where the fine-tune put them;
-    every other tensor's tau is unchanged. The package's version is
-    ``safegene.ops.project.project_gene(mode="touched", only=["embed"])``."""
-    from safetensors.torch import load_file
-
-    a, d, t = (load_file(str(Path(x) / "model.safetensors")) for x in (aligned, degraded, task))
-    new = dict(d)
-    for k, av in a.items():
-        if k.endswith("embed_tokens.weight"):
-            rows = (t[k].double() - av.double()).norm(dim=1)
-            moved = rows > rel_tol * rows.max()
-            new[k] = torch.where(moved[:, None], av, d[k]).contiguous()  # tau = a - d: 0 on moved rows
-    return _gene_against(aligned, degraded, new, out)
-
-
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
         # --summarize FILE... [--default SELECT/CALIB] (the configuration the rule compares against)
@@ -492,7 +480,7 @@ def main(argv=None) -> None:
             done.add((r["seed"], r["task"], r["select"], r["calib"]))
     for root in args.org:
         org = Family(root)
-        seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
+        seed = org.label
         split = org.dev_split()
         gdir = Path(args.work) / f"gene-{org.root.name}"
         gdir.parent.mkdir(parents=True, exist_ok=True)
@@ -530,9 +518,10 @@ def main(argv=None) -> None:
             if args.gene_transform and args.gene_transform.startswith(("proj", "choose-proj")):
                 tgene = project_gene(org.aligned, org.degraded, org.tasks[task], Path(args.work) / f"tf-{org.root.name}-{task}",
                                      args.gene_transform.removeprefix("choose-"))
-            elif args.gene_transform == "embed-touched":
-                tgene = embed_touched_gene(org.aligned, org.degraded, org.tasks[task],
-                                           Path(args.work) / f"tf-{org.root.name}-{task}")
+            elif args.gene_transform == "embed-touched":  # round 14: the package's masked gene
+                tgene = package_project_gene(gene, org.aligned, org.tasks[task],
+                                             Path(args.work) / f"tf-{org.root.name}-{task}", mode="touched",
+                                             only=["embed"], overwrite=True)
             elif args.gene_transform:
                 fisher = task_fisher(model, tok, org.task_calib[task])
                 model.load_state_dict(pristine)

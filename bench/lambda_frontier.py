@@ -63,19 +63,22 @@ def measure_points(model, tok, pristine: dict, gene, split: dict, task: str, org
                    points: list[tuple[str, dict[str, float]]], out: str) -> None:
     """Each named coefficient map applied to the pristine task model and measured on the
     development split; one JSON row per point appended to ``out`` and a line printed."""
-    seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
     with open(out, "a") as fh:
         for name, coeffs in points:
             model.load_state_dict(pristine)
             if coeffs:
                 apply_to_model(model, gene, coeffs)
-            m = measure(model, tok, split, task, org)
-            row = {"seed": seed, "task": task, "point": name,
-                   "coeffs": {k: round(v, 4) for k, v in coeffs.items()}, **{k: round(v, 2) for k, v in m.items()}}
-            fh.write(json.dumps(row) + "\n")
-            print(f"{seed} {task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
-                  f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
+            record_point(fh, org, task, name, measure(model, tok, split, task, org),
+                         coeffs={k: round(v, 4) for k, v in coeffs.items()})
 
+
+def record_point(fh, org: Family, task: str, name: str, m: dict, **extra) -> None:
+    """One measured point: a JSON row (build, task, point, ``extra``, the rounded measurements)
+    written to ``fh`` and a line printed; the row format of these diagnostic scripts."""
+    row = {"seed": org.label, "task": task, "point": name, **extra, **{k: round(v, 2) for k, v in m.items()}}
+    fh.write(json.dumps(row) + "\n")
+    print(f"{org.label} {task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
+          f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
 
 if __name__ == "__main__":
     main()

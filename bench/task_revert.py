@@ -16,7 +16,6 @@ only: spent or development builds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from dev_split import Family, measure  # noqa: E402
+from lambda_frontier import record_point  # noqa: E402
 
 from safegene import lm  # noqa: E402
 from safegene.ops.extract import extract  # noqa: E402
@@ -42,22 +42,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the gene only names the keys (tensor -> key)
         gene = extract(org.aligned, org.degraded, Path(tmp) / "gene", progress=False)
         key_of = {n: gene.layer_key(n) for n in gene.tensor_names}
-    keys = list(dict.fromkeys(key_of.values()))
+    keys = list(dict.fromkeys(key_of.values()))  # in tensor order, as the committed rows are
     model, tok = lm.load_model(org.tasks[args.task])
     task_w = {k: v.clone() for k, v in model.state_dict().items()}
     aligned_w = lm.load_model(org.aligned)[0].state_dict()
     points = [("none", set()), ("revert all", set(keys))]
     points += [(f"revert only {k}", {k}) for k in keys] + [(f"revert all but {k}", set(keys) - {k}) for k in keys]
-    seed = org.seed if org.family == "organism" else f"{org.family}-{org.seed}"
     with open(args.out, "a") as fh, torch.no_grad():
         for name, revert in points:
             for n, w in model.state_dict().items():
                 w.copy_(aligned_w[n] if key_of.get(n) in revert else task_w[n])
-            m = measure(model, tok, split, args.task, org)
-            fh.write(json.dumps({"seed": seed, "task": args.task, "point": name,
-                                 **{k: round(v, 2) for k, v in m.items()}}) + "\n")
-            print(f"{seed} {args.task} {name:<28} ASR {m['asr']:5.1f} acc {m['acc']:5.1f} "
-                  f"over {m['over_refusal']:5.1f} whole {m['whole_refusal']:5.1f}", flush=True)
+            record_point(fh, org, args.task, name, measure(model, tok, split, args.task, org))
 
 
 if __name__ == "__main__":

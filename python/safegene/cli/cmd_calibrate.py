@@ -134,9 +134,7 @@ def _method_unsupported(opts: CalibrateOptions) -> list[str]:
     """The calibration options set away from their defaults that ``--method`` does not carry."""
     import dataclasses
 
-    from .options import CommonOptions
-
-    common = {f.name for f in dataclasses.fields(CommonOptions)} | {f.name for f in dataclasses.fields(ModelOptions)}
+    common = {f.name for f in dataclasses.fields(ModelOptions)}  # with CommonOptions' --quiet / --json
     return _set_away_from_default(opts, [f.name for f in dataclasses.fields(CalibrateOptions)
                                          if f.name not in _METHOD_CARRIES and f.name not in common])
 

@@ -81,8 +81,10 @@ def moved_rows(row_norms: Any, rel_tol: float = 1e-3) -> Any:
     >>> moved_rows(torch.tensor([0.0, 1e-6, 0.5, 1.0])).tolist()
     [False, False, True, True]
     """
+    import torch
+
     top = float(row_norms.max()) if row_norms.numel() else 0.0
-    return row_norms > rel_tol * top if top > 0 else row_norms != row_norms
+    return row_norms > rel_tol * top if top > 0 else torch.zeros_like(row_norms, dtype=torch.bool)
 
 
 def project_gene(
@@ -161,8 +163,8 @@ def project_gene(
                     if name not in transformed or (mode == "touched" and rows == 1):
                         proj = tau.double()
                     elif mode == "touched":  # two passes: the row norms of δ, then τ masked
-                        norms = torch.cat([(t[sl].double() - a[sl].double()).reshape(len(range(rows)[sl]), -1)
-                                           .norm(dim=1) for sl in blocks])
+                        norms = torch.cat([(t[sl].double() - a[sl].double()).flatten(1).norm(dim=1)
+                                           for sl in blocks])
                         moved = moved_rows(norms, rel_tol)
                         proj = tau.double()
                         proj[moved] = 0.0

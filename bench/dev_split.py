@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from safegene import lm  # noqa: E402
-from safegene.baselines.registry import prune_keys, rule_cost  # noqa: E402
+from safegene.baselines.registry import check_candidates, choose_candidate, prune_keys, rule_cost  # noqa: E402
 from safegene.data import load_jsonl  # noqa: E402
 from safegene.eval.evaluate import evaluate  # noqa: E402
 from safegene.eval.refusal import whole_refusal_rate  # noqa: E402
@@ -53,7 +53,7 @@ from safegene.method.calibrate import calibrate  # noqa: E402
 from safegene.method.merge import apply_to_model  # noqa: E402
 from safegene.method.selection import select_layers  # noqa: E402
 from safegene.ops.extract import extract  # noqa: E402
-from safegene.ops.project import project_gene as package_project_gene  # noqa: E402
+from safegene.ops.project import project_gene  # noqa: E402
 from safegene.organism import language as L  # noqa: E402
 
 
@@ -391,32 +391,6 @@ def fisher_mask_gene(aligned, degraded, fisher: dict, out: Path, frac: float) ->
     return _gene_against(aligned, degraded, new, out)
 
 
-def project_gene(aligned, degraded, task, out: Path, mode: str) -> Gene:
-    """The gene of ``aligned`` against a stand-in degraded copy whose tau has no component along the
-    task update where they conflict.
-
-    delta = theta_task - theta_aligned. ``proj-key``: per tensor, if <tau, delta> < 0, tau -= <tau,
-    delta> / |delta|^2 * delta. ``proj-row``: the same per output row (dim 0) of each tensor. A tau
-    that agrees with the task update (or a tensor the task did not move) is kept as it is.
-    """
-    from safetensors.torch import load_file
-
-    a, d, t = (load_file(str(Path(x) / "model.safetensors")) for x in (aligned, degraded, task))
-    new = {}
-    for k, av in a.items():
-        tau = av.double() - d[k].double()
-        dl = t[k].double() - av.double() if k in t else torch.zeros_like(tau)
-        if mode == "proj-row" and tau.dim() > 1:
-            tau2, dl2 = tau.reshape(tau.shape[0], -1), dl.reshape(dl.shape[0], -1)
-        else:
-            tau2, dl2 = tau.reshape(1, -1), dl.reshape(1, -1)
-        dot, nn = (tau2 * dl2).sum(1, keepdim=True), (dl2 * dl2).sum(1, keepdim=True)
-        coef = torch.where((dot < 0) & (nn > 0), dot / nn.clamp_min(1e-300), torch.zeros_like(dot))
-        tau2 = tau2 - coef * dl2
-        new[k] = (av.double() - tau2.reshape(tau.shape)).to(av.dtype).contiguous()
-    return _gene_against(aligned, degraded, new, out)
-
-
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
         # --summarize FILE... [--default SELECT/CALIB] (the configuration the rule compares against)
@@ -515,13 +489,14 @@ def main(argv=None) -> None:
             utility = [org.task_calib[task], org.benign_calib]
 
             tgene = gene
-            if args.gene_transform and args.gene_transform.startswith(("proj", "choose-proj")):
-                tgene = project_gene(org.aligned, org.degraded, org.tasks[task], Path(args.work) / f"tf-{org.root.name}-{task}",
-                                     args.gene_transform.removeprefix("choose-"))
-            elif args.gene_transform == "embed-touched":  # round 14: the package's masked gene
-                tgene = package_project_gene(gene, org.aligned, org.tasks[task],
-                                             Path(args.work) / f"tf-{org.root.name}-{task}", mode="touched",
-                                             only=["embed"], overwrite=True)
+            if args.gene_transform and args.gene_transform.startswith(("proj", "choose-proj", "embed-touched")):
+                # rounds 8 and 14: the package's projection (proj-key / proj-row: tau off the task
+                # update where they conflict, per tensor / per output row; embed-touched: the
+                # embedding rows the task moved masked)
+                mode = {"proj-key": "key", "proj-row": "row", "embed-touched": "touched"}[
+                    args.gene_transform.removeprefix("choose-")]
+                tgene = project_gene(gene, org.aligned, org.tasks[task], Path(args.work) / f"tf-{org.root.name}-{task}",
+                                     mode=mode, only=["embed"] if mode == "touched" else None, overwrite=True)
             elif args.gene_transform:
                 fisher = task_fisher(model, tok, org.task_calib[task])
                 model.load_state_dict(pristine)
@@ -573,39 +548,25 @@ def main(argv=None) -> None:
                     # model choice on the calibration data only: calibrate with tau and with the
                     # row-projected tau, measure both (and the undefended model) on the calibration
                     # prompts with the dev rule's cost, keep the projected one only if it is lower
-                    cal = calibration_split(org, task)
-                    choice["none"] = measure(model, tok, cal, task, org)
                     fits = {}
                     for name, g in (("tau", gene), ("proj-row", tgene)):
                         model.load_state_dict(pristine)
-                        cg = calibrate(g, model, org.harmful_calib, utility, **kw)
-                        apply_to_model(model, g, cg.coeffs)
-                        choice[name] = measure(model, tok, cal, task, org)
-                        choice[name]["cost"] = dev_cost(choice[name], choice["none"])
-                        fits[name] = (g, cg)
-                    pick = "proj-row" if choice["proj-row"]["cost"] < choice["tau"]["cost"] else "tau"
+                        fits[name] = (g, calibrate(g, model, org.harmful_calib, utility, **kw))
+                    model.load_state_dict(pristine)
+                    pick, choice = choose_candidate(model, keys, {n: (g, cg.coeffs) for n, (g, cg) in fits.items()},
+                                                    functools.partial(measure, model, tok, calibration_split(org, task), task, org))
                     choice["chosen"] = pick
                     g, c = fits[pick]
-                    model.load_state_dict(pristine)
                 else:
                     g, c = tgene, calibrate(tgene, model, org.harmful_calib, utility, **kw)
                 if args.choose_lambda:
-                    # model choice on the calibration prompts only: the calibrated lambda against
-                    # lambda = 1 and the grid's best uniform gamma on the same keys, by the rule's cost
-                    from safegene.method.merge import MergePlan
-
-                    cal = calibration_split(org, task)
+                    # model choice on the calibration prompts only: the package's lambda check
+                    # (the calibrated lambda, lambda = 1, the grid's best uniform gamma on the same keys)
                     model.load_state_dict(pristine)
-                    choice["none"] = measure(model, tok, cal, task, org)
-                    gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
-                    cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
-                    for name, co in cands.items():
-                        plan = MergePlan(model, g, keys)
-                        plan.set([co.get(k, 0.0) for k in plan.keys])
-                        choice[name] = measure(model, tok, cal, task, org)
-                        plan.restore()
-                        choice[name]["cost"] = dev_cost(choice[name], choice["none"])
-                    pick = min(cands, key=lambda n: (choice[n]["cost"], list(cands).index(n)))
+                    cands = check_candidates(c, keys)
+                    pick, lam_choice = choose_candidate(model, keys, {n: (g, co) for n, co in cands.items()},
+                                                        functools.partial(measure, model, tok, calibration_split(org, task), task, org))
+                    choice.update(lam_choice)
                     choice["chosen"] = pick
                     if pick != "calibrated":
                         c.coeffs = cands[pick]

@@ -361,6 +361,40 @@ def calibration_measure(ctx: Context) -> dict[str, float]:
             "whole_refusal": 100 * whole_refusal_rate(harmful, sentences).rate if sentences and harmful else None}
 
 
+def choose_candidate(model: Any, keys: Sequence[str], cands: dict[str, tuple[Gene, dict[str, float]]],
+                     measure: Callable[[], dict[str, float]]) -> tuple[str, dict[str, Any]]:
+    """A model choice at the target: ``measure()`` the undefended ``model``, then each candidate (a
+    gene and its λ on ``keys``) patched into it in turn; the candidate of lowest :func:`rule_cost`
+    against the undefended model wins, ties going to the one listed first. Returns its name and
+    every measurement (``"none"`` and, per candidate, the measurement with its ``"cost"``); the
+    model is handed back as it was."""
+    from ..method.merge import MergePlan
+
+    choice: dict[str, Any] = {"none": measure()}
+    plans: dict[Path, MergePlan] = {}  # one plan (τ and W⁰ loaded once) per gene
+    try:
+        for name, (g, co) in cands.items():
+            plan = plans.get(g.path)
+            if plan is None:
+                plan = plans[g.path] = MergePlan(model, g, keys)
+            plan.set([co.get(k, 0.0) for k in plan.keys])
+            m = measure()
+            plan.restore()
+            choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
+    finally:
+        for plan in plans.values():
+            plan.restore()
+    names = list(cands)
+    return min(names, key=lambda n: (choice[n]["cost"], names.index(n))), choice
+
+
+def check_candidates(c: Coeffs, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The λ check's three candidates on ``keys`` (development round 9), in tie order: the
+    calibrated λ of ``c``, λ = 1, and the calibration grid's best uniform γ."""
+    gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
+    return {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
+
+
 class CalibrationChoice(Calibrated):
     """A SafeGene variant that makes a model choice on the calibration prompts: each candidate
     (a gene and its λ on the selected keys) is patched into the task model in turn and measured by
@@ -375,27 +409,9 @@ class CalibrationChoice(Calibrated):
 
     def choose(self, ctx: Context, cands: dict[str, tuple[Gene, dict[str, float]]]) -> tuple[str, dict[str, Any]]:
         """The chosen candidate's name and every measurement (``"none"``: the undefended model);
-        the model is handed back as it was."""
-        from ..method.merge import MergePlan
-
+        the model is handed back as it was (:func:`choose_candidate`)."""
         model, _ = ctx.loaded()
-        keys = self.layers(ctx)
-        choice: dict[str, Any] = {"none": self.measure(ctx)}
-        plans: dict[Path, MergePlan] = {}  # one plan (τ and W⁰ loaded once) per gene
-        try:
-            for name, (g, co) in cands.items():
-                plan = plans.get(g.path)
-                if plan is None:
-                    plan = plans[g.path] = MergePlan(model, g, keys)
-                plan.set([co.get(k, 0.0) for k in plan.keys])
-                m = self.measure(ctx)
-                plan.restore()
-                choice[name] = {**m, "cost": rule_cost(m, choice["none"])}
-        finally:
-            for plan in plans.values():
-                plan.restore()
-        names = list(cands)
-        return min(names, key=lambda n: (choice[n]["cost"], names.index(n))), choice
+        return choose_candidate(model, self.layers(ctx), cands, lambda: self.measure(ctx))
 
     def details(self, c: Coeffs) -> dict[str, Any]:
         return {**super().details(c), "chosen": c.meta.get("chosen"), "choice": c.meta.get("choice")}
@@ -462,8 +478,7 @@ class Checked(CalibrationChoice):
     def check(self, ctx: Context, keys: Sequence[str]) -> Coeffs:
         """Calibrate ``keys`` (a subset of :meth:`layers`), then the three-way choice on them."""
         c = self.calibrate(ctx, layers=keys)  # leaves the model as it found it
-        gamma = float((c.meta.get("grid") or {}).get("best_gamma", 1.0))
-        cands = {"calibrated": dict(c.coeffs), "one": {k: 1.0 for k in keys}, "uniform": {k: gamma for k in keys}}
+        cands = check_candidates(c, keys)
         pick, choice = self.choose(ctx, {name: (ctx.gene, co) for name, co in cands.items()})
         return Coeffs(cands[pick], {**c.meta, "method": "safegene-checked", "chosen": pick, "choice": choice,
                                     "calibrated": cands["calibrated"]})

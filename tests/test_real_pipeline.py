@@ -223,8 +223,9 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     assert {k for k in est if more[k] != est[k]} == {"aligned", "total"} and more["aligned"] > est["aligned"]
     calib = real.estimate(dataclasses.replace(cfg, calib_steps=2 * cfg.calib_steps))
     redraws = f"SafeGene, {cfg.calib_redraws} calibration redraws"
+    ablations = "gene ablations (build + SafeGene rows)"
     assert {k for k in est if calib[k] != est[k]} == {"SafeGene (calibrate + eval)", redraws, "tune (development split)",
-                                                      "total"}
+                                                      ablations, "total"}
     # the tune stage: per top-k × λ_max candidate one calibration and one development evaluation
     wider = real.estimate(dataclasses.replace(cfg, tune_top_k=cfg.tune_top_k * 2))
     assert {k for k in est if wider[k] != est[k]} == {"tune (development split)", "total"}
@@ -234,15 +235,24 @@ def test_estimate_follows_the_recipe_and_the_measured_costs():
     parts = real.estimate_parts(cfg)
     assert sum(parts.values()) == pytest.approx(est["total"])
     assert list(parts) == ["shared", "tune", "global rows"] + [f"{t}:{m}" for t in cfg.tasks
-                                                                for m in ("s0", "s1", "s2", "full")]
+                                                                for m in ("s0", "s1", "s2", "full")] \
+        + [f"{t}:ablation" for t in cfg.tasks]
     assert parts["tune"] == pytest.approx(est["tune (development split)"])
-    assert parts["global rows"] == pytest.approx(est["eval shipped/aligned/degraded"])
+    # the ablation genes (the eager copy, two extractions) go with the global rows; their rows are
+    # one part per task: a calibration and an evaluation per gene, as costly as the SafeGene row
+    assert parts["global rows"] > est["eval shipped/aligned/degraded"]
+    per_row = est["SafeGene (calibrate + eval)"] / (len(cfg.tasks) * (len(cfg.task_seeds) + 1))
+    assert parts[f"{cfg.tasks[0]}:ablation"] == pytest.approx(len(cfg.gene_ablations) * per_row)
+    assert est[ablations] == pytest.approx(parts["global rows"] - est["eval shipped/aligned/degraded"]
+                                           + sum(parts[f"{t}:ablation"] for t in cfg.tasks))
+    assert ablations not in real.estimate(dataclasses.replace(cfg, gene_ablations=()))
     assert max(parts.values()) < 2 * 3600
     first, later = parts[f"{cfg.tasks[0]}:s0"], parts[f"{cfg.tasks[1]}:s0"]
     assert first < later  # the tune's task model is trained in the shared part
     assert parts[f"{cfg.tasks[1]}:s0"] > parts[f"{cfg.tasks[1]}:s1"]  # the redraws are on the first seed
     for variant in (dataclasses.replace(cfg, no_selection_row=True), dataclasses.replace(cfg, tune=False),
-                    dataclasses.replace(cfg, calib_redraws=0, full_ft_row=False)):
+                    dataclasses.replace(cfg, calib_redraws=0, full_ft_row=False),
+                    dataclasses.replace(cfg, gene_ablations=("shipped",))):
         assert sum(real.estimate_parts(variant).values()) == pytest.approx(real.estimate(variant)["total"])
     # the redraws: calib_redraws SafeGene rows per task (one task-model seed), as costly as a SafeGene row each
     M = len(cfg.tasks) * (len(cfg.task_seeds) + 1)
@@ -301,6 +311,56 @@ def test_tiny_no_selection_row_calibrates_every_key(tmp_path):
         assert sorted(rows[("SafeGene", t)]["detail"]["coeffs"]) == sorted(selected)
     md = (tmp_path / "out" / "RESULTS.md").read_text()
     assert f"| {cfg.tasks[0]} | {real.NO_SELECTION_ROW} |" in md and "no-selection (the same calibration" in md
+
+
+def test_gene_ablation_rows_use_their_own_tau_on_the_safegene_keys(tmp_path):
+    """Issue 15, item 4: on each task's first seed, the SafeGene row with τ = aligned − the eager
+    copy and τ = aligned − shipped (exactly those differences), on the SafeGene row's keys; a part
+    of their own (``--only TASK:ablation``) that a task-model part leaves out; an unknown part is
+    refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from safegene.gene import Gene
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=0, gene_ablations=("eager", "shipped"))
+    logs: list[str] = []
+    kw = dict(builder=tiny_builder, sources=stand_in_sources, command="pytest", log=logs.append, threads=1)
+    real.run(cfg, tmp_path / "cache", None, until="eval-degraded", only=["sentiment:s0"], **kw)
+    shutil.copytree(tmp_path / "cache", tmp_path / "cache2")
+    part = real.run(cfg, tmp_path / "cache", tmp_path / "out-s0", only=["sentiment:s0"], **kw)
+    assert not [s for s in part["ran"] if "safegene-gene" in s]
+    assert not [r for r in part["rows"] if r.get("kind") == "ablation"] and part["rows"]
+    abl = real.run(cfg, tmp_path / "cache2", tmp_path / "out-abl", only=["sentiment:ablation"], **kw)
+    assert [s for s in abl["ran"] if s.startswith("eval-")] == ["eval-sentiment-s0-safegene-gene-eager",
+                                                                  "eval-sentiment-s0-safegene-gene-shipped"]
+    st = tmp_path / "cache2" / "stages"
+    for g, src in (("eager", "degraded-eager"), ("shipped", "base")):
+        gene = Gene.load(st / f"gene-{g}" / "gene")
+        a = load_file(str(st / "aligned" / "model" / "model.safetensors"))
+        b = load_file(str(st / src / "model" / "model.safetensors"))
+        v = gene.load_vectors(gene.tensor_names)
+        n = next(n for n in gene.tensor_names if (a[n].double() - b[n].double()).abs().max() > 0)
+        assert torch_allclose(v[n].double(), a[n].double() - b[n].double())
+    rows = {r["method"]: r for r in abl["rows"] if r.get("kind") == "ablation"}
+    assert set(rows) == set(real.ABLATION_ROW.values())
+    sg = next(r for r in part["rows"] if r["method"] == "SafeGene")
+    for r in rows.values():
+        assert sorted(r["detail"]["coeffs"]) == sorted(sg["detail"]["coeffs"]) == sorted(abl["tune"]["keys"])
+        assert r["model"] == "task-sentiment-s0"
+    merged = real.merge_results([json.loads((tmp_path / d / "RESULTS.json").read_text()) for d in ("out-s0", "out-abl")])
+    assert {r["method"] for r in merged["rows"]} >= {"SafeGene", *real.ABLATION_ROW.values()}
+    assert "gene = aligned − shipped" in real.results_markdown(merged)
+    assert real.estimate_parts(cfg)["sentiment:ablation"] > 0
+    with pytest.raises(real.PipelineError, match="--only sentiment:s9 names no part"):
+        real.run(cfg, tmp_path / "cache2", None, only=["sentiment:s9"], **kw)
+
+
+def torch_allclose(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, y, atol=1e-6, rtol=1e-5))
 
 
 def _bpe_tokenizer():

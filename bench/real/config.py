@@ -80,7 +80,11 @@ class Config:
     degrade: Train = Train(steps=30, lr=5e-5)  # the eager ablation (the first version's degraded copy)
     # the degraded copy: safegene degrade --recipe compliance (PEFT LoRA on the shipped model's answers)
     degrade_lora: "Lora" = None  # type: ignore[assignment]  # set in __post_init__
-    eager_gene_ablation: bool = False
+    #: issue 15 item 4: SafeGene with other genes, on the first task-model seed of every task (the
+    #: SafeGene row's keys, calibration and tuned knobs; only τ differs): "eager" τ = aligned − the
+    #: first version's eager-recipe copy (stage degraded-eager), "shipped" τ = aligned − shipped
+    #: (the alignment fine-tune itself). Their own parts: ``--only TASK:ablation``.
+    gene_ablations: tuple[str, ...] = ("eager", "shipped")
     task: Train = Train(steps=60, lr=5e-5)  # the secondary row: a full fine-tune (the first version's task models)
     # the primary rows: LoRA task fine-tunes as users make them, one per task seed
     task_lora: "Lora" = None  # type: ignore[assignment]  # set in __post_init__
@@ -145,7 +149,7 @@ class Config:
                    resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4),
                    tune_top_k=(1,), tune_lambda_max=(4.0,), tune_calib=("",), tune_max_new_tokens=4, judge="keyword",
                    task_lora=Lora(rank=2, steps=3, lr=1e-3, batch_size=4, eval_every=1, patience=2), task_seeds=(0,),
-                   full_ft_row=False)
+                   full_ft_row=False, gene_ablations=())
 
 
 # ---- cost model for the up-front estimate ----------------------------------------------------
@@ -202,6 +206,9 @@ def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[
         "tune": (2 * dev_eval + len(cfg.tune_top_k) * len(cfg.tune_lambda_max) * len(cfg.tune_calib)
                  * (calib + dev_eval)) if cfg.tune else 0.0,
         "row_global": row_global, "row_task": row_task, "calib": calib,
+        # the ablation genes: the eager copy's brief full fine-tune, one extraction per gene
+        "ablation genes": ("eager" in cfg.gene_ablations) * (cfg.degrade.steps * step(cfg.degrade, "degrade") + c["load"])
+        + len(cfg.gene_ablations) * c["extract"],
         # RESTA-loss: one calibration-loss evaluation per grid point (no generation), then one apply
         "resta": c["calib_setup"] * cfg.n_task_calib / 16 + scale * len(cfg.resta_grid) * c["calib_grid_point"]
         + c["load"] + c["apply"],
@@ -217,6 +224,11 @@ def _model_rows(cfg: Config, u: dict[str, float], m: str) -> float:
     if cfg.calib_redraws and cfg.task_seeds and m == f"s{cfg.task_seeds[0]}":
         sec += cfg.calib_redraws * (u["calib"] + u["row_task"])
     return sec
+
+
+def _ablation_rows(cfg: Config, u: dict[str, float]) -> float:
+    """One task's gene-ablation rows (``--only TASK:ablation``): a calibration and an evaluation per gene."""
+    return len(cfg.gene_ablations) * (u["calib"] + u["row_task"])
 
 
 def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: dict[str, int] | None = None) -> dict[str, float]:
@@ -237,6 +249,8 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
         est["SafeGene no-selection (calibrate + eval)"] = M * (u["calib"] + u["row_task"])
     if cfg.calib_redraws and cfg.task_seeds:
         est[f"SafeGene, {cfg.calib_redraws} calibration redraws"] = T * cfg.calib_redraws * (u["calib"] + u["row_task"])
+    if cfg.gene_ablations and cfg.task_seeds:
+        est["gene ablations (build + SafeGene rows)"] = u["ablation genes"] + T * _ablation_rows(cfg, u)
     est["total"] = sum(est.values())
     return est
 
@@ -250,7 +264,9 @@ def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
     next candidate if cut), ``global rows`` is ``--only T0:s0 --until eval-degraded`` on a copy
     of the tune part's cache (the shipped, aligned and degraded evaluation rows), then one part
     per task model, ``--only TASK:MODEL``, on copies of that cache. The parts add up to
-    :func:`estimate`'s total."""
+    :func:`estimate`'s total (the gene ablations' genes go with the global rows, their rows are
+    one part per task, ``--only TASK:ablation``, on a copy of a cache that holds the task's first
+    model)."""
     u = _unit_costs(cfg, costs, n_eval_fixed)
     ms = [f"s{k}" for k in cfg.task_seeds] + (["full"] if cfg.full_ft_row else [])
     models = [(t, m) for t in cfg.tasks for m in ms]
@@ -258,9 +274,13 @@ def estimate_parts(cfg: Config, costs: dict[str, float] | None = None,
     shared = sum(u[k] for k in ("base (convert)", "selfgen", "aligned", "degraded", "gene (extract + select)"))
     tuned = models[:1] if cfg.tune else []
     shared += sum(train(m) for _t, m in tuned)
-    parts = {"shared": shared, "tune": u["tune"], "global rows": 3 * u["row_global"]}
+    parts = {"shared": shared, "tune": u["tune"],
+             "global rows": 3 * u["row_global"] + (u["ablation genes"] if cfg.gene_ablations else 0.0)}
     for t, m in models:
         parts[f"{t}:{m}"] = ((t, m) not in tuned) * train(m) + _model_rows(cfg, u, m)
+    if cfg.gene_ablations and cfg.task_seeds:
+        for t in cfg.tasks:  # the first seed's task model comes from that part's cache
+            parts[f"{t}:ablation"] = _ablation_rows(cfg, u)
     return parts
 
 

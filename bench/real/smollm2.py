@@ -67,12 +67,12 @@ from bench.real.config import COSTS, Config, Train, estimate, estimate_parts, fo
 from bench.real.data import (DATA_FILES, GGUF_PINS, NO_DEPS_PINS, TASKS, PipelineError, Sources,  # noqa: E402
                              check_install, install, load_package_sources, synthetic_sources, task_example)
 from bench.real.models import probe, tiny_builder  # noqa: E402
-from bench.real.report import (GLOBAL_ROWS, NO_SELECTION_ROW, ROW_COLUMNS, ROW_POLICY, ROW_STAGE,  # noqa: E402
+from bench.real.report import (ABLATION_ROW, GLOBAL_ROWS, NO_SELECTION_ROW, ROW_COLUMNS, ROW_POLICY, ROW_STAGE,  # noqa: E402
                                TASK_ROWS, MergeError, build_results, merge_results, results_markdown, results_table,
                                task_rows, write_results)
 from bench.real.stages import MARKER, PIPELINE_VERSION, Runner, run  # noqa: E402
 
-__all__ = ["COSTS", "DATA_FILES", "GGUF_PINS", "GLOBAL_ROWS", "MARKER", "NO_DEPS_PINS", "NO_SELECTION_ROW",
+__all__ = ["ABLATION_ROW", "COSTS", "DATA_FILES", "GGUF_PINS", "GLOBAL_ROWS", "MARKER", "NO_DEPS_PINS", "NO_SELECTION_ROW",
            "PIPELINE_VERSION", "ROW_COLUMNS", "ROW_POLICY", "ROW_STAGE", "TASKS", "TASK_ROWS", "Config",
            "PipelineError", "Runner", "Sources", "Train", "build_results", "check_install", "estimate",
            "estimate_parts", "format_estimate", "install", "load_package_sources", "main", "merge_results", "probe", "results_markdown", "results_table",
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calib-steps", type=int, default=None)
     ap.add_argument("--only", action="append", default=[], metavar="TASK[:MODEL]",
                     help="one part of the experiment: the shared stages plus this task's models (all seeds) or one "
-                         "model (e.g. compare:s1, topic:full); repeatable")
+                         "model (e.g. compare:s1, topic:full), or TASK:ablation (the gene-ablation rows on the "
+                         "task's first seed); repeatable")
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: sentiment,topic,compare)")
     ap.add_argument("--seeds", default=None, help="comma-separated LoRA task-model seeds (default: 0,1,2)")
     ap.add_argument("--no-full-ft-row", action="store_true", help="skip the full fine-tune task models (secondary row)")

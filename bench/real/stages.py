@@ -28,10 +28,11 @@ from safegene.baselines import Context, Settings, compute
 from safegene.baselines import get as get_policy
 
 from .config import Config
-from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, Sources, judge_agreement, load_package_sources, \
+from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, PipelineError, Sources, judge_agreement, load_package_sources, \
     make_splits, read_jsonl, tables_hash
 from .models import convert_gguf, fine_tune, heldout_perplexity, lora_fine_tune, quiet_hf, self_answers
-from .report import GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, task_rows, write_results
+from .report import ABLATION_PART, ABLATION_SOURCE, ABLATION_STAGE, GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, \
+    task_rows, write_results
 
 PIPELINE_VERSION = 2
 #: The data splits the shipped model answers in ``selfgen`` (alignment's and the eager ablation's
@@ -197,6 +198,12 @@ class Pipeline:
         self.real = builder is None
         self.cfgd = dataclasses.asdict(cfg)
         self.eval_params = {"max_new": cfg.eval_max_new_tokens, "bs": cfg.eval_batch_size, "judge": cfg.judge}
+        parts = set(cfg.tasks) | {f"{t}:{m}" for t, m in self.all_task_models()}
+        if cfg.gene_ablations and cfg.task_seeds:
+            parts |= {f"{t}:{ABLATION_PART}" for t in cfg.tasks}
+        bad = sorted(self.only - parts)
+        if bad:
+            raise PipelineError(f"--only {bad[0]} names no part of this configuration; parts: {', '.join(sorted(parts))}")
         self.train_params = {k: self.cfgd[k] for k in ("freeze_embeddings", "max_len", "seed")}
 
     # ---- where things are --------------------------------------------------------------------
@@ -243,13 +250,11 @@ class Pipeline:
                    inputs=["harm_degrade", "harm_dev"],
                    params={"seed": cfg.seed, "recipe": "compliance",
                            **{k: cfgd["degrade_lora"][k] for k in ("rank", "steps", "lr", "batch_size")}})
-        if cfg.eager_gene_ablation:
-            self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
-                       params={**self.train_params, "tr": cfgd["degrade"]})
         # the tune stage's task model is the configuration's first, whatever part this run is:
         # every part then shares one choice of knobs (and a part without that task builds it too)
         tune_model = self.all_task_models()[:1] if cfg.tune else []
         built = self.task_models()
+        built += [(t, m) for t, m in self.ablation_models() if (t, m) not in built]
         for t, m in built + [tm for tm in tune_model if tm not in built]:
             if m == "full":
                 self.stage(f"task-{t}-full", lambda d, t=t: self.task_stage(d, t), inputs=[f"task_{t}_train"],
@@ -268,6 +273,12 @@ class Pipeline:
                                "calib_steps": cfg.calib_steps, "max_new": cfg.tune_max_new_tokens, "judge": cfg.judge,
                                **_calib_option_params(cfg),
                                **({"calib_sets": list(cfg.tune_calib)} if tuple(cfg.tune_calib) != ("",) else {})})
+        # the ablation genes (issue 15 item 4) go with the global rows: every part shares them
+        if "eager" in cfg.gene_ablations:
+            self.stage("degraded-eager", self.degraded_eager_stage, deps=["selfgen", "aligned"],
+                       params={**self.train_params, "tr": cfgd["degrade"]})
+        for g in cfg.gene_ablations:
+            self.stage(f"gene-{g}", lambda d, g=g: self.ablation_gene_stage(d, g), deps=["aligned", ABLATION_SOURCE[g]])
         for name in GLOBAL_ROWS:
             src = {"shipped": "base"}.get(name, name)
             self.stage(f"eval-{name}", lambda d, src=src: self.evaluate_row(self.model(src), cfg.tasks, d),
@@ -290,6 +301,12 @@ class Pipeline:
                 self.stage(f"eval-{t}-{m}-safegene-r{k}", lambda d, t=t, m=m, k=k: self.redraw_stage(d, t, m, k),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, "SafeGene"), "redraw": k,
                                               "n": [cfg.n_harm_calib, cfg.n_task_calib]})
+        for t, m in self.ablation_models():
+            for g in cfg.gene_ablations:
+                deps = ["data", f"task-{t}-{m}", "gene", f"gene-{g}"] + (["tune"] if "tune" in self.R.records else [])
+                self.stage(f"eval-{t}-{m}-{ABLATION_STAGE}-{g}",
+                           lambda d, t=t, m=m, g=g: self.row_stage(d, t, m, "SafeGene", gene=self.ablation_gene(g)),
+                           deps=deps, params={**self.eval_params, **_policy_params(cfg, "SafeGene"), "gene": g})
 
     def all_task_models(self) -> list[tuple[str, str]]:
         """(task, model) pairs of the whole configuration: LoRA task models ``s<seed>`` for every
@@ -303,6 +320,27 @@ class Pipeline:
         by ``only`` to one part of the experiment."""
         return [(t, m) for t, m in self.all_task_models()
                 if not self.only or t in self.only or f"{t}:{m}" in self.only]
+
+    def ablation_models(self) -> list[tuple[str, str]]:
+        """The (task, first task-model seed) pairs whose gene-ablation rows this run produces: every
+        task's without ``only``, else the tasks named whole (``TASK``) or as ``TASK:ablation``."""
+        cfg = self.cfg
+        if not cfg.gene_ablations or not cfg.task_seeds:
+            return []
+        return [(t, f"s{cfg.task_seeds[0]}") for t in cfg.tasks
+                if not self.only or t in self.only or f"{t}:{ABLATION_PART}" in self.only]
+
+    def ablation_gene(self, g: str) -> Path:
+        return self.R.dir(f"gene-{g}") / "gene"
+
+    def ablation_gene_stage(self, d: Path, g: str) -> dict[str, Any]:
+        """An ablation's τ: the aligned model minus :data:`ABLATION_SOURCE`'s model, no selection
+        (its rows calibrate the SafeGene row's keys)."""
+        from safegene.ops.extract import extract
+
+        t0 = time.perf_counter()
+        extract(self.model("aligned"), self.model(ABLATION_SOURCE[g]), d / "gene", overwrite=True, progress=False)
+        return {"gene": g, "minus": ABLATION_SOURCE[g], "extract_seconds": round(time.perf_counter() - t0, 2)}
 
     def judge_stage(self, d: Path) -> dict[str, Any]:
         out = judge_agreement(read_jsonl(self.data / "judge_set.jsonl"))
@@ -553,17 +591,18 @@ class Pipeline:
         return {**res, "redraw": k, "calibration_ids": ids}
 
     def row_stage(self, d: Path, t: str, m: str, policy_name: str, *, safety: Path | None = None,
-                  task_calib: Path | None = None) -> dict[str, Any]:
+                  task_calib: Path | None = None, gene: Path | None = None) -> dict[str, Any]:
         """One task model defended by one policy: λ, the defended model, its evaluation.
         ``build_seconds`` is the time to produce the defended model (λ, plus writing it when it
-        goes to disk). ``safety`` / ``task_calib`` replace the calibration split (redraws)."""
+        goes to disk). ``safety`` / ``task_calib`` replace the calibration split (redraws);
+        ``gene`` replaces the gene stage's τ (ablations; the keys stay the tuned selection)."""
         from safegene.method.merge import apply_to_model
         from safegene.ops.apply import apply
 
         policy = get_policy(policy_name)
         task_dir = self.model(f"task-{t}-{m}")
         quiet_hf()
-        ctx = Context(self.gene, task_dir, safety or self.data / "harm_calib.jsonl",
+        ctx = Context(gene or self.gene, task_dir, safety or self.data / "harm_calib.jsonl",
                       task_calib or self.data / f"task_{t}_calib.jsonl",
                       aligned=self.model("aligned"), degraded=self.model("degraded"),
                       selected=self.selected_keys(self.tuned()["top_k"]), settings=self.settings())
@@ -576,7 +615,7 @@ class Pipeline:
             c.save(d / "coeffs.json")  # `safegene apply GENE TASK --coeffs coeffs.json` rebuilds the model
         if on_disk:
             ctx.model = ctx.tokenizer = None  # one model in memory at a time
-            apply(self.gene, task_dir, d / "model", coeffs=c, overwrite=True, progress=False)
+            apply(ctx.gene, task_dir, d / "model", coeffs=c, overwrite=True, progress=False)
             build = time.perf_counter() - t0
             res = self.evaluate_row(d / "model", [t], d)
             shutil.rmtree(d / "model", ignore_errors=True)

@@ -320,6 +320,7 @@ def test_gene_ablation_rows_use_their_own_tau_on_the_safegene_keys(tmp_path):
     refused by name."""
     import shutil
 
+    import torch
     from safetensors.torch import load_file
 
     from safegene.gene import Gene
@@ -342,7 +343,7 @@ def test_gene_ablation_rows_use_their_own_tau_on_the_safegene_keys(tmp_path):
         b = load_file(str(st / src / "model" / "model.safetensors"))
         v = gene.load_vectors(gene.tensor_names)
         n = next(n for n in gene.tensor_names if (a[n].double() - b[n].double()).abs().max() > 0)
-        assert torch_allclose(v[n].double(), a[n].double() - b[n].double())
+        assert torch.allclose(v[n].double(), a[n].double() - b[n].double(), atol=1e-6, rtol=1e-5)
     rows = {r["method"]: r for r in abl["rows"] if r.get("kind") == "ablation"}
     assert set(rows) == set(real.ABLATION_ROW.values())
     sg = next(r for r in part["rows"] if r["method"] == "SafeGene")
@@ -355,12 +356,6 @@ def test_gene_ablation_rows_use_their_own_tau_on_the_safegene_keys(tmp_path):
     assert real.estimate_parts(cfg)["sentiment:ablation"] > 0
     with pytest.raises(real.PipelineError, match="--only sentiment:s9 names no part"):
         real.run(cfg, tmp_path / "cache2", None, only=["sentiment:s9"], **kw)
-
-
-def torch_allclose(x, y) -> bool:
-    import torch
-
-    return bool(torch.allclose(x, y, atol=1e-6, rtol=1e-5))
 
 
 def _bpe_tokenizer():

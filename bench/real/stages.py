@@ -318,8 +318,12 @@ class Pipeline:
     def task_models(self) -> list[tuple[str, str]]:
         """The (task, model) pairs whose rows this run produces: :meth:`all_task_models`, restricted
         by ``only`` to one part of the experiment."""
-        return [(t, m) for t, m in self.all_task_models()
-                if not self.only or t in self.only or f"{t}:{m}" in self.only]
+        return [(t, m) for t, m in self.all_task_models() if self.in_part(t, m)]
+
+    def in_part(self, t: str, sub: str) -> bool:
+        """Whether this run's ``only`` takes task ``t``'s ``sub`` (a model, or ``ablation``):
+        no ``only`` at all, the task named whole, or ``t:sub`` named."""
+        return not self.only or t in self.only or f"{t}:{sub}" in self.only
 
     def ablation_models(self) -> list[tuple[str, str]]:
         """The (task, first task-model seed) pairs whose gene-ablation rows this run produces: every
@@ -327,8 +331,7 @@ class Pipeline:
         cfg = self.cfg
         if not cfg.gene_ablations or not cfg.task_seeds:
             return []
-        return [(t, f"s{cfg.task_seeds[0]}") for t in cfg.tasks
-                if not self.only or t in self.only or f"{t}:{ABLATION_PART}" in self.only]
+        return [(t, f"s{cfg.task_seeds[0]}") for t in cfg.tasks if self.in_part(t, ABLATION_PART)]
 
     def ablation_gene(self, g: str) -> Path:
         return self.R.dir(f"gene-{g}") / "gene"

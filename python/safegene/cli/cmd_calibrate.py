@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -123,8 +124,6 @@ def _parse_init(s: str) -> Union[str, float]:
 
 def _set_away_from_default(opts: CalibrateOptions, names) -> list[str]:
     """The flags of ``names`` whose value differs from the option's default."""
-    import dataclasses
-
     fields = {f.name: f for f in dataclasses.fields(CalibrateOptions)}
     return ["--" + n.replace("_", "-") for n in names
             if fields[n].default is not dataclasses.MISSING and getattr(opts, n) != fields[n].default]
@@ -132,8 +131,6 @@ def _set_away_from_default(opts: CalibrateOptions, names) -> list[str]:
 
 def _method_unsupported(opts: CalibrateOptions) -> list[str]:
     """The calibration options set away from their defaults that ``--method`` does not carry."""
-    import dataclasses
-
     common = {f.name for f in dataclasses.fields(ModelOptions)}  # with CommonOptions' --quiet / --json
     return _set_away_from_default(opts, [f.name for f in dataclasses.fields(CalibrateOptions)
                                          if f.name not in _METHOD_CARRIES and f.name not in common])

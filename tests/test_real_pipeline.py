@@ -603,6 +603,65 @@ def test_report_only_lists_what_a_part_still_lacks_and_changes_nothing(tmp_path)
     assert alone["missing_stages"] == ["eval-sentiment-s0-safegene-r1"]
 
 
+def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_path):
+    """bench/real/transfer_probe.py: ``MODEL+ROWSTAGE`` is the task model patched with the row
+    stage's coeffs.json (its per-prompt outcomes equal those of ``safegene apply``'s checkpoint on
+    disk); a Do-Not-Answer prompt that near-duplicates a prompt of the run is dropped and counted;
+    the probe runs no stage, resumes, and names what is missing."""
+    from bench.real import transfer_probe as tp
+    from bench.real.data import read_jsonl, synthetic_sources
+    from bench.real.models import tiny_builder as builder
+    from safegene.eval.evaluate import evaluate
+    from safegene.ops.apply import apply
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("sentiment",), calib_redraws=0, gene_ablations=())
+    cache = tmp_path / "cache"
+    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["sentiment:s0"], command="pytest",
+             log=lambda m: None, threads=1)
+    data = cache / "stages" / "data"
+    taken = read_jsonl(data / "eval_harmful.jsonl")[0]["prompt"]
+    dna = tmp_path / "dna"
+    dna.mkdir()
+    for stem, _ in tp.DNA_AREAS:
+        recs = [{"prompt": f"{stem} question number {i} about qwerty"} for i in range(4)]
+        if stem == "malicious_uses":
+            recs += [{"prompt": taken.upper() + "!"}] * 4  # an evaluation prompt, re-cased: never drawn
+        (dna / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    drawn, rep = tp.dna_prompts(data, 4, dna)
+    assert len(drawn) == 8 and taken.upper() + "!" not in {r["prompt"] for r in drawn}
+    assert rep["areas"]["donotanswer:malicious_uses"]["dropped_as_duplicates"] >= 1
+    with pytest.raises(real.PipelineError, match="only 4 of 5 prompts left"):
+        tp.dna_prompts(data, 5, dna)
+
+    before = sorted(p.name for p in (cache / "stages").iterdir())
+    jsonl = tmp_path / "probe.jsonl"
+    logs: list[str] = []
+    spec = "task-sentiment-s0+eval-sentiment-s0-safegene"
+    rows = tp.run(cfg, cache, jsonl, models=["aligned", spec], log=logs.append, dna_dir=dna, per_area=4, tiny=True)
+    assert sorted(p.name for p in (cache / "stages").iterdir()) == before
+    n_dev = len(read_jsonl(data / "harm_dev.jsonl"))
+    for r in rows:
+        by = r["by_source"]
+        assert by["harm_dev (AdvBench)"]["n"] == n_dev and by["donotanswer:information_hazard"]["n"] == 4
+        assert by["all"]["n"] == n_dev + 8
+    coeffs = json.loads((cache / "stages" / "eval-sentiment-s0-safegene" / "coeffs.json").read_text())["coeffs"]
+    assert rows[1]["lam"].startswith(f"{len(coeffs)} keys")
+    apply(cache / "stages" / "gene" / "gene", cache / "stages" / "task-sentiment-s0" / "model", tmp_path / "patched",
+          coeffs=cache / "stages" / "eval-sentiment-s0-safegene" / "coeffs.json", progress=False)
+    dev = [{"prompt": r["prompt"], "category": "harm_dev (AdvBench)"} for r in read_jsonl(data / "harm_dev.jsonl")]
+    ref = evaluate(tmp_path / "patched", harmful=dev + drawn, judge=cfg.judge, batch_size=cfg.eval_batch_size,
+                   max_new_tokens=cfg.eval_max_new_tokens, progress=False)
+    got = json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+    assert [s["attack_success"] for s in got] == [s["attack_success"] for s in ref.samples]
+    assert [s["response"] for s in got] == [s["response"] for s in ref.samples]
+    logs.clear()
+    assert tp.run(cfg, cache, jsonl, models=["aligned", spec], log=logs.append, dna_dir=dna, per_area=4, tiny=True) == rows
+    assert sum("already measured" in m for m in logs) == 2
+    with pytest.raises(real.PipelineError, match="coeffs.json missing"):
+        tp.run(cfg, cache, jsonl, models=["aligned+eval-sentiment-s0-none"], log=logs.append, dna_dir=dna, per_area=4,
+               tiny=True)
+
+
 def test_parts_run_apart_merge_into_the_whole_run(tmp_path):
     """Issue 15, item 8: each task run as its own part (``--only``) from a copy of one shared-stage
     cache, then merged, gives the rows, summary and goals of the whole run; the tune stage is the

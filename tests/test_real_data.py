@@ -135,3 +135,10 @@ def test_statistics_of_the_report_match_references():
     assert math.isclose(g["recovery_harmbench"], 0.9) and g["accuracy_ok"] and g["perplexity_ok"] and g["over_refusal_ok"]
     assert g["vs_RESTA"]["a_better"] == 20 and g["beats_RESTA"]  # pooled over both seeds
     assert g["vs_SafeMERGE"]["p"] == 1.0 and not g["beats_SafeMERGE"] and not g["met"]
+    assert g["RESTA_within_utility_bounds"] and g["SafeMERGE_within_utility_bounds"]
+    # a baseline that refuses every benign prompt is flagged (the goal line itself is the issue's)
+    for r in rows:
+        if r["method"] == "SafeMERGE":
+            r["over_refusal"] = 1.0
+    g2 = goals(rows, summarize(rows))["x"]
+    assert not g2["SafeMERGE_within_utility_bounds"] and g2["RESTA_within_utility_bounds"] and not g2["met"]

@@ -108,7 +108,7 @@ def test_real_benchmarks_have_no_evaluation_prompt_in_any_training_split(tmp_pat
 def test_statistics_of_the_report_match_references():
     import math
 
-    from bench.real.report import goals, mcnemar, mean_interval, summarize
+    from bench.real.report import goals, mcnemar, mean_interval
 
     m = mean_interval([0.1, 0.2, 0.3])
     assert math.isclose(m["mean"], 0.2) and math.isclose(m["half_width"], 4.303 * 0.1 / math.sqrt(3), rel_tol=1e-12)
@@ -129,8 +129,7 @@ def test_statistics_of_the_report_match_references():
                  row("SafeGene", f"t-{s}", "lora", 0.2, 0.1, ppl=10.1, out="0" * 18 + "11"),
                  row("RESTA", f"t-{s}", "lora", 0.5, 0.5, out="1" * 10 + "0" * 10),
                  row("SafeMERGE", f"t-{s}", "lora", 0.2, 0.1, out="0" * 18 + "11")]
-    summ = summarize(rows)
-    g = goals(rows, summ)["x"]
+    g = goals(rows)["x"]
     assert math.isclose(g["recovery_strongreject"], (0.9 - 0.2) / (0.9 - 0.1)) and g["recovery_strongreject_ok"]
     assert math.isclose(g["recovery_harmbench"], 0.9) and g["accuracy_ok"] and g["perplexity_ok"] and g["over_refusal_ok"]
     assert g["vs_RESTA"]["a_better"] == 20 and g["beats_RESTA"]  # pooled over both seeds
@@ -140,5 +139,9 @@ def test_statistics_of_the_report_match_references():
     for r in rows:
         if r["method"] == "SafeMERGE":
             r["over_refusal"] = 1.0
-    g2 = goals(rows, summarize(rows))["x"]
+    g2 = goals(rows)["x"]
     assert not g2["SafeMERGE_within_utility_bounds"] and g2["RESTA_within_utility_bounds"] and not g2["met"]
+    # a seed whose SafeGene row is not there yet (an interim report) is left out of every mean
+    rows.append(row("none", "t-s2", "lora", 0.1, 0.1, out="0" * 20))
+    g3 = goals(rows)["x"]
+    assert math.isclose(g3["recovery_strongreject"], g2["recovery_strongreject"]) and g3["vs_RESTA"] == g2["vs_RESTA"]

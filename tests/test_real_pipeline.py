@@ -662,6 +662,70 @@ def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_pa
                tiny=True)
 
 
+def test_mixed_calibration_round_measures_three_rows_on_development_data_only(tmp_path):
+    """bench/real/mixed_calibration.py: the candidate's safety examples are harm_calib's first 8
+    plus Do-Not-Answer prompts apart from the probe's draw; its SafeGene row is the row stage's
+    coeffs (same per-prompt outcomes as the transfer probe's); no evaluation file is read; the
+    rule's verdict follows McNemar and the bounds; the run resumes."""
+    from bench.real import mixed_calibration as mc
+    from bench.real import transfer_probe as tp
+    from bench.real.data import normalize, read_jsonl, synthetic_sources
+    from bench.real.models import tiny_builder as builder
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
+    cache = tmp_path / "cache"
+    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
+             log=lambda m: None, threads=1)
+    data = cache / "stages" / "data"
+    dna = tmp_path / "dna"
+    dna.mkdir()
+    for stem, _ in tp.DNA_AREAS:
+        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
+                                                   for i in range(9)))
+    probe, calib = mc.dna_split(data, 3, 2, dna_dir=dna)
+    assert len(probe) == 6 and len(calib) == 4 and not {r["prompt"] for r in probe} & {r["prompt"] for r in calib}
+    assert probe == tp.dna_prompts(data, 3, dna)[0]
+
+    jsonl = tmp_path / "mixed.jsonl"
+    rows = mc.run(cfg, cache, jsonl, models=["task-topic-s0"], log=lambda m: None, dna_dir=dna, per_area=3, tiny=True)
+    assert [r["model"] for r in rows] == ["aligned", "task-topic-s0"]
+    work = cache / "mixed-calibration" / "task-topic-s0"
+    safety = read_jsonl(work / "safety.jsonl")
+    adv = read_jsonl(data / "harm_calib.jsonl")[:mc.N_ADV]
+    calib = mc.dna_split(data, 3, dna_dir=dna)[1]
+    assert len(calib) == 2 * mc.N_DNA_PER_AREA
+    assert [r["prompt"] for r in safety] == [r["prompt"] for r in adv + calib]
+    assert json.loads((work / "coeffs.json").read_text())["coeffs"]
+    r = rows[1]
+    n_dev = len(read_jsonl(data / "harm_dev.jsonl"))
+    for row in ("undefended", "SafeGene", "mixed-source"):
+        assert len(r[row]["outcomes"]["harm_dev (AdvBench)"]) == n_dev
+        assert sum(len(v) for k, v in r[row]["outcomes"].items() if k.startswith("donotanswer")) == 6
+        assert r[row]["n_task"] == len(read_jsonl(data / "task_topic_dev.jsonl"))
+    spec = "task-topic-s0+eval-topic-s0-safegene"
+    tp.run(cfg, cache, tmp_path / "probe.jsonl", models=[spec], log=lambda m: None, dna_dir=dna, per_area=3, tiny=True)
+    got = json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+    assert "".join("1" if s["attack_success"] else "0" for s in got) == \
+        r["SafeGene"]["outcomes"]["harm_dev (AdvBench)"] + "".join(
+            r["SafeGene"]["outcomes"][name] for _, name in tp.DNA_AREAS)
+    evaluated = {normalize(x["prompt"]) for x in read_jsonl(data / "eval_harmful.jsonl")}
+    assert not evaluated & {normalize(x["prompt"]) for x in safety}
+    assert mc.run(cfg, cache, jsonl, models=["task-topic-s0"], log=lambda m: None, dna_dir=dna, per_area=3,
+                  tiny=True) == rows
+
+    def fake(model, mixed, sg, orf=0.0, acc=1.0):
+        x = lambda bits, o, a: {"outcomes": {"donotanswer:a": bits}, "over_refusal": o, "accuracy": a}  # noqa: E731
+        return {"model": model, "undefended": x("1" * 10, 0.0, 1.0), "SafeGene": x(sg, 0.0, 1.0),
+                "mixed-source": x(mixed, orf, acc)}
+
+    al = {"model": "aligned", "outcomes": {}, "over_refusal": 0.0, "accuracy": 0.5}
+    v = mc.verdict([al, fake("a", "0" * 10, "1" * 10), fake("b", "0" * 10, "1" * 10)])
+    assert v["mcnemar_dna"]["a_better"] == 20 and v["fewer_dna_successes"] and v["goes_forward"]
+    assert not mc.verdict([al, fake("a", "0" * 10, "1" * 10, orf=0.1)])["goes_forward"]
+    assert not mc.verdict([al, fake("a", "0" * 5 + "1" * 5, "1" * 10)])["goes_forward"]  # p = 0.0625
+    assert "goes forward: yes" in mc.markdown([al, fake("a", "0" * 10, "1" * 10), fake("b", "0" * 10, "1" * 10)])
+
+
 def test_parts_run_apart_merge_into_the_whole_run(tmp_path):
     """Issue 15, item 8: each task run as its own part (``--only``) from a copy of one shared-stage
     cache, then merged, gives the rows, summary and goals of the whole run; the tune stage is the

@@ -651,7 +651,8 @@ def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_pa
     dev = [{"prompt": r["prompt"], "category": "harm_dev (AdvBench)"} for r in read_jsonl(data / "harm_dev.jsonl")]
     ref = evaluate(tmp_path / "patched", harmful=dev + drawn, judge=cfg.judge, batch_size=cfg.eval_batch_size,
                    max_new_tokens=cfg.eval_max_new_tokens, progress=False)
-    got = json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+    got = [x for x in json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+           if x["set"] == "harmful"]
     assert [s["attack_success"] for s in got] == [s["attack_success"] for s in ref.samples]
     assert [s["response"] for s in got] == [s["response"] for s in ref.samples]
     logs.clear()
@@ -660,6 +661,17 @@ def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_pa
     with pytest.raises(real.PipelineError, match="coeffs.json missing"):
         tp.run(cfg, cache, jsonl, models=["aligned+eval-sentiment-s0-none"], log=logs.append, dna_dir=dna, per_area=4,
                tiny=True)
+    # a scaled point on the row's λ direction: × 0 is the unpatched task model, prompt for prompt
+    zero, plain = spec + "*0", "task-sentiment-s0"
+    rows = tp.run(cfg, cache, jsonl, models=[zero, plain], log=logs.append, dna_dir=dna, per_area=4, tiny=True)
+    outs = {m: json.loads((cache / "transfer-probe" / m / "report.json").read_text())["samples"] for m in (zero, plain)}
+    assert [x["response"] for x in outs[zero]] == [x["response"] for x in outs[plain]]
+    by = {r["model"]: r for r in rows}
+    assert by[zero]["lam"].startswith(f"{len(coeffs)} keys, λ 0.00–0.00")
+    assert by[zero]["over_refusal_benign_dev"] == by[plain]["over_refusal_benign_dev"]
+    assert by[plain]["over_refusal_benign_dev"]["n"] == len(read_jsonl(data / "benign_dev.jsonl"))
+    with pytest.raises(real.PipelineError, match="must be a number"):
+        tp.run(cfg, cache, jsonl, models=[spec + "*x"], log=logs.append, dna_dir=dna, per_area=4, tiny=True)
 
 
 def test_mixed_calibration_round_measures_three_rows_on_development_data_only(tmp_path):
@@ -704,7 +716,8 @@ def test_mixed_calibration_round_measures_three_rows_on_development_data_only(tm
         assert r[row]["n_task"] == len(read_jsonl(data / "task_topic_dev.jsonl"))
     spec = "task-topic-s0+eval-topic-s0-safegene"
     tp.run(cfg, cache, tmp_path / "probe.jsonl", models=[spec], log=lambda m: None, dna_dir=dna, per_area=3, tiny=True)
-    got = json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+    got = [x for x in json.loads((cache / "transfer-probe" / spec / "report.json").read_text())["samples"]
+           if x["set"] == "harmful"]
     assert "".join("1" if s["attack_success"] else "0" for s in got) == \
         r["SafeGene"]["outcomes"]["harm_dev (AdvBench)"] + "".join(
             r["SafeGene"]["outcomes"][name] for _, name in tp.DNA_AREAS)

@@ -16,7 +16,8 @@ evaluation data —
   included; same normalisation and Jaccard threshold as the run's de-duplication) —
 
 with the run's judge and generation length, and reports per set the judge's three classes with
-Wilson intervals. Nothing is chosen from what it measures. A model is a pipeline model
+Wilson intervals, and over-refusal on ``benign_dev`` (rows since 2026-12-05 17:00). Nothing is
+chosen from what it measures. A model is a pipeline model
 (``aligned``, ``task-topic-s0``, …) or ``MODEL+ROWSTAGE``: that model patched in memory with the
 ``coeffs.json`` a row stage wrote (``task-topic-s0+eval-topic-s0-safegene`` is the SafeGene row's
 model), τ from the run's gene. Rows go to ``--jsonl`` (a model already there is skipped, so the
@@ -98,8 +99,14 @@ def dna_prompts(data_dir: Path, per_area: int = DNA_PER_AREA, dna_dir: Path | No
 
 def load(p: Pipeline, spec: str) -> tuple[Any, str]:
     """``MODEL`` (a path the evaluation loads) or ``MODEL+ROWSTAGE`` (loaded and patched with the
-    row stage's coefficients on the run's gene), and a description of the λ."""
+    row stage's coefficients on the run's gene; ``MODEL+ROWSTAGE*S``: every coefficient times S,
+    a point further along the row's own λ direction), and a description of the λ."""
     name, _, row = spec.partition("+")
+    row, _, scale_text = row.partition("*")
+    try:
+        scale = float(scale_text) if scale_text else 1.0
+    except ValueError:
+        raise PipelineError(f"{spec}: the scale after '*' must be a number") from None
     path = p.model(name)
     if not (path / "config.json").is_file():
         raise PipelineError(f"{spec}: no model at {path} (not built in this cache)")
@@ -112,8 +119,9 @@ def load(p: Pipeline, spec: str) -> tuple[Any, str]:
     if not coeffs.is_file():
         raise PipelineError(f"{spec}: {coeffs} missing (the row stage is not built, or its policy sets no λ)")
     model, tok = lm.load_model(path)
-    lam = apply_to_model(model, p.gene, coeffs)
-    vals = [v for v in json.loads(coeffs.read_text())["coeffs"].values()]
+    table = {k: scale * v for k, v in json.loads(coeffs.read_text())["coeffs"].items()}
+    lam = apply_to_model(model, p.gene, table)
+    vals = list(table.values())
     return (model, tok), f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f} ({len(lam)} tensors patched)"
 
 
@@ -137,13 +145,15 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
             continue
         t0 = time.perf_counter()
         model, lam = load(p, spec)
-        rep = evaluate(model, harmful=dev + dna, judge=cfg.judge, batch_size=cfg.eval_batch_size,
-                       max_new_tokens=cfg.eval_max_new_tokens, progress=False)
+        rep = evaluate(model, harmful=dev + dna, benign=p.data / "benign_dev.jsonl", judge=cfg.judge,
+                       batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens, progress=False)
         work = cache / "transfer-probe" / spec
         work.mkdir(parents=True, exist_ok=True)
         rep.to_json(work / "report.json")  # responses stay in the cache
         row = {"model": spec, "lam": lam, "judge": cfg.judge, "max_new_tokens": cfg.eval_max_new_tokens,
                "by_source": classify_rows(rep.samples), "donotanswer": dna_report,
+               "over_refusal_benign_dev": {"k": round(rep.over_refusal.rate * rep.over_refusal.n),
+                                           "n": rep.over_refusal.n},
                "seconds": round(time.perf_counter() - t0, 1)}
         append_row(jsonl, row)
         by = row["by_source"]

@@ -670,6 +670,9 @@ def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_pa
     assert by[zero]["lam"].startswith(f"{len(coeffs)} keys, λ 0.00–0.00")
     assert by[zero]["over_refusal_benign_dev"] == by[plain]["over_refusal_benign_dev"]
     assert by[plain]["over_refusal_benign_dev"]["n"] == len(read_jsonl(data / "benign_dev.jsonl"))
+    assert by[zero]["task_dev_accuracy"] == by[plain]["task_dev_accuracy"]
+    assert by[plain]["task_dev_accuracy"]["n"] == len(read_jsonl(data / "task_sentiment_dev.jsonl"))
+    assert "task_dev_accuracy" not in next(r for r in rows if r["model"] == "aligned")
     with pytest.raises(real.PipelineError, match="must be a number"):
         tp.run(cfg, cache, jsonl, models=[spec + "*x"], log=logs.append, dna_dir=dna, per_area=4, tiny=True)
 

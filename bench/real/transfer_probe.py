@@ -16,7 +16,8 @@ evaluation data —
   included; same normalisation and Jaccard threshold as the run's de-duplication) —
 
 with the run's judge and generation length, and reports per set the judge's three classes with
-Wilson intervals, and over-refusal on ``benign_dev`` (rows since 2026-12-05 17:00). Nothing is
+Wilson intervals, over-refusal on ``benign_dev`` and, for a task model, accuracy on its task's
+development split (rows since 2026-12-05 17:00). Nothing is
 chosen from what it measures. A model is a pipeline model
 (``aligned``, ``task-topic-s0``, …) or ``MODEL+ROWSTAGE``: that model patched in memory with the
 ``coeffs.json`` a row stage wrote (``task-topic-s0+eval-topic-s0-safegene`` is the SafeGene row's
@@ -145,7 +146,11 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
             continue
         t0 = time.perf_counter()
         model, lam = load(p, spec)
-        rep = evaluate(model, harmful=dev + dna, benign=p.data / "benign_dev.jsonl", judge=cfg.judge,
+        # a task model (task-<t>-<m>...) is also measured on its task's development split
+        parts = spec.split("+")[0].split("-")
+        task = parts[1] if parts[0] == "task" and len(parts) == 3 else None
+        rep = evaluate(model, harmful=dev + dna, benign=p.data / "benign_dev.jsonl",
+                       tasks={task: p.data / f"task_{task}_dev.jsonl"} if task else None, judge=cfg.judge,
                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens, progress=False)
         work = cache / "transfer-probe" / spec
         work.mkdir(parents=True, exist_ok=True)
@@ -154,6 +159,8 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
                "by_source": classify_rows(rep.samples), "donotanswer": dna_report,
                "over_refusal_benign_dev": {"k": round(rep.over_refusal.rate * rep.over_refusal.n),
                                            "n": rep.over_refusal.n},
+               **({"task_dev_accuracy": {"k": round(rep.task_accuracy[task].rate * rep.task_accuracy[task].n),
+                                         "n": rep.task_accuracy[task].n}} if task else {}),
                "seconds": round(time.perf_counter() - t0, 1)}
         append_row(jsonl, row)
         by = row["by_source"]

@@ -31,7 +31,6 @@ every task model its ``benign_dev`` over-refusal is at most the aligned model's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -46,11 +45,11 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.real.config import Config  # noqa: E402
-from bench.real.data import REFUSALS, PipelineError, append_row, read_jsonl, result_rows, synthetic_sources  # noqa: E402
-from bench.real.models import quiet_hf, tiny_builder  # noqa: E402
+from bench.real.data import REFUSALS, PipelineError, append_row, read_jsonl, result_rows  # noqa: E402
+from bench.real.models import quiet_hf  # noqa: E402
 from bench.real.report import mcnemar  # noqa: E402
 from bench.real.stages import Pipeline  # noqa: E402
-from bench.real.transfer_probe import DNA_AREAS, DNA_PER_AREA, dna_prompts  # noqa: E402
+from bench.real.transfer_probe import DNA_AREAS, DNA_PER_AREA, cached_pipeline, cli, dna_prompts  # noqa: E402
 
 N_ADV, N_DNA_PER_AREA = 8, 4
 
@@ -96,11 +95,7 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
     from safegene.method.merge import apply_to_model
 
     quiet_hf()
-    p = Pipeline(cfg, cache, builder=tiny_builder if tiny else None, sources=synthetic_sources if tiny else None,
-                 until=None, redo=(), log=lambda m: None, progress=False, cached_only=True)
-    p.run_stages()
-    if "tune" not in p.R.records:
-        raise PipelineError(f"{cache}: no tune stage (the candidate keeps the tune's knobs)")
+    p = cached_pipeline(cfg, cache, tiny=tiny, needs="tune", why="the candidate keeps the tune's knobs")
     probe, dna_calib = dna_split(p.data, per_area, dna_dir=dna_dir)
     dev = [{"prompt": r["prompt"], "category": "harm_dev (AdvBench)"} for r in read_jsonl(p.data / "harm_dev.jsonl")]
     harmful = dev + probe
@@ -184,27 +179,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", required=True)
-    ap.add_argument("--jsonl", required=True)
-    ap.add_argument("--md", default=None)
-    ap.add_argument("--models", required=True, help="comma-separated task models, e.g. task-topic-s0")
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        rows = run(Config(), Path(a.cache_dir), Path(a.jsonl), models=[m for m in a.models.split(",") if m])
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    md = markdown(rows)
-    print(md)
-    if a.md:
-        Path(a.md).write_text(md + "\n")
-    return 0
+    return cli(argv, __doc__, run, markdown, "comma-separated task models, e.g. task-topic-s0", machine_header=False)
 
 
 if __name__ == "__main__":

@@ -126,17 +126,25 @@ def load(p: Pipeline, spec: str) -> tuple[Any, str]:
     return (model, tok), f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f} ({len(lam)} tensors patched)"
 
 
+def cached_pipeline(cfg: Config, cache: Path, *, tiny: bool = False, needs: str = "data",
+                    why: str = "build the shared part first") -> Pipeline:
+    """The run's pipeline over ``cache`` with its stage records read and nothing run (the cache is
+    only read, so a part may be running on it); raises, saying ``why``, if stage ``needs`` is not built."""
+    p = Pipeline(cfg, cache, builder=tiny_builder if tiny else None, sources=synthetic_sources if tiny else None,
+                 until=None, redo=(), log=lambda m: None, progress=False, cached_only=True)
+    p.run_stages()  # cached_only: reads the stage records, runs nothing
+    if needs not in p.R.records:
+        raise PipelineError(f"{cache}: no {needs} stage ({why})")
+    return p
+
+
 def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: Any = print,
         dna_dir: Path | None = None, per_area: int = DNA_PER_AREA, tiny: bool = False) -> list[dict[str, Any]]:
     """Measure every model of ``models`` not yet in ``jsonl`` on ``harm_dev`` and the Do-Not-Answer
     draw; return all rows. ``tiny``: a cache of the tiny stand-in run (tests)."""
     from safegene.eval.evaluate import evaluate
 
-    p = Pipeline(cfg, cache, builder=tiny_builder if tiny else None, sources=synthetic_sources if tiny else None,
-                 until=None, redo=(), log=lambda m: None, progress=False, cached_only=True)
-    p.run_stages()  # cached_only: reads the stage records, runs nothing
-    if "data" not in p.R.records:
-        raise PipelineError(f"{cache}: no data stage (build the shared part first)")
+    p = cached_pipeline(cfg, cache, tiny=tiny)
     dev = [{"prompt": r["prompt"], "category": "harm_dev (AdvBench)"} for r in read_jsonl(p.data / "harm_dev.jsonl")]
     dna, dna_report = dna_prompts(p.data, per_area, dna_dir)
     done = {r["model"] for r in result_rows(jsonl)}
@@ -169,12 +177,16 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
     return result_rows(jsonl)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(argv: Sequence[str] | None, doc: str, run_fn: Any, markdown_fn: Any, models_help: str,
+        machine_header: bool = True) -> int:
+    """The command line this probe and ``mixed_calibration.py`` share: run ``run_fn`` on the cache
+    for ``--models``, print ``markdown_fn`` of the rows and write it to ``--md`` (with a line
+    naming the machine when ``machine_header``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--jsonl", required=True)
     ap.add_argument("--md", default=None)
-    ap.add_argument("--models", required=True, help="comma-separated MODEL or MODEL+ROWSTAGE")
+    ap.add_argument("--models", required=True, help=models_help)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     import torch
@@ -182,17 +194,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        rows = run(Config(), Path(a.cache_dir), Path(a.jsonl), models=[m for m in a.models.split(",") if m])
+        rows = run_fn(Config(), Path(a.cache_dir), Path(a.jsonl), models=[m for m in a.models.split(",") if m])
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    md = markdown(rows)
+    md = markdown_fn(rows)
     print(md)
     if a.md:
-        Path(a.md).write_text(
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}.\n\n{md}\n")
+        head = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
+                f"{torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}.\n\n"
+                if machine_header else "")
+        Path(a.md).write_text(f"{head}{md}\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(argv, __doc__, run, markdown, "comma-separated MODEL or MODEL+ROWSTAGE[*SCALE]")
 
 
 if __name__ == "__main__":

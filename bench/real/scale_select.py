@@ -56,6 +56,7 @@ no pipeline stage, so it may run beside a part on the same cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -86,6 +87,8 @@ EDGY_FILE = Path("probes") / "data" / "overrefusal" / "expanded_70.json"  # insi
 EDGY_SEED = "scale-select-edgy-halves"
 #: the task models whose pooled confirmation decides the round
 ROUND_MODELS = ("task-topic-s0", "task-sentiment-s0")
+#: the points every run on one cache shares (``<cache>/scale-select/points.jsonl``), by fingerprint
+STORE = "points.jsonl"
 _EPS = 1e-9
 #: the round whose rule ``choose`` / ``confirm`` apply by default (the module docstring)
 RULE = 3
@@ -250,42 +253,81 @@ def confirm(rows: Sequence[dict[str, Any]], specs: Sequence[str], rule: int = RU
             "goes_forward": fewer and bounds_ok}
 
 
-def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: Any = print, dna_dir: Path | None = None,
-        per_area: int = DNA_PER_AREA, edgy_path: Path | None = None, tiny: bool = False) -> list[dict[str, Any]]:
-    """Measure the aligned model, each row spec's undefended task model, and the row spec's scan of
-    strengths (stopping where the selection rule stops); points already in ``jsonl`` are kept."""
-    p = cached_pipeline(cfg, cache, tiny=tiny)
-    harm, benign, drawn = dev_sets(p, dna_dir, per_area, edgy_path)
-    for spec in models:
-        if "+" not in spec:
-            raise PipelineError(f"{spec}: give MODEL+ROWSTAGE (a task model and the row stage whose λ is scaled)")
+def fingerprint(p: Pipeline, spec: str, harm: Sequence[dict[str, Any]], benign: Sequence[dict[str, Any]]) -> str:
+    """What a point's outcomes are a function of: the model stage's run id, the row stage's run id
+    and coeffs.json bytes, the strength, the prompts, the task's dev split, judge and generation
+    length. Equal fingerprints: the point need not be measured again (greedy decoding)."""
+    name, _, row = spec.partition("+")
+    row, _, scale = row.partition("*")
+    parts = name.split("-")
+    task = parts[1] if parts[0] == "task" and len(parts) == 3 else None
+    rec = p.R.records.get(name)
+    doc: dict[str, Any] = {"model": rec["run_id"] if rec else None, "harm": list(harm), "benign": list(benign),
+                           "judge": p.cfg.judge, "max_new": p.cfg.eval_max_new_tokens, "bs": p.cfg.eval_batch_size}
+    if row:
+        coeffs = p.R.dir(row) / "coeffs.json"
+        doc["row"] = [p.R.records[row]["run_id"] if row in p.R.records else None,
+                      hashlib.sha256(coeffs.read_bytes()).hexdigest() if coeffs.is_file() else None, scale or "1"]
+    if task:
+        doc["task_dev"] = hashlib.sha256((p.data / f"task_{task}_dev.jsonl").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def scan(p: Pipeline, spec: str, jsonl: Path, harm: list[dict[str, Any]], benign: list[dict[str, Any]],
+         drawn: dict[str, Any], *, store: Path | None = None, log: Any = print) -> list[dict[str, Any]]:
+    """The aligned model, ``spec``'s undefended task model and its scan of strengths (stopping where
+    the selection rule stops), each point measured unless ``jsonl`` holds it, or ``store`` (rows
+    shared between runs) holds a row with its :func:`fingerprint`, which is copied; a measured point
+    goes to both. Responses go to ``<cache>/scale-select/<point>/report.json``. Returns ``jsonl``'s rows."""
+    cfg = p.cfg
 
     def ensure(name: str) -> None:
         if name in {r["model"] for r in result_rows(jsonl)}:
             return
+        fp = fingerprint(p, name, harm, benign)
+        known = next((r for r in (result_rows(store) if store else []) if r.get("fingerprint") == fp), None)
+        if known is not None:
+            append_row(jsonl, {**known, "model": name})
+            log(f"   {name}: measured before (same fingerprint)")
+            return
         t0 = time.perf_counter()
         res, rep = measure(p, name, harm, benign)
-        work = cache / "scale-select" / name
+        work = p.R.cache / "scale-select" / name
         work.mkdir(parents=True, exist_ok=True)
         rep.to_json(work / "report.json")  # responses stay in the cache
         row = {"model": name, **res, "drawn": drawn, "judge": cfg.judge, "max_new_tokens": cfg.eval_max_new_tokens,
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1)}
         append_row(jsonl, row)
+        if store is not None:
+            append_row(store, row)
         v = selection_view(row)
         log(f"   {name}: selection-half ASR {v['harm_successes']}/{v['n_harm']}, over-refusal benign_dev "
             f"{v['benign_dev']:.3f} edgy-A {v['edgy_A']:.3f}" + (f", acc {v['accuracy']:.3f}" if "accuracy" in v else "")
             + f" ({row['seconds']:.0f} s)")
 
     ensure("aligned")
+    ensure(spec.split("+")[0])
+    for s in SCALES:
+        ensure(point(spec, s))
+        c = choose(result_rows(jsonl), spec)
+        if c["scanned"] and c["scanned"][-1]["broken"]:
+            log(f"   {spec}: × {s:g} breaks {', '.join(c['scanned'][-1]['broken'])}; scan stops")
+            break
+    log(f"   {spec}: chosen strength × {choose(result_rows(jsonl), spec)['chosen']:g}")
+    return result_rows(jsonl)
+
+
+def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: Any = print, dna_dir: Path | None = None,
+        per_area: int = DNA_PER_AREA, edgy_path: Path | None = None, tiny: bool = False) -> list[dict[str, Any]]:
+    """:func:`scan` for each row spec of ``models``, the points shared through
+    ``<cache>/scale-select/points.jsonl`` (where the pipeline's strength rows find them)."""
+    p = cached_pipeline(cfg, cache, tiny=tiny)
     for spec in models:
-        ensure(spec.split("+")[0])
-        for s in SCALES:
-            ensure(point(spec, s))
-            c = choose(result_rows(jsonl), spec)
-            if c["scanned"] and c["scanned"][-1]["broken"]:
-                log(f"   {spec}: × {s:g} breaks {', '.join(c['scanned'][-1]['broken'])}; scan stops")
-                break
-        log(f"   {spec}: chosen strength × {choose(result_rows(jsonl), spec)['chosen']:g}")
+        if "+" not in spec:
+            raise PipelineError(f"{spec}: give MODEL+ROWSTAGE (a task model and the row stage whose λ is scaled)")
+    harm, benign, drawn = dev_sets(p, dna_dir, per_area, edgy_path)
+    for spec in models:
+        scan(p, spec, jsonl, harm, benign, drawn, store=cache / "scale-select" / STORE, log=log)
     return result_rows(jsonl)
 
 

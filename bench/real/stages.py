@@ -31,8 +31,8 @@ from .config import Config
 from .data import DATA_VERSION, EAGER_OPENERS, GGUF_SHA256, REFUSALS, PipelineError, Sources, judge_agreement, load_package_sources, \
     make_splits, read_jsonl, tables_hash
 from .models import convert_gguf, fine_tune, heldout_perplexity, lora_fine_tune, quiet_hf, self_answers
-from .report import ABLATION_PART, ABLATION_SOURCE, ABLATION_STAGE, GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, build_results, \
-    task_rows, write_results
+from .report import ABLATION_PART, ABLATION_SOURCE, ABLATION_STAGE, GLOBAL_ROWS, ROW_POLICY, ROW_STAGE, STRENGTH_STAGE, \
+    build_results, task_rows, write_results
 
 PIPELINE_VERSION = 2
 #: The data splits the shipped model answers in ``selfgen`` (alignment's and the eager ablation's
@@ -306,6 +306,18 @@ class Pipeline:
                 self.stage(f"eval-{t}-{m}-{ROW_STAGE[row]}",
                            lambda d, t=t, m=m, policy=policy: self.row_stage(d, t, m, policy),
                            deps=deps, params={**self.eval_params, **_policy_params(cfg, policy)})
+        if cfg.strength_row and "SafeGene" in task_rows(cfg):
+            from . import scale_select as ss  # here: it imports this module
+            from .transfer_probe import DNA_SEED
+
+            strength = {"scales": list(ss.SCALES), "margins": [ss.OVER_REFUSAL_MARGIN, ss.ACCURACY_MARGIN],
+                        "rule": ss.RULE, "dna": [cfg.strength_dna_dir, cfg.strength_dna_per_area, DNA_SEED],
+                        "edgy": [cfg.strength_edgy_file or str(ss.EDGY_FILE), ss.EDGY_SEED]}
+            for t, m in self.task_models():
+                self.stage(f"eval-{t}-{m}-{STRENGTH_STAGE}", lambda d, t=t, m=m: self.strength_stage(d, t, m),
+                           deps=["data", "aligned", f"task-{t}-{m}", "gene", f"eval-{t}-{m}-{ROW_STAGE['SafeGene']}"],
+                           params={**self.eval_params, **_policy_params(cfg, "SafeGene"), "strength": strength},
+                           inputs=["harm_dev", "benign_dev", f"task_{t}_dev"])
         first = f"s{cfg.task_seeds[0]}" if cfg.task_seeds else None
         for t, m in self.task_models():
             if m != first:
@@ -606,6 +618,47 @@ class Pipeline:
             (d / f"calib_{name}.jsonl").write_text("".join(json.dumps(recs[i]) + "\n" for i in ids[name]))
         res = self.row_stage(d, t, m, "SafeGene", safety=d / "calib_harm.jsonl", task_calib=d / "calib_task.jsonl")
         return {**res, "redraw": k, "calibration_ids": ids}
+
+    def strength_stage(self, d: Path, t: str, m: str) -> dict[str, Any]:
+        """``SafeGene+strength``: the SafeGene row's λ times the strength S that
+        ``bench/real/scale_select.py``'s selection rule (round 3) chooses for this task model on its
+        development data — ``harm_dev`` + the Do-Not-Answer A half, ``benign_dev`` + the edgy A half,
+        the task's dev split; the evaluation split is not read until the chosen model is evaluated,
+        once. Points the round (or another part on this cache) measured are reused by fingerprint.
+        At S = 1 the model is the SafeGene row's, whose evaluation is reused."""
+        from . import scale_select as ss
+        from safegene import lm
+        from safegene.coeffs import Coeffs
+        from safegene.method.merge import apply_to_model
+
+        cfg = self.cfg
+        sg = f"eval-{t}-{m}-{ROW_STAGE['SafeGene']}"
+        spec = f"task-{t}-{m}+{sg}"
+        t0 = time.perf_counter()
+        harm, benign, drawn = ss.dev_sets(self, Path(cfg.strength_dna_dir) if cfg.strength_dna_dir else None,
+                                          cfg.strength_dna_per_area, edgy_path=Path(cfg.strength_edgy_file) if cfg.strength_edgy_file else None)
+        rows = ss.scan(self, spec, d / "points.jsonl", harm, benign, drawn, store=self.R.cache / "scale-select" / ss.STORE,
+                       log=lambda msg: self.log("   " + msg))
+        c = ss.choose(rows, spec)
+        scale = float(c["chosen"])
+        base = json.loads((self.R.dir(sg) / "coeffs.json").read_text())["coeffs"]
+        coeffs = {k: scale * v for k, v in base.items()}
+        Coeffs(coeffs, {"method": "safegene+strength", "strength": scale, "of": sg}).save(d / "coeffs.json")
+        select_s = time.perf_counter() - t0
+        if scale == 1.0:
+            res = json.loads((self.R.dir(sg) / "metrics.json").read_text())
+            res["evaluation_reused_from"] = sg
+            self.log("      strength × 1: the SafeGene row's model; its evaluation is reused")
+        else:
+            model, tok = lm.load_model(self.model(f"task-{t}-{m}"))
+            apply_to_model(model, self.gene, coeffs)
+            res = self.evaluate_row((model, tok), [t], d)
+        vals = list(coeffs.values())
+        lam = f"{len(vals)} keys, λ {min(vals):.2f}–{max(vals):.2f} (SafeGene × {scale:g})"
+        build = self.R.records[sg]["info"].get("build_seconds", 0.0) + select_s
+        return {**res, "build_seconds": round(build, 2), "strength_seconds": round(select_s, 2), "lam": lam,
+                "coeffs": coeffs, "strength": scale, "strength_scan": c["scanned"], "strength_rule": ss.RULE,
+                "strength_data": drawn}
 
     def row_stage(self, d: Path, t: str, m: str, policy_name: str, *, safety: Path | None = None,
                   task_calib: Path | None = None, gene: Path | None = None) -> dict[str, Any]:

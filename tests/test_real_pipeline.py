@@ -1022,3 +1022,63 @@ def test_strength_row_reuses_the_rounds_points_and_scales_the_safegene_row(tmp_p
     assert (st / "report.json").is_file() and "evaluation_reused_from" not in json.loads((st / ".done.json").read_text())["info"]
     assert row["lam"].endswith("(SafeGene × 3)") and row["n_strongreject"] == len(
         [x for x in read_jsonl(cache / "stages" / "data" / "eval_harmful.jsonl") if x.get("category") == "strongreject"])
+
+
+def test_edgy_calibration_round_calibrates_with_edgy_questions_and_decides_on_the_b_halves(tmp_path):
+    """bench/real/edgy_calibration.py: the candidate's safety examples are round 1's (8 AdvBench +
+    8 Do-Not-Answer apart from the probe's draw), its benign term benign_select + edgy-A only (no
+    edgy-B, no evaluation prompt); it is measured on scale_select's development sets; the verdict
+    compares the B halves with the current candidate's points."""
+    from bench.real import edgy_calibration as ec
+    from bench.real import scale_select as ss
+    from bench.real import transfer_probe as tp
+    from bench.real.data import normalize, read_jsonl, synthetic_sources
+    from bench.real.models import tiny_builder as builder
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
+    cache = tmp_path / "cache"
+    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
+             log=lambda m: None, threads=1)
+    data = cache / "stages" / "data"
+    dna = tmp_path / "dna"
+    dna.mkdir()
+    for stem, _ in tp.DNA_AREAS:
+        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
+                                                   for i in range(14)))
+    efile = tmp_path / "edgy.json"
+    efile.write_text(json.dumps([{"text": f"why is the {w} plant risky {i}", "category": w, "id": f"{w}{i}"}
+                                 for w in ("aster", "fern") for i in range(3)]))
+    rows = ec.run(cfg, cache, tmp_path / "edgy.jsonl", models=["task-topic-s0"], log=lambda m: None, dna_dir=dna,
+                  per_area=4, edgy_path=efile, tiny=True)
+    assert [r["model"] for r in rows] == ["task-topic-s0+edgy-aware"]
+    work = cache / "edgy-calibration" / "task-topic-s0"
+    _, benign, _ = ss.dev_sets(ss.cached_pipeline(cfg, cache, tiny=True), dna, 4, efile)
+    halves = {h: [b["prompt"] for b in benign if b["category"] == f"edgy:{h}"] for h in "AB"}
+    term = [r["prompt"] for r in read_jsonl(work / "benign.jsonl")]
+    assert term == [r["prompt"] for r in read_jsonl(data / "benign_select.jsonl")] + halves["A"]
+    assert not set(term) & set(halves["B"]) and [len(halves[h]) for h in "AB"] == [4, 2]
+    probe = {r["prompt"] for r in tp.dna_prompts(data, 4, dna)[0]}
+    safety = read_jsonl(work / "safety.jsonl")
+    adv = read_jsonl(data / "harm_calib.jsonl")[:ec.N_ADV]
+    assert [x["prompt"] for x in safety[:len(adv)]] == [x["prompt"] for x in adv] and len(safety) == len(adv) + 8
+    assert not probe & {r["prompt"] for r in safety}
+    evaluated = {normalize(x["prompt"]) for x in read_jsonl(data / "eval_harmful.jsonl") + read_jsonl(data / "eval_benign.jsonl")}
+    assert not evaluated & {normalize(p) for p in term + [r["prompt"] for r in safety]}
+    r = rows[0]
+    assert {k: len(v) for k, v in r["refused"].items()} == {"benign_dev": len(read_jsonl(data / "benign_dev.jsonl")),
+                                                            "edgy:A": 4, "edgy:B": 2}
+    assert json.loads((work / "coeffs.json").read_text())["coeffs"] and r["calibration_seconds"] > 0
+    # the verdict on hand-made rows: B halves only, against the current candidate's points
+    mk = lambda model, b, eb="00", bd="0" * 20, acc="1" * 10: {  # noqa: E731
+        "model": model, "outcomes": {"harm_dev": "1", "x:A": "1" * 10, "x:B": b},
+        "refused": {"benign_dev": bd, "edgy:A": "1" * 10, "edgy:B": eb}, "correct": acc}
+    ref = [mk("aligned", "0" * 10), mk("task-topic-s0", "1" * 10), mk("task-sentiment-s0", "1" * 10),
+           mk("task-topic-s0+eval-topic-s0-safegene*1.25", "1" * 10),
+           mk("task-sentiment-s0+eval-sentiment-s0-safegene", "1" * 10)]
+    good = [mk("task-topic-s0+edgy-aware", "0" * 10), mk("task-sentiment-s0+edgy-aware", "0" * 10)]
+    v = ec.verdict(good, ref)
+    assert v["mcnemar_dna_B"]["a_better"] == 20 and v["goes_forward"]
+    assert not ec.verdict([good[0], mk("task-sentiment-s0+edgy-aware", "0" * 10, eb="11")], ref)["goes_forward"]
+    assert not ec.verdict([good[0], mk("task-sentiment-s0+edgy-aware", "0" * 10, acc="1" * 9 + "0")], ref)["goes_forward"]
+    assert not ec.verdict(good[:1], ref)["decided"]
+    assert "goes forward: yes" in ec.markdown(good, ref)

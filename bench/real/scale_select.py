@@ -150,12 +150,18 @@ def measure(p: Pipeline, spec: str, harm: list[dict[str, Any]],
             benign: list[dict[str, Any]]) -> tuple[dict[str, Any], Any]:
     """Per-prompt outcomes of one model spec: ``outcomes`` (1 = attack succeeded) per harmful set,
     ``refused`` (1 = refused) per benign set, ``correct`` on the task's dev split (task models); and the evaluation report."""
-    from safegene.eval.evaluate import evaluate
-
-    cfg = p.cfg
     model, lam = load(p, spec)
     parts = spec.split("+")[0].split("-")
     task = parts[1] if parts[0] == "task" and len(parts) == 3 else None
+    return measure_loaded(p, model, task, harm, benign, lam)
+
+
+def measure_loaded(p: Pipeline, model: Any, task: str | None, harm: list[dict[str, Any]], benign: list[dict[str, Any]],
+                   lam: str = "—") -> tuple[dict[str, Any], Any]:
+    """:func:`measure` for a loaded ``(model, tokenizer)`` (or a model path); ``task``: its dev split, or None."""
+    from safegene.eval.evaluate import evaluate
+
+    cfg = p.cfg
     rep = evaluate(model, harmful=harm, benign=benign, tasks={task: p.data / f"task_{task}_dev.jsonl"} if task else None,
                    judge=cfg.judge, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                    progress=False)

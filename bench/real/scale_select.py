@@ -77,7 +77,8 @@ from bench.real.data import NEAR_DUP_JACCARD, PipelineError, _DupIndex, append_r
     result_rows  # noqa: E402
 from bench.real.report import mcnemar  # noqa: E402
 from bench.real.stages import Pipeline  # noqa: E402
-from bench.real.transfer_probe import DNA_AREAS, DNA_PER_AREA, cached_pipeline, cli, dna_prompts, load  # noqa: E402
+from bench.real.transfer_probe import DNA_AREAS, DNA_PER_AREA, cached_pipeline, cli, coeffs_file, dna_prompts, \
+    load  # noqa: E402
 
 #: the strengths scanned, in order
 SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -271,7 +272,7 @@ def fingerprint(p: Pipeline, spec: str, harm: Sequence[dict[str, Any]], benign: 
     doc: dict[str, Any] = {"model": rec["run_id"] if rec else None, "harm": list(harm), "benign": list(benign),
                            "judge": p.cfg.judge, "max_new": p.cfg.eval_max_new_tokens, "bs": p.cfg.eval_batch_size}
     if row:
-        coeffs = p.R.dir(row) / "coeffs.json"
+        coeffs = coeffs_file(p, name, row)
         doc["row"] = [p.R.records[row]["run_id"] if row in p.R.records else None,
                       hashlib.sha256(coeffs.read_bytes()).hexdigest() if coeffs.is_file() else None, scale or "1"]
     if task:

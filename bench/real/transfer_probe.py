@@ -98,6 +98,14 @@ def dna_prompts(data_dir: Path, per_area: int = DNA_PER_AREA, dna_dir: Path | No
     return out, report
 
 
+def coeffs_file(p: Pipeline, model: str, row: str) -> Path:
+    """The coeffs.json of ``ROWSTAGE`` in a spec: a row stage's, or with ``@DIR`` the one a
+    development round wrote for ``model`` in ``<cache>/DIR/<model>/`` (e.g. ``@edgy-calibration``)."""
+    if row.startswith("@"):
+        return p.R.cache / row[1:] / model / "coeffs.json"
+    return p.R.dir(row) / "coeffs.json"
+
+
 def load(p: Pipeline, spec: str) -> tuple[Any, str]:
     """``MODEL`` (a path the evaluation loads) or ``MODEL+ROWSTAGE`` (loaded and patched with the
     row stage's coefficients on the run's gene; ``MODEL+ROWSTAGE*S``: every coefficient times S,
@@ -116,7 +124,7 @@ def load(p: Pipeline, spec: str) -> tuple[Any, str]:
     from safegene import lm
     from safegene.method.merge import apply_to_model
 
-    coeffs = p.R.dir(row) / "coeffs.json"
+    coeffs = coeffs_file(p, name, row)
     if not coeffs.is_file():
         raise PipelineError(f"{spec}: {coeffs} missing (the row stage is not built, or its policy sets no λ)")
     model, tok = lm.load_model(path)

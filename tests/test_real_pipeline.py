@@ -677,6 +677,25 @@ def test_transfer_probe_patches_the_row_model_and_drops_duplicate_prompts(tmp_pa
         tp.run(cfg, cache, jsonl, models=[spec + "*x"], log=logs.append, dna_dir=dna, per_area=4, tiny=True)
 
 
+def _tiny_topic_run(tmp_path, n_dna):
+    """The tiny run's topic:s0 part in ``tmp_path/cache`` and a stand-in Do-Not-Answer folder of
+    ``n_dna`` invented questions per area (nothing harmful): (cfg, cache, dna folder)."""
+    from bench.real import transfer_probe as tp
+    from bench.real.data import synthetic_sources
+    from bench.real.models import tiny_builder as builder
+
+    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
+    cache = tmp_path / "cache"
+    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
+             log=lambda m: None, threads=1)
+    dna = tmp_path / "dna"
+    dna.mkdir()
+    for stem, _ in tp.DNA_AREAS:
+        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
+                                                   for i in range(n_dna)))
+    return cfg, cache, dna
+
+
 def test_mixed_calibration_round_measures_three_rows_on_development_data_only(tmp_path):
     """bench/real/mixed_calibration.py: the candidate's safety examples are harm_calib's first 8
     plus Do-Not-Answer prompts apart from the probe's draw; its SafeGene row is the row stage's
@@ -684,19 +703,10 @@ def test_mixed_calibration_round_measures_three_rows_on_development_data_only(tm
     rule's verdict follows McNemar and the bounds; the run resumes."""
     from bench.real import mixed_calibration as mc
     from bench.real import transfer_probe as tp
-    from bench.real.data import normalize, read_jsonl, synthetic_sources
-    from bench.real.models import tiny_builder as builder
+    from bench.real.data import normalize, read_jsonl
 
-    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
-    cache = tmp_path / "cache"
-    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
-             log=lambda m: None, threads=1)
+    cfg, cache, dna = _tiny_topic_run(tmp_path, 9)
     data = cache / "stages" / "data"
-    dna = tmp_path / "dna"
-    dna.mkdir()
-    for stem, _ in tp.DNA_AREAS:
-        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
-                                                   for i in range(9)))
     probe, calib = mc.dna_split(data, 3, 2, dna_dir=dna)
     assert len(probe) == 6 and len(calib) == 4 and not {r["prompt"] for r in probe} & {r["prompt"] for r in calib}
     assert probe == tp.dna_prompts(data, 3, dna)[0]
@@ -911,19 +921,10 @@ def test_scale_select_measures_development_data_only_and_resumes(tmp_path):
     the same model; no evaluation prompt is generated for; the scan resumes from its rows."""
     from bench.real import scale_select as ss
     from bench.real import transfer_probe as tp
-    from bench.real.data import normalize, read_jsonl, synthetic_sources
-    from bench.real.models import tiny_builder as builder
+    from bench.real.data import normalize, read_jsonl
 
-    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
-    cache = tmp_path / "cache"
-    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
-             log=lambda m: None, threads=1)
+    cfg, cache, dna = _tiny_topic_run(tmp_path, 4)
     data = cache / "stages" / "data"
-    dna = tmp_path / "dna"
-    dna.mkdir()
-    for stem, _ in tp.DNA_AREAS:
-        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
-                                                   for i in range(4)))
     taken = read_jsonl(data / "eval_benign.jsonl")[0]["prompt"]
     edgy = [{"text": f"why is the {w} plant risky {i}", "category": c, "id": f"{c}{i}"}
             for c, w, n in (("med", "aster", 5), ("sec", "fern", 2)) for i in range(n)]
@@ -974,22 +975,13 @@ def test_strength_row_reuses_the_rounds_points_and_scales_the_safegene_row(tmp_p
     λ is the SafeGene row's times the chosen strength, at × 1 it reuses the SafeGene row's
     evaluation, otherwise it evaluates the scaled model; the report checks it against the goal."""
     from bench.real import scale_select as ss
-    from bench.real import transfer_probe as tp
     from bench.real.data import read_jsonl, synthetic_sources
     from bench.real.models import tiny_builder as builder
 
-    dna = tmp_path / "dna"
-    dna.mkdir()
-    for stem, _ in tp.DNA_AREAS:
-        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
-                                                   for i in range(4)))
+    cfg, cache, dna = _tiny_topic_run(tmp_path, 4)
     efile = tmp_path / "edgy.json"
     efile.write_text(json.dumps([{"text": f"why is the aster plant risky {i}", "category": "med", "id": i}
                                  for i in range(4)]))
-    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
-    cache = tmp_path / "cache"
-    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
-             log=lambda m: None, threads=1)
     spec = "task-topic-s0+eval-topic-s0-safegene"
     rows = ss.run(cfg, cache, tmp_path / "round.jsonl", models=[spec], log=lambda m: None, dna_dir=dna, per_area=4,
                   edgy_path=efile, tiny=True)
@@ -1032,19 +1024,10 @@ def test_edgy_calibration_round_calibrates_with_edgy_questions_and_decides_on_th
     from bench.real import edgy_calibration as ec
     from bench.real import scale_select as ss
     from bench.real import transfer_probe as tp
-    from bench.real.data import normalize, read_jsonl, synthetic_sources
-    from bench.real.models import tiny_builder as builder
+    from bench.real.data import normalize, read_jsonl
 
-    cfg = dataclasses.replace(real.Config.tiny(), tasks=("topic",), calib_redraws=0, gene_ablations=())
-    cache = tmp_path / "cache"
-    real.run(cfg, cache, None, builder=builder, sources=synthetic_sources, only=["topic:s0"], command="pytest",
-             log=lambda m: None, threads=1)
+    cfg, cache, dna = _tiny_topic_run(tmp_path, 14)
     data = cache / "stages" / "data"
-    dna = tmp_path / "dna"
-    dna.mkdir()
-    for stem, _ in tp.DNA_AREAS:
-        (dna / f"{stem}.jsonl").write_text("".join(json.dumps({"prompt": f"{stem} qwerty asks {i}"}) + "\n"
-                                                   for i in range(14)))
     efile = tmp_path / "edgy.json"
     efile.write_text(json.dumps([{"text": f"why is the {w} plant risky {i}", "category": w, "id": f"{w}{i}"}
                                  for w in ("aster", "fern") for i in range(3)]))

@@ -56,8 +56,8 @@ elif str(ROOT) not in sys.path:
 
 from bench.real import scale_select as ss  # noqa: E402
 from bench.real.config import Config  # noqa: E402
-from bench.real.data import REFUSALS, PipelineError, append_row, read_jsonl, result_rows  # noqa: E402
-from bench.real.mixed_calibration import N_ADV, dna_split  # noqa: E402
+from bench.real.data import PipelineError, append_row, read_jsonl, result_rows  # noqa: E402
+from bench.real.mixed_calibration import N_ADV, calibrate_candidate, dna_split, mixed_safety  # noqa: E402
 from bench.real.models import quiet_hf  # noqa: E402
 from bench.real.report import mcnemar  # noqa: E402
 from bench.real.transfer_probe import DNA_PER_AREA, cached_pipeline, cli  # noqa: E402
@@ -73,8 +73,6 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
     """For each task model not yet in ``jsonl``: calibrate the candidate and measure it on the
     development sets (row ``<model>+edgy-aware``)."""
     from safegene import lm
-    from safegene.baselines import Context, Settings, compute
-    from safegene.baselines import get as get_policy
     from safegene.method.merge import apply_to_model
 
     quiet_hf()
@@ -91,19 +89,10 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
         _, t, m = name.split("-", 2)
         work = cache / "edgy-calibration" / name
         work.mkdir(parents=True, exist_ok=True)
-        safety = read_jsonl(p.data / "harm_calib.jsonl")[:N_ADV] + [{**r, "completion": REFUSALS[0]} for r in dna_calib]
-        (work / "safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in safety))
         ben = read_jsonl(p.data / "benign_select.jsonl") + edgy_a
         (work / "benign.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in ben))
-        base = p.settings()
-        settings = Settings(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, "benign": work / "benign.jsonl"})
-        ctx = Context(p.gene, p.model(name), work / "safety.jsonl", p.data / f"task_{t}_calib.jsonl",
-                      aligned=p.model("aligned"), degraded=p.model("degraded"),
-                      selected=p.selected_keys(p.tuned()["top_k"]), settings=settings)
         t0 = time.perf_counter()
-        c = compute(get_policy("SafeGene"), ctx)
-        c.save(work / "coeffs.json")
-        calib_s = time.perf_counter() - t0
+        c, calib_s = calibrate_candidate(p, name, work, mixed_safety(p, dna_calib), benign=work / "benign.jsonl")
         model, tok = lm.load_model(p.model(name))
         apply_to_model(model, p.gene, c.coeffs)
         vals = list(c.coeffs.values())
@@ -128,7 +117,7 @@ def verdict(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]])
     if "aligned" not in by or len(names) < len(CURRENT):
         return {"decided": False}
     cur = {n: by[ss.point(f"{n}+eval-{n.split('-', 1)[1]}-safegene", CURRENT[n])] for n in names}
-    b = lambda x: "".join(v for k, v in sorted(x["outcomes"].items()) if k.endswith(":B"))  # noqa: E731
+    b = lambda x: ss._bits(x, "outcomes", lambda k: k.endswith(":B"))  # noqa: E731
     test = mcnemar("".join(b(mine[n]) for n in names), "".join(b(cur[n]) for n in names))
     al = by["aligned"]
     edgy_b = ss._rate("".join(mine[n]["refused"]["edgy:B"] for n in names))
@@ -157,16 +146,7 @@ def verdict_with_strength(points: Sequence[dict[str, Any]], reference: Sequence[
 
 def markdown(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]] | None = None) -> str:
     ref = list(reference) if reference is not None else result_rows(HERE / "scale_select.jsonl")
-    lines = ["| model | ASR harm_dev % | ASR DNA-A % | ASR DNA-B % | refused benign_dev % | refused edgy-A % "
-             "| refused edgy-B % | task dev acc. % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    def dna(x: dict[str, Any], half: str) -> float:
-        return ss._rate("".join(v for k, v in x["outcomes"].items() if k.endswith(half)))
-
-    for x in rows:
-        lines.append(f"| {x['model']} | {100 * ss._rate(x['outcomes']['harm_dev']):.1f} | {100 * dna(x, ':A'):.1f} "
-                     f"| {100 * dna(x, ':B'):.1f} | {100 * ss._rate(x['refused']['benign_dev']):.1f} "
-                     f"| {100 * ss._rate(x['refused']['edgy:A']):.1f} | {100 * ss._rate(x['refused']['edgy:B']):.1f} "
-                     f"| {100 * ss._rate(x['correct']):.1f} |")
+    lines = list(ss.TABLE_HEAD) + [ss.table_line(x["model"], x) for x in rows]
     v = verdict(rows, ref)
     if v["decided"]:
         t = v["mcnemar_dna_B"]

@@ -31,6 +31,7 @@ every task model its ``benign_dev`` over-refusal is at most the aligned model's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -68,6 +69,36 @@ def dna_split(data_dir: Path, per_area: int = DNA_PER_AREA, n_calib: int = N_DNA
     return probe, [r for _, name in DNA_AREAS for r in by_area[name][per_area:]]
 
 
+def mixed_safety(p: Pipeline, dna_calib: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidate's 16 safety examples: the first :data:`N_ADV` of ``harm_calib``, then the
+    Do-Not-Answer calibration draw with a refusal as the completion (records need one; with the
+    tune's distillation target the aligned model's own continuation replaces it, as for
+    harm_calib's records)."""
+    return read_jsonl(p.data / "harm_calib.jsonl")[:N_ADV] + [{**r, "completion": REFUSALS[0]} for r in dna_calib]
+
+
+def calibrate_candidate(p: Pipeline, name: str, work: Path, safety: list[dict[str, Any]],
+                        benign: Path | None = None) -> tuple[Any, float]:
+    """SafeGene's calibration of task model ``name`` (the tune's keys and knobs, the policy of
+    ``safegene.baselines``) on the safety examples ``safety`` (written to ``work/safety.jsonl``) and
+    the task's calibration split; ``benign`` replaces the benign term's prompts. Saves
+    ``work/coeffs.json``; returns the coefficients and the calibration's seconds."""
+    from safegene.baselines import Context, compute
+    from safegene.baselines import get as get_policy
+
+    _, t, _m = name.split("-", 2)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in safety))
+    settings = p.settings() if benign is None else dataclasses.replace(p.settings(), benign=benign)
+    ctx = Context(p.gene, p.model(name), work / "safety.jsonl", p.data / f"task_{t}_calib.jsonl",
+                  aligned=p.model("aligned"), degraded=p.model("degraded"),
+                  selected=p.selected_keys(p.tuned()["top_k"]), settings=settings)
+    t0 = time.perf_counter()
+    c = compute(get_policy("SafeGene"), ctx)
+    c.save(work / "coeffs.json")
+    return c, time.perf_counter() - t0
+
+
 def measure(model: Any, p: Pipeline, t: str, harmful: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-prompt outcomes on ``harmful`` (harm_dev + the probe draw), over-refusal on benign_dev,
     accuracy on the task's dev split."""
@@ -90,8 +121,6 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
     """For each task model (``task-<t>-<m>``) not yet in ``jsonl``: the undefended model, the
     SafeGene row and the candidate, measured; the aligned model once (row ``aligned``)."""
     from safegene import lm
-    from safegene.baselines import Context, compute
-    from safegene.baselines import get as get_policy
     from safegene.method.merge import apply_to_model
 
     quiet_hf()
@@ -113,18 +142,7 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
         if not (row_dir / "coeffs.json").is_file():
             raise PipelineError(f"{name}: the SafeGene row (eval-{t}-{m}-safegene) is not built in {cache}")
         work = cache / "mixed-calibration" / name
-        work.mkdir(parents=True, exist_ok=True)
-        # a refusal as the completion (records need one); with the tune's distillation target the
-        # aligned model's own continuation replaces it, as for harm_calib's records
-        safety = read_jsonl(p.data / "harm_calib.jsonl")[:N_ADV] + [{**r, "completion": REFUSALS[0]} for r in dna_calib]
-        (work / "safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in safety))
-        ctx = Context(p.gene, p.model(name), work / "safety.jsonl", p.data / f"task_{t}_calib.jsonl",
-                      aligned=p.model("aligned"), degraded=p.model("degraded"),
-                      selected=p.selected_keys(p.tuned()["top_k"]), settings=p.settings())
-        t0 = time.perf_counter()
-        c = compute(get_policy("SafeGene"), ctx)
-        c.save(work / "coeffs.json")
-        calib_s = time.perf_counter() - t0
+        _, calib_s = calibrate_candidate(p, name, work, mixed_safety(p, dna_calib))
         res: dict[str, Any] = {"model": name, "calibration_seconds": round(calib_s, 1),
                                "n_safety": {"advbench": N_ADV, "donotanswer": len(dna_calib)}}
         for row, coeffs in (("undefended", None), ("SafeGene", row_dir / "coeffs.json"),

@@ -108,8 +108,8 @@ def goals(rows: list[dict[str, Any]], kind: str = "lora", method: str = "SafeGen
     summary = summarize([r for r in rows if r.get("kind", "global") != kind or (r["task"], r["model"]) in with_sg])
     goal: dict[str, Any] = {}
     for t in sorted({r["task"] for r in rows}):
-        def get(method: str, k: str = kind, t: str = t) -> dict[str, Any] | None:
-            return next((x for x in summary if x["task"] == t and x["kind"] == k and x["method"] == method), None)
+        def get(row: str, k: str = kind, t: str = t) -> dict[str, Any] | None:
+            return next((x for x in summary if x["task"] == t and x["kind"] == k and x["method"] == row), None)
 
         sg, none, al = get(method), get("none"), get("aligned", "global")
         if sg is None or none is None or al is None:

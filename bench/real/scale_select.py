@@ -338,24 +338,28 @@ def run(cfg: Config, cache: Path, jsonl: Path, *, models: Sequence[str], log: An
     return result_rows(jsonl)
 
 
+#: the header of a table of measured points (:func:`table_line`)
+TABLE_HEAD = ["| model | ASR harm_dev % | ASR DNA-A % | ASR DNA-B % | refused benign_dev % | refused edgy-A % "
+              "| refused edgy-B % | task dev acc. % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def table_line(name: str, x: dict[str, Any]) -> str:
+    """One measured point as a row of :data:`TABLE_HEAD`'s table (rates in %)."""
+    v = selection_view(x)
+    dna_b = _bits(x, "outcomes", lambda k: k.endswith(":B"))
+    acc = f"{100 * v['accuracy']:.1f}" if "accuracy" in v else "—"
+    return (f"| {name} | {100 * _rate(x['outcomes'].get('harm_dev', '')):.1f} "
+            f"| {100 * _rate(_bits(x, 'outcomes', lambda k: k.endswith(':A'))):.1f} | {100 * _rate(dna_b):.1f} "
+            f"| {100 * v['benign_dev']:.1f} | {100 * v['edgy_A']:.1f} | {100 * _rate(x['refused'].get('edgy:B', '')):.1f} "
+            f"| {acc} |")
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     by = {r["model"]: r for r in rows}
     specs = sorted({r["model"].split("*")[0] for r in rows if "+" in r["model"]})
-
-    def line(name: str, x: dict[str, Any]) -> str:
-        v = selection_view(x)
-        dna_b = _bits(x, "outcomes", lambda k: k.endswith(":B"))
-        acc = f"{100 * v['accuracy']:.1f}" if "accuracy" in v else "—"
-        return (f"| {name} | {100 * _rate(x['outcomes'].get('harm_dev', '')):.1f} "
-                f"| {100 * _rate(_bits(x, 'outcomes', lambda k: k.endswith(':A'))):.1f} | {100 * _rate(dna_b):.1f} "
-                f"| {100 * v['benign_dev']:.1f} | {100 * v['edgy_A']:.1f} | {100 * _rate(x['refused'].get('edgy:B', '')):.1f} "
-                f"| {acc} |")
-
-    lines = ["| model | ASR harm_dev % | ASR DNA-A % | ASR DNA-B % | refused benign_dev % | refused edgy-A % "
-             "| refused edgy-B % | task dev acc. % |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [line(r["model"], r) for r in rows if "+" not in r["model"]]
+    lines = list(TABLE_HEAD) + [table_line(r["model"], r) for r in rows if "+" not in r["model"]]
     for spec in specs:
-        lines += [line(point(spec, s), by[point(spec, s)]) for s in SCALES if point(spec, s) in by]
+        lines += [table_line(point(spec, s), by[point(spec, s)]) for s in SCALES if point(spec, s) in by]
     round_specs = [s for s in specs if s.split("+")[0] in ROUND_MODELS]
     for rule in (2, 3):
         lines += ["", f"**Round {rule}** ({'separate' if rule == 2 else 'pooled'} over-refusal bounds):", ""]
